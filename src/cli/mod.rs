@@ -1,0 +1,88 @@
+//! The command line: `run`, `migrate`, `check`. One file per command.
+//!
+//! Exit codes: 0 success, 1 a failure at run time (database, backend), 2 a configuration or
+//! usage error.
+
+mod check;
+mod migrate;
+mod run;
+
+use crate::config::{Config, LogFormat, Overrides};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Publishes events from a Postgres outbox table to Kafka and NATS, at least once, in order per aggregate",
+    long_about = None
+)]
+pub struct Cli {
+    /// Configuration file [default: relay.toml in the working directory, if present]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Postgres URL; overrides database.url from the file and RELAY__DATABASE__URL
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Schema of the outbox table; overrides database.schema
+    #[arg(long, global = true, value_name = "NAME")]
+    pub schema: Option<String>,
+    /// Log format; overrides log.format
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay: claim pending events, publish them, mark them (until SIGTERM/SIGINT)
+    Run(run::RunArgs),
+    /// Create or upgrade the outbox table, its indexes, trigger and enqueue function
+    Migrate,
+    /// Validate the configuration and connect to Postgres and every backend; exit 1 on problems
+    Check,
+}
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        database_url: cli.database_url.clone(),
+        log_format: cli.log_format.map(|f| match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }),
+        schema: cli.schema.clone(),
+    };
+    let cfg = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outbox-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(&cfg.log);
+    let result = match cli.command {
+        Command::Run(args) => run::run(&cfg, args).await,
+        Command::Migrate => migrate::migrate(&cfg).await,
+        Command::Check => check::check(&cfg, cli.config.as_deref()).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // The whole cause chain, on one line.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            tracing::error!(error = %chain.join(": "), "failed");
+            eprintln!("outbox-relay: {}", chain.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}

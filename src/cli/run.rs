@@ -1,0 +1,54 @@
+use crate::config::{redact_url, Config};
+use crate::relay::Relay;
+use anyhow::Context;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Exit once nothing is due and nothing is in flight (for demos, scripts and benchmarks)
+    #[arg(long)]
+    pub drain: bool,
+}
+
+pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
+    tracing::info!(
+        database = %redact_url(cfg.database.url.expose()),
+        instance = %cfg.instance_id(),
+        "starting"
+    );
+    let relay = Relay::from_config(cfg).await?;
+    relay
+        .store()
+        .check_schema()
+        .await
+        .context("the outbox is not ready")?;
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    if args.drain {
+        relay.run_until_drained(shutdown).await?;
+    } else {
+        relay.run(shutdown).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

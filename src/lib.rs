@@ -1,0 +1,23 @@
+//! outbox-relay: publishes events that services write into a Postgres outbox table to Kafka
+//! and NATS, at least once, in order per aggregate.
+//!
+//! # Layout
+//! * [`config`]: settings in layers (relay.toml, `RELAY__` environment, flags), validated.
+//! * [`envelope`]: the event envelope, its validation and wire encodings.
+//! * [`store`]: every SQL statement: migrations, claim, mark, enqueue, counts.
+//! * [`relay`]: the pipeline: claim, dispatch (ordering), publish, ACK channel, mark, retry.
+//! * [`publisher`]: the backend seam and its backends (`memory`, `stdout`).
+//! * [`routing`]: topic patterns to backends.
+//! * [`cli`]: the `outbox-relay` commands.
+//! * [`telemetry`]: logging setup.
+//!
+//! docs/ARCHITECTURE.md has the data flow and the invariants.
+
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod publisher;
+pub mod relay;
+pub mod routing;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,197 @@
+//! The publisher seam: how the relay hands events to a backend and hears back.
+//!
+//! # Contract
+//!
+//! * The relay calls [`Publisher::publish`] with a burst of [`Outgoing`] messages. The call
+//!   returns once the backend has *taken* every message (queued it with its client, written it
+//!   to its socket, ...); it must not wait for the broker's acknowledgement. It may wait for
+//!   room (backpressure) but must never drop a message to make room.
+//! * Each message carries an [`AckTicket`]. The backend resolves every ticket exactly once with
+//!   the broker's verdict: [`AckTicket::ack`] for success, [`AckTicket::nack`] with a classified
+//!   [`PublishError`] otherwise. A ticket dropped unresolved (a backend bug, or a backend shut
+//!   down with messages inside) resolves itself as a retryable error, so the relay always gets
+//!   exactly one result per message on the ACK channel.
+//! * A burst is not atomic: each message succeeds or fails on its own. A burst never holds two
+//!   messages of the same aggregate (the relay keeps at most one in flight per aggregate), so a
+//!   backend needs no ordering of its own across messages of one burst.
+//! * A success means the broker has the message durably as far as the backend is configured to
+//!   know (Kafka acks=all, a JetStream PubAck, a flushed stdout). A JetStream PubAck flagged
+//!   `duplicate` is a success: the server already has that event id.
+//! * Implementations are `Send + Sync` and used from many tasks; `publish` may be called again
+//!   before earlier results arrive.
+//! * [`Publisher::close`] flushes what was taken, waiting at most the given time, and resolves
+//!   every outstanding ticket before it returns.
+//! * [`Publisher::health`] reports whether the backend can currently reach its broker, for
+//!   `check` and readiness; it must not publish anything.
+
+pub mod memory;
+pub mod stdout;
+
+use crate::envelope::{BodyFormat, Event};
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// Whether a failure may succeed on a later attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Timeouts, queue full, broker unavailable, leader changes: try again after a backoff.
+    Retryable,
+    /// Too large, not authorised, invalid topic, no route: retrying cannot help; mark failed.
+    Permanent,
+}
+
+/// A classified publish failure with the backend's (or broker's) reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct PublishError {
+    pub kind: ErrorKind,
+    pub reason: String,
+}
+
+impl PublishError {
+    pub fn retryable(reason: impl Into<String>) -> Self {
+        PublishError {
+            kind: ErrorKind::Retryable,
+            reason: reason.into(),
+        }
+    }
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        PublishError {
+            kind: ErrorKind::Permanent,
+            reason: reason.into(),
+        }
+    }
+    pub fn is_retryable(&self) -> bool {
+        self.kind == ErrorKind::Retryable
+    }
+}
+
+/// One result on the ACK channel.
+#[derive(Debug, Clone)]
+pub struct AckResult {
+    /// The outbox row (its position).
+    pub row_id: i64,
+    /// Identifies the hand-off this result answers; results of an abandoned hand-off are ignored.
+    pub token: u64,
+    pub event_id: Uuid,
+    pub topic: Arc<str>,
+    pub outcome: Result<(), PublishError>,
+    /// When the backend decided.
+    pub at: DateTime<Utc>,
+    /// When the relay handed the message over; `at - handed_at` is the publish latency.
+    pub handed_at: Instant,
+}
+
+/// The sending half of the ACK channel.
+pub type AckSender = mpsc::UnboundedSender<AckResult>;
+
+/// A promise to report exactly one result for one message.
+#[derive(Debug)]
+pub struct AckTicket {
+    row_id: i64,
+    token: u64,
+    event_id: Uuid,
+    topic: Arc<str>,
+    handed_at: Instant,
+    tx: Option<AckSender>,
+}
+
+impl AckTicket {
+    pub fn new(row_id: i64, token: u64, event_id: Uuid, topic: Arc<str>, tx: AckSender) -> Self {
+        AckTicket {
+            row_id,
+            token,
+            event_id,
+            topic,
+            handed_at: Instant::now(),
+            tx: Some(tx),
+        }
+    }
+
+    pub fn event_id(&self) -> Uuid {
+        self.event_id
+    }
+
+    /// The broker has the message.
+    pub fn ack(self) {
+        self.resolve(Ok(()))
+    }
+
+    /// The broker (or the backend) refused or lost the message.
+    pub fn nack(self, err: PublishError) {
+        self.resolve(Err(err))
+    }
+
+    pub fn resolve(mut self, outcome: Result<(), PublishError>) {
+        self.send(outcome);
+    }
+
+    fn send(&mut self, outcome: Result<(), PublishError>) {
+        if let Some(tx) = self.tx.take() {
+            // The relay may have stopped listening (shutdown); the row then stays pending and
+            // is published again later, which is the at-least-once contract.
+            let _ = tx.send(AckResult {
+                row_id: self.row_id,
+                token: self.token,
+                event_id: self.event_id,
+                topic: self.topic.clone(),
+                outcome,
+                at: Utc::now(),
+                handed_at: self.handed_at,
+            });
+        }
+    }
+}
+
+impl Drop for AckTicket {
+    fn drop(&mut self) {
+        self.send(Err(PublishError::retryable(
+            "the backend dropped the message without a result",
+        )));
+    }
+}
+
+/// A message ready for the wire, with the ticket its result goes to.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub event: Arc<Event>,
+    /// The body format the event's route asks for.
+    pub format: BodyFormat,
+    pub ticket: AckTicket,
+}
+
+impl Outgoing {
+    /// Message key: the aggregate id (Kafka partition key).
+    pub fn key(&self) -> &str {
+        &self.event.aggregate_id
+    }
+    pub fn body(&self) -> Vec<u8> {
+        self.event.body(self.format)
+    }
+}
+
+/// A backend's view of its connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down(String),
+}
+
+/// A backend that takes messages and reports each one's result on its ticket.
+pub trait Publisher: Send + Sync + 'static {
+    /// A short name for logs: the backend's kind.
+    fn kind(&self) -> &'static str;
+
+    /// Take every message of the burst; see the module contract.
+    fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()>;
+
+    /// Can the backend reach its broker now?
+    fn health(&self) -> BoxFuture<'_, Health>;
+
+    /// Flush and resolve everything outstanding, waiting at most `timeout`.
+    fn close(&self, timeout: Duration) -> BoxFuture<'_, ()>;
+}

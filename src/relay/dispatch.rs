@@ -1,0 +1,645 @@
+//! The dispatcher: decides, for every claimed row, when it may be handed to a publisher and
+//! what its verdict is. Pure state, no I/O: the relay loop feeds it claims and results and
+//! carries out what it returns.
+//!
+//! # Ordering
+//! An event is handed to a publisher only when no earlier unfinished event of its aggregate
+//! exists, or when that earlier event is this relay's own and has been acknowledged. The claim
+//! tells each row its nearest unfinished predecessor (`Claimed::prev`):
+//!
+//! * none: the row heads its aggregate; hand it now.
+//! * ours, still in flight: the row waits behind it (a chain, one link per aggregate step) and
+//!   is handed the moment the predecessor's success arrives.
+//! * ours, acknowledged or recently committed as published: hand it now.
+//! * ours, failed or retrying: the row is not handed; it is deferred behind the predecessor.
+//! * someone else's (another relay has it, it waits for a retry, or it failed): the row is
+//!   deferred, and its lock released, so it never blocks this relay's pipeline.
+//!
+//! A row therefore never overtakes its predecessor, within a batch, across batches, across
+//! relays, or across retries: a retried event keeps every later event of its aggregate behind
+//! it until it is published or failed (and then replayed or purged).
+
+use super::retry::Backoff;
+use crate::envelope::{BodyFormat, Event};
+use crate::publisher::{AckResult, ErrorKind};
+use crate::routing::Router;
+use crate::store::{status, Claimed, DeferUntil, Marks, Prev};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A row to hand to a publisher now.
+#[derive(Debug)]
+pub struct Handoff {
+    pub backend: usize,
+    pub format: BodyFormat,
+    pub event: Arc<Event>,
+    pub token: u64,
+}
+
+/// A row's final verdict within its claim.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Published,
+    Retry { delay: Duration, reason: String },
+    Failed { attempted: bool, reason: String },
+    Deferred(DeferUntil),
+    /// No write: the row's lock is released and it is claimed again later (shutdown).
+    Released,
+}
+
+#[derive(Debug)]
+enum State {
+    Waiting,
+    Handed { token: u64, at: Instant },
+    Done(Verdict),
+}
+
+#[derive(Debug)]
+struct RowState {
+    batch: u64,
+    event: Arc<Event>,
+    route: Option<(usize, BodyFormat)>,
+    /// Why the row cannot be published, if it cannot.
+    invalid: Option<String>,
+    state: State,
+    successor: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct BatchState {
+    rows: Vec<i64>,
+    open: usize,
+}
+
+/// What a batch contributed when it completed, for counters and logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub published: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub deferred: u64,
+    pub released: u64,
+}
+
+/// Everything a completed batch must write.
+#[derive(Debug, Default)]
+pub struct Completed {
+    pub batch: u64,
+    pub marks: Marks,
+    pub tally: Tally,
+}
+
+pub struct Dispatcher {
+    router: Arc<Router>,
+    backoff: Backoff,
+    max_attempts: u32,
+    max_payload_bytes: usize,
+    rows: HashMap<i64, RowState>,
+    batches: HashMap<u64, BatchState>,
+    /// Rows this relay published and committed lately: a claim that started before that commit
+    /// still sees them as predecessors.
+    recent: HashSet<i64>,
+    recent_order: VecDeque<(Instant, i64)>,
+    next_token: u64,
+}
+
+const RECENT_KEEP: Duration = Duration::from_secs(30);
+
+impl Dispatcher {
+    pub fn new(
+        router: Arc<Router>,
+        backoff: Backoff,
+        max_attempts: u32,
+        max_payload_bytes: usize,
+    ) -> Self {
+        Dispatcher {
+            router,
+            backoff,
+            max_attempts,
+            max_payload_bytes,
+            rows: HashMap::new(),
+            batches: HashMap::new(),
+            recent: HashSet::new(),
+            recent_order: VecDeque::new(),
+            next_token: 1,
+        }
+    }
+
+    /// Rows claimed and not yet committed.
+    pub fn in_flight(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn open_batches(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Takes a new claim. Returns the rows to hand over now and, if every row was decided at
+    /// once, the completed batch.
+    pub fn add_batch(
+        &mut self,
+        batch: u64,
+        mut claimed: Vec<Claimed>,
+    ) -> (Vec<Handoff>, Vec<Completed>) {
+        // In id order, so a row's predecessor within the same batch is registered first.
+        claimed.sort_by_key(|c| c.event.id);
+        let now = chrono::Utc::now();
+        self.batches.insert(
+            batch,
+            BatchState {
+                rows: claimed.iter().map(|c| c.event.id).collect(),
+                open: claimed.len(),
+            },
+        );
+        let mut out = Vec::new();
+        let mut completed_rows = Vec::new();
+        for c in claimed {
+            let id = c.event.id;
+            let route = self.router.route(&c.event.topic);
+            let invalid = c
+                .invalid
+                .clone()
+                .or_else(|| c.event.validate(self.max_payload_bytes).err().map(|e| e.to_string()))
+                .or_else(|| {
+                    route
+                        .is_none()
+                        .then(|| self.router.no_route_reason(&c.event.topic))
+                });
+            let event = Arc::new(c.event);
+            self.rows.insert(
+                id,
+                RowState {
+                    batch,
+                    event,
+                    route,
+                    invalid: invalid.clone(),
+                    state: State::Waiting,
+                    successor: None,
+                },
+            );
+            // Order first: an invalid row still may not be decided before its predecessor,
+            // or a later valid row could be published while an earlier one retries.
+            match self.place(id, c.prev.as_ref(), now) {
+                Placement::Ready => match invalid {
+                    Some(reason) => {
+                        self.decide(
+                            id,
+                            Verdict::Failed {
+                                attempted: false,
+                                reason,
+                            },
+                            &mut out,
+                            &mut completed_rows,
+                        );
+                    }
+                    None => out.push(self.hand(id)),
+                },
+                Placement::Behind(prev) => {
+                    self.rows.get_mut(&prev).expect("placed behind a known row").successor =
+                        Some(id);
+                }
+                Placement::Defer(until) => {
+                    self.decide(
+                        id,
+                        Verdict::Deferred(until),
+                        &mut out,
+                        &mut completed_rows,
+                    );
+                }
+            }
+        }
+        let completed = self.collect_completed(completed_rows);
+        (out, completed)
+    }
+
+    fn place(&self, _id: i64, prev: Option<&Prev>, now: chrono::DateTime<chrono::Utc>) -> Placement {
+        let Some(p) = prev else {
+            return Placement::Ready;
+        };
+        if let Some(ps) = self.rows.get(&p.id) {
+            if ps.successor.is_some() {
+                // Cannot happen with consistent claims; stay safe and look again soon.
+                return Placement::Defer(DeferUntil::Soon);
+            }
+            return match &ps.state {
+                State::Waiting | State::Handed { .. } => Placement::Behind(p.id),
+                State::Done(Verdict::Published) => Placement::Ready,
+                State::Done(Verdict::Failed { .. }) => {
+                    Placement::Defer(DeferUntil::Predecessor(Prev {
+                        id: p.id,
+                        status: status::FAILED.into(),
+                        next_attempt_at: p.next_attempt_at,
+                    }))
+                }
+                State::Done(_) => Placement::Defer(DeferUntil::Soon),
+            };
+        }
+        if self.recent.contains(&p.id) {
+            return Placement::Ready;
+        }
+        if p.status == status::FAILED || (p.status == status::PENDING && p.next_attempt_at > now) {
+            Placement::Defer(DeferUntil::Predecessor(p.clone()))
+        } else {
+            Placement::Defer(DeferUntil::Soon)
+        }
+    }
+
+    fn hand(&mut self, id: i64) -> Handoff {
+        let token = self.next_token;
+        self.next_token += 1;
+        let r = self.rows.get_mut(&id).expect("handing a known row");
+        r.state = State::Handed {
+            token,
+            at: Instant::now(),
+        };
+        let (backend, format) = r.route.expect("handed rows have a route");
+        Handoff {
+            backend,
+            format,
+            event: r.event.clone(),
+            token,
+        }
+    }
+
+    /// Records a verdict and settles the row's successor accordingly.
+    fn decide(&mut self, id: i64, verdict: Verdict, out: &mut Vec<Handoff>, done: &mut Vec<i64>) {
+        let mut next = Some((id, verdict));
+        while let Some((id, verdict)) = next.take() {
+            let Some(r) = self.rows.get_mut(&id) else {
+                return;
+            };
+            if matches!(r.state, State::Done(_)) {
+                return;
+            }
+            let successor = r.successor;
+            let failed = matches!(verdict, Verdict::Failed { .. });
+            let published = matches!(verdict, Verdict::Published);
+            r.state = State::Done(verdict);
+            if let Some(b) = self.batches.get_mut(&r.batch) {
+                b.open -= 1;
+                if b.open == 0 {
+                    done.push(id);
+                }
+            }
+            let Some(s) = successor else { continue };
+            if published {
+                // The predecessor is on the broker: the successor may go (if it is valid).
+                match self.rows[&s].invalid.clone() {
+                    None => out.push(self.hand(s)),
+                    Some(reason) => {
+                        next = Some((
+                            s,
+                            Verdict::Failed {
+                                attempted: false,
+                                reason,
+                            },
+                        ))
+                    }
+                }
+            } else if failed {
+                let prev = Prev {
+                    id,
+                    status: status::FAILED.into(),
+                    next_attempt_at: chrono::Utc::now(),
+                };
+                next = Some((s, Verdict::Deferred(DeferUntil::Predecessor(prev))));
+            } else {
+                next = Some((s, Verdict::Deferred(DeferUntil::Soon)));
+            }
+        }
+    }
+
+    fn collect_completed(&mut self, rows: Vec<i64>) -> Vec<Completed> {
+        let mut batches: Vec<u64> = rows
+            .iter()
+            .filter_map(|id| self.rows.get(id).map(|r| r.batch))
+            .filter(|b| self.batches.get(b).is_some_and(|s| s.open == 0))
+            .collect();
+        batches.sort_unstable();
+        batches.dedup();
+        batches.into_iter().map(|b| self.complete(b)).collect()
+    }
+
+    fn complete(&mut self, batch: u64) -> Completed {
+        let state = self.batches.get(&batch).expect("completing a known batch");
+        let mut c = Completed {
+            batch,
+            ..Default::default()
+        };
+        for id in &state.rows {
+            let r = &self.rows[id];
+            let State::Done(v) = &r.state else { continue };
+            match v {
+                Verdict::Published => {
+                    c.marks.published.push(*id);
+                    c.tally.published += 1;
+                }
+                Verdict::Retry { delay, reason } => {
+                    c.marks.retry.push((*id, delay.as_secs_f64(), reason.clone()));
+                    c.tally.retried += 1;
+                }
+                Verdict::Failed { attempted, reason } => {
+                    c.marks.failed.push((*id, *attempted, reason.clone()));
+                    c.tally.failed += 1;
+                }
+                Verdict::Deferred(d) => {
+                    c.marks.deferred.push((*id, d.clone()));
+                    c.tally.deferred += 1;
+                }
+                Verdict::Released => c.tally.released += 1,
+            }
+        }
+        c
+    }
+
+    /// Takes one result from the ACK channel. Results for rows no longer in flight (their
+    /// claim was abandoned, or the hand-off timed out) are ignored.
+    pub fn on_result(&mut self, ack: AckResult) -> (Vec<Handoff>, Vec<Completed>) {
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        let Some(r) = self.rows.get(&ack.row_id) else {
+            return (out, Vec::new());
+        };
+        match r.state {
+            State::Handed { token, .. } if token == ack.token => {}
+            _ => return (out, Vec::new()),
+        }
+        let attempts = r.event.attempts as u32 + 1;
+        let verdict = match ack.outcome {
+            Ok(()) => Verdict::Published,
+            Err(e) => self.failure_verdict(attempts, e.kind, e.reason),
+        };
+        self.decide(ack.row_id, verdict, &mut out, &mut done);
+        let completed = self.collect_completed(done);
+        (out, completed)
+    }
+
+    fn failure_verdict(&self, attempts: u32, kind: ErrorKind, reason: String) -> Verdict {
+        match kind {
+            ErrorKind::Retryable if attempts < self.max_attempts => Verdict::Retry {
+                delay: self.backoff.delay(attempts),
+                reason,
+            },
+            ErrorKind::Retryable => Verdict::Failed {
+                attempted: true,
+                reason: format!("gave up after {attempts} attempts: {reason}"),
+            },
+            ErrorKind::Permanent => Verdict::Failed {
+                attempted: true,
+                reason,
+            },
+        }
+    }
+
+    /// Hand-offs without a result after `timeout` count as retryable failures.
+    pub fn expire(&mut self, timeout: Duration) -> (Vec<Handoff>, Vec<Completed>) {
+        let now = Instant::now();
+        let expired: Vec<(i64, u32)> = self
+            .rows
+            .iter()
+            .filter_map(|(id, r)| match r.state {
+                State::Handed { at, .. } if now.duration_since(at) >= timeout => {
+                    Some((*id, r.event.attempts as u32 + 1))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        for (id, attempts) in expired {
+            let v = self.failure_verdict(
+                attempts,
+                ErrorKind::Retryable,
+                format!("no acknowledgement within {timeout:?}"),
+            );
+            self.decide(id, v, &mut out, &mut done);
+        }
+        let completed = self.collect_completed(done);
+        (out, completed)
+    }
+
+    /// Gives up on every undecided row (shutdown): they are released unchanged, and every open
+    /// batch completes with what it has.
+    pub fn release_all(&mut self) -> Vec<Completed> {
+        let mut undecided: Vec<i64> = self
+            .rows
+            .iter()
+            .filter(|(_, r)| !matches!(r.state, State::Done(_)))
+            .map(|(id, _)| *id)
+            .collect();
+        undecided.sort_unstable();
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        for id in undecided {
+            if let Some(r) = self.rows.get_mut(&id) {
+                // Successors must not be handed: release, never publish, on the way out.
+                r.successor = None;
+            }
+            self.decide(id, Verdict::Released, &mut out, &mut done);
+        }
+        debug_assert!(out.is_empty());
+        self.collect_completed(done)
+    }
+
+    /// The batch's transaction ended: committed (`ok`) or lost (its rows are pending again in
+    /// the database). Forgets its rows. Every row was decided, and every decision already
+    /// settled the row's successor, so nothing else waits on them.
+    pub fn finished(&mut self, batch: u64, ok: bool) {
+        let Some(state) = self.batches.remove(&batch) else {
+            return;
+        };
+        let now = Instant::now();
+        for id in &state.rows {
+            if let Some(r) = self.rows.remove(id) {
+                if ok && matches!(r.state, State::Done(Verdict::Published)) {
+                    self.recent.insert(*id);
+                    self.recent_order.push_back((now, *id));
+                }
+            }
+        }
+        while let Some((t, id)) = self.recent_order.front().copied() {
+            if now.duration_since(t) < RECENT_KEEP {
+                break;
+            }
+            self.recent_order.pop_front();
+            self.recent.remove(&id);
+        }
+    }
+}
+
+enum Placement {
+    Ready,
+    Behind(i64),
+    Defer(DeferUntil),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteConfig;
+    use crate::envelope::sample_event;
+    use crate::publisher::PublishError;
+    use chrono::Utc;
+    use uuid::Uuid;
+
+    fn dispatcher(max_attempts: u32) -> Dispatcher {
+        let router = Router::new(
+            &[RouteConfig {
+                topic: "orders.*".into(),
+                backend: "m".into(),
+                format: BodyFormat::Raw,
+            }],
+            &["m".to_string()],
+        );
+        Dispatcher::new(
+            Arc::new(router),
+            Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            max_attempts,
+            1024,
+        )
+    }
+
+    fn row(id: i64, agg: &str, prev: Option<i64>) -> Claimed {
+        Claimed {
+            event: sample_event(id, agg),
+            invalid: None,
+            prev: prev.map(|p| Prev {
+                id: p,
+                status: status::PENDING.into(),
+                next_attempt_at: Utc::now() - chrono::Duration::seconds(1),
+            }),
+        }
+    }
+
+    fn ack(h: &Handoff, outcome: Result<(), PublishError>) -> AckResult {
+        AckResult {
+            row_id: h.event.id,
+            token: h.token,
+            event_id: Uuid::nil(),
+            topic: "t".into(),
+            outcome,
+            at: Utc::now(),
+            handed_at: Instant::now(),
+        }
+    }
+
+    fn ids(h: &[Handoff]) -> Vec<i64> {
+        h.iter().map(|h| h.event.id).collect()
+    }
+
+    #[test]
+    fn heads_go_at_once_and_followers_wait_for_the_predecessor_ack() {
+        let mut d = dispatcher(5);
+        let (out, done) = d.add_batch(1, vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "b", None)]);
+        assert_eq!(ids(&out), vec![1, 3]);
+        assert!(done.is_empty());
+        let (out2, _) = d.on_result(ack(&out[0], Ok(())));
+        assert_eq!(ids(&out2), vec![2]);
+        let (_, done) = d.on_result(ack(&out[1], Ok(())));
+        assert!(done.is_empty());
+        let (_, done) = d.on_result(ack(&out2[0], Ok(())));
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].marks.published.len(), 3);
+    }
+
+    #[test]
+    fn a_retry_defers_the_followers_instead_of_publishing_them() {
+        let mut d = dispatcher(5);
+        let (out, _) = d.add_batch(1, vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "a", Some(2))]);
+        assert_eq!(ids(&out), vec![1]);
+        let (more, done) = d.on_result(ack(&out[0], Err(PublishError::retryable("timeout"))));
+        assert!(more.is_empty());
+        let m = &done[0].marks;
+        assert_eq!(m.retry.len(), 1);
+        assert_eq!(m.deferred.len(), 2);
+        assert!(m.published.is_empty());
+    }
+
+    #[test]
+    fn a_permanent_failure_holds_the_next_event_behind_it() {
+        let mut d = dispatcher(5);
+        let (out, _) = d.add_batch(1, vec![row(1, "a", None), row(2, "a", Some(1))]);
+        let (_, done) = d.on_result(ack(&out[0], Err(PublishError::permanent("too large"))));
+        let m = &done[0].marks;
+        assert_eq!(m.failed[0].0, 1);
+        assert!(matches!(&m.deferred[0], (2, DeferUntil::Predecessor(p)) if p.id == 1 && p.status == "failed"));
+    }
+
+    #[test]
+    fn retryable_errors_fail_the_row_after_max_attempts() {
+        let mut d = dispatcher(2);
+        let mut r = row(1, "a", None);
+        r.event.attempts = 1;
+        let (out, _) = d.add_batch(1, vec![r]);
+        let (_, done) = d.on_result(ack(&out[0], Err(PublishError::retryable("down"))));
+        let (_, attempted, reason) = &done[0].marks.failed[0];
+        assert!(attempted);
+        assert!(reason.contains("2 attempts") && reason.contains("down"), "{reason}");
+    }
+
+    #[test]
+    fn followers_in_a_later_batch_chain_behind_rows_in_flight() {
+        let mut d = dispatcher(5);
+        let (out, _) = d.add_batch(1, vec![row(1, "a", None)]);
+        let (out2, _) = d.add_batch(2, vec![row(2, "a", Some(1)), row(5, "b", None)]);
+        assert_eq!(ids(&out2), vec![5]);
+        let (out3, done) = d.on_result(ack(&out[0], Ok(())));
+        assert_eq!(ids(&out3), vec![2]);
+        assert_eq!(done[0].batch, 1);
+        d.finished(1, true);
+        // A claim that still saw row 1 after its commit treats it as published.
+        let (out4, _) = d.add_batch(3, vec![row(9, "c", Some(1))]);
+        assert_eq!(ids(&out4), vec![9]);
+    }
+
+    #[test]
+    fn a_predecessor_held_elsewhere_defers_the_row() {
+        let mut d = dispatcher(5);
+        let (out, done) = d.add_batch(1, vec![row(4, "a", Some(3))]);
+        assert!(out.is_empty());
+        assert!(matches!(done[0].marks.deferred[0].1, DeferUntil::Soon));
+        let mut failed = row(6, "b", Some(5));
+        failed.prev.as_mut().unwrap().status = status::FAILED.into();
+        let (_, done) = d.add_batch(2, vec![failed]);
+        assert!(matches!(done[0].marks.deferred[0].1, DeferUntil::Predecessor(_)));
+    }
+
+    #[test]
+    fn invalid_rows_fail_without_a_hand_off_and_unrouted_topics_name_the_topic() {
+        let mut d = dispatcher(5);
+        let mut bad = row(1, "a", None);
+        bad.event.topic = "orders.ünicode".into();
+        let mut unrouted = row(2, "b", None);
+        unrouted.event.topic = "billing.x".into();
+        let (out, done) = d.add_batch(1, vec![bad, unrouted, row(3, "c", None)]);
+        assert_eq!(ids(&out), vec![3]);
+        assert!(done.is_empty());
+        let (_, done) = d.on_result(ack(&out[0], Ok(())));
+        let f = &done[0].marks.failed;
+        assert!(f[0].2.contains("position 8"), "{}", f[0].2);
+        assert!(f[1].2.contains("billing.x") && f[1].2.contains("no route"), "{}", f[1].2);
+        assert!(!f[0].1);
+    }
+
+    #[test]
+    fn timeouts_count_as_retryable_and_late_results_are_ignored() {
+        let mut d = dispatcher(5);
+        let (out, _) = d.add_batch(1, vec![row(1, "a", None)]);
+        let (_, done) = d.expire(Duration::ZERO);
+        assert_eq!(done[0].marks.retry.len(), 1);
+        let (more, done) = d.on_result(ack(&out[0], Ok(())));
+        assert!(more.is_empty() && done.is_empty());
+    }
+
+    #[test]
+    fn release_all_completes_open_batches_without_handing_successors() {
+        let mut d = dispatcher(5);
+        let (out, _) = d.add_batch(1, vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "b", None)]);
+        d.on_result(ack(&out[1], Ok(())));
+        let done = d.release_all();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].marks.published, vec![3]);
+        assert_eq!(done[0].tally.released, 2);
+    }
+}

@@ -1,0 +1,511 @@
+//! The pipeline: claim -> dispatch -> publish -> ACK channel -> mark.
+//!
+//! One task runs the loop. It keeps up to `relay.pipeline_depth` claims open at once, each a
+//! transaction holding its rows locked (see [`crate::store`]). Claimed rows go through the
+//! [`dispatch::Dispatcher`], which hands them to publishers (at most one per aggregate in flight)
+//! and turns the results arriving on the ACK channel into verdicts. When every row of a claim
+//! has its verdict, the claim is finished (all verdicts written in one transaction) on a task of
+//! its own while the loop goes on.
+//!
+//! The loop claims again at once while claims come back full; otherwise it waits for a
+//! notification (LISTEN/NOTIFY, see [`wake`]) or the poll interval.
+
+pub mod dispatch;
+pub mod retry;
+pub mod wake;
+
+use crate::config::{Config, RelayConfig, RouteConfig};
+use crate::publisher::memory::MemoryPublisher;
+use crate::publisher::stdout::StdoutPublisher;
+use crate::publisher::{AckSender, AckTicket, Outgoing, Publisher};
+use crate::routing::Router;
+use crate::store::{ClaimTx, Claimed, Session, Store, StoreError};
+use dispatch::{Completed, Dispatcher, Handoff, Tally};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use retry::Backoff;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Why the relay could not start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("backend {name}: {message}")]
+    Backend { name: String, message: String },
+}
+
+/// Running totals, readable while the relay runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub claims: AtomicU64,
+    pub claimed: AtomicU64,
+    pub published: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub deferred: AtomicU64,
+    pub released: AtomicU64,
+    pub lost_claims: AtomicU64,
+}
+
+impl Stats {
+    fn add(&self, t: &Tally) {
+        self.published.fetch_add(t.published, Ordering::Relaxed);
+        self.failed.fetch_add(t.failed, Ordering::Relaxed);
+        self.retried.fetch_add(t.retried, Ordering::Relaxed);
+        self.deferred.fetch_add(t.deferred, Ordering::Relaxed);
+        self.released.fetch_add(t.released, Ordering::Relaxed);
+    }
+
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+}
+
+/// A named backend.
+pub struct Backend {
+    pub name: String,
+    pub publisher: Arc<dyn Publisher>,
+}
+
+/// Builds the publisher for each configured backend.
+pub async fn build_backends(cfg: &Config) -> Result<Vec<Backend>, RelayError> {
+    let mut out = Vec::new();
+    for (name, b) in &cfg.backends {
+        let publisher: Arc<dyn Publisher> = match b {
+            crate::config::BackendConfig::Memory {} => Arc::new(MemoryPublisher::new()),
+            crate::config::BackendConfig::Stdout {} => Arc::new(StdoutPublisher::new()),
+        };
+        out.push(Backend {
+            name: name.clone(),
+            publisher,
+        });
+    }
+    Ok(out)
+}
+
+pub struct Relay {
+    store: Arc<Store>,
+    backends: Vec<Backend>,
+    router: Arc<Router>,
+    cfg: RelayConfig,
+    stats: Arc<Stats>,
+}
+
+/// A claim opened and not yet finished.
+type Finishing = BoxFuture<'static, (u64, Result<(), StoreError>, Tally)>;
+
+impl Relay {
+    pub fn new(
+        store: Store,
+        backends: Vec<Backend>,
+        routes: &[RouteConfig],
+        cfg: RelayConfig,
+    ) -> Relay {
+        let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+        Relay {
+            store: Arc::new(store),
+            router: Arc::new(Router::new(routes, &names)),
+            backends,
+            cfg,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// Connects to Postgres and builds every configured backend.
+    pub async fn from_config(cfg: &Config) -> Result<Relay, RelayError> {
+        let store = Store::connect(&cfg.database, &session(cfg)).await?;
+        let backends = build_backends(cfg).await?;
+        Ok(Relay::new(store, backends, &cfg.routes, cfg.relay.clone()))
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn dispatcher(&self) -> Dispatcher {
+        Dispatcher::new(
+            self.router.clone(),
+            Backoff::new(self.cfg.backoff_initial.0, self.cfg.backoff_max.0),
+            self.cfg.max_attempts,
+            self.cfg.max_payload_bytes,
+        )
+    }
+
+    async fn publish(&self, handoffs: Vec<Handoff>, acks: &AckSender) {
+        if handoffs.is_empty() {
+            return;
+        }
+        let mut bursts: Vec<Vec<Outgoing>> = (0..self.backends.len()).map(|_| Vec::new()).collect();
+        for h in handoffs {
+            let ticket = AckTicket::new(
+                h.event.id,
+                h.token,
+                h.event.event_id,
+                Arc::from(h.event.topic.as_str()),
+                acks.clone(),
+            );
+            bursts[h.backend].push(Outgoing {
+                event: h.event,
+                format: h.format,
+                ticket,
+            });
+        }
+        for (i, burst) in bursts.into_iter().enumerate() {
+            if !burst.is_empty() {
+                self.backends[i].publisher.publish(burst).await;
+            }
+        }
+    }
+
+    fn finishing(&self, tx: ClaimTx, c: Completed) -> Finishing {
+        let store = self.store.clone();
+        let blocked_retry = self.cfg.blocked_retry.0;
+        async move {
+            let r = store.finish(tx, &c.marks, blocked_retry).await;
+            (c.batch, r, c.tally)
+        }
+        .boxed()
+    }
+
+    /// One step, for tests and tools: claims one batch, publishes it, waits for every result
+    /// (at most `relay.publish_timeout` per hand-off), writes the verdicts and commits.
+    pub async fn run_once(&self) -> Result<Tally, RelayError> {
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let mut d = self.dispatcher();
+        let (tx, rows) = self.store.claim(self.cfg.batch_size).await?;
+        if rows.is_empty() {
+            drop(tx);
+            return Ok(Tally::default());
+        }
+        self.stats.claimed.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        let (handoffs, mut completed) = d.add_batch(1, rows);
+        self.publish(handoffs, &ack_tx).await;
+        let deadline = tokio::time::Instant::now() + self.cfg.publish_timeout.0;
+        while completed.is_empty() {
+            match tokio::time::timeout_at(deadline, ack_rx.recv()).await {
+                Ok(Some(ack)) => {
+                    let (h, c) = d.on_result(ack);
+                    completed.extend(c);
+                    self.publish(h, &ack_tx).await;
+                }
+                Ok(None) => unreachable!("the loop holds a sender"),
+                Err(_) => {
+                    let (h, c) = d.expire(Duration::ZERO);
+                    completed.extend(c);
+                    self.publish(h, &ack_tx).await;
+                }
+            }
+        }
+        let c = completed.pop().expect("one batch");
+        let tally = c.tally;
+        self.store
+            .finish(tx, &c.marks, self.cfg.blocked_retry.0)
+            .await?;
+        d.finished(1, true);
+        self.stats.add(&tally);
+        Ok(tally)
+    }
+
+    /// Runs until `shutdown` is cancelled; then stops claiming, waits up to
+    /// `relay.shutdown_timeout` for results of what is in flight, marks them, releases the
+    /// rest unchanged and closes the backends.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        self.run_inner(shutdown, false).await
+    }
+
+    /// As [`Relay::run`], and also stops once a claim finds nothing due while nothing is in
+    /// flight (`run --drain`). Events waiting for a retry stay pending.
+    pub async fn run_until_drained(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        self.run_inner(shutdown, true).await
+    }
+
+    async fn run_inner(&self, shutdown: CancellationToken, drain: bool) -> Result<(), RelayError> {
+        let wake = Arc::new(Notify::new());
+        let listener = if self.cfg.listen {
+            Some(tokio::spawn(wake::listen(
+                self.store.pool().clone(),
+                self.store.names().channel(),
+                wake.clone(),
+                shutdown.child_token(),
+            )))
+        } else {
+            None
+        };
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let mut d = self.dispatcher();
+        let mut txs: HashMap<u64, ClaimTx> = HashMap::new();
+        let mut claiming: Option<BoxFuture<'static, Result<(ClaimTx, Vec<Claimed>), StoreError>>> =
+            None;
+        let mut finishing: FuturesUnordered<Finishing> = FuturesUnordered::new();
+        let mut next_batch: u64 = 0;
+        let mut want_claim = true;
+        let mut claim_errors: u32 = 0;
+        let mut claim_not_before = tokio::time::Instant::now();
+        let mut stopping = false;
+        let mut stop_deadline: Option<tokio::time::Instant> = None;
+        let depth = self.cfg.pipeline_depth as usize;
+        let mut poll = tokio::time::interval(self.cfg.poll_interval.0);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut summary = Summary::new(self.cfg.summary_interval.0);
+        tracing::info!(
+            outbox = %self.store.names().qualified(),
+            batch_size = self.cfg.batch_size,
+            pipeline_depth = depth,
+            listen = self.cfg.listen,
+            backends = %self.backends.iter().map(|b| format!("{}={}", b.name, b.publisher.kind())).collect::<Vec<_>>().join(","),
+            "relay started"
+        );
+
+        loop {
+            let now = tokio::time::Instant::now();
+            if !stopping
+                && want_claim
+                && claiming.is_none()
+                && txs.len() < depth
+                && now >= claim_not_before
+            {
+                want_claim = false;
+                let store = self.store.clone();
+                let limit = self.cfg.batch_size;
+                claiming = Some(async move { store.claim(limit).await }.boxed());
+            }
+            if stopping && claiming.is_none() && txs.is_empty() && finishing.is_empty() {
+                break;
+            }
+            let claim_backoff = want_claim && claiming.is_none() && now < claim_not_before;
+            tokio::select! {
+                res = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
+                    claiming = None;
+                    self.stats.claims.fetch_add(1, Ordering::Relaxed);
+                    match res {
+                        Ok((tx, rows)) => {
+                            if claim_errors > 0 {
+                                tracing::info!("database reachable again, claiming resumed");
+                                claim_errors = 0;
+                            }
+                            let n = rows.len();
+                            if n as u32 == self.cfg.batch_size {
+                                want_claim = true;
+                            }
+                            if n == 0 && drain && txs.is_empty() && finishing.is_empty() {
+                                tracing::info!("nothing due and nothing in flight: drained");
+                                stopping = true;
+                            }
+                            if n == 0 || stopping {
+                                drop(tx);
+                            } else {
+                                self.stats.claimed.fetch_add(n as u64, Ordering::Relaxed);
+                                next_batch += 1;
+                                txs.insert(next_batch, tx);
+                                let (h, c) = d.add_batch(next_batch, rows);
+                                self.publish(h, &ack_tx).await;
+                                for c in c {
+                                    let tx = txs.remove(&c.batch).expect("open claim");
+                                    finishing.push(self.finishing(tx, c));
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            claim_errors += 1;
+                            let wait = Duration::from_millis(100u64 << claim_errors.min(6)).min(Duration::from_secs(5));
+                            if claim_errors == 1 || claim_errors % 20 == 0 {
+                                tracing::warn!(error = %e, retry_in = ?wait, failures = claim_errors, "claim failed");
+                            }
+                            claim_not_before = tokio::time::Instant::now() + wait;
+                            want_claim = true;
+                        }
+                    }
+                }
+                Some(ack) = ack_rx.recv() => {
+                    let mut handoffs = Vec::new();
+                    let mut completed = Vec::new();
+                    let mut next = Some(ack);
+                    while let Some(ack) = next {
+                        summary.latency(ack.handed_at.elapsed());
+                        let (h, c) = d.on_result(ack);
+                        handoffs.extend(h);
+                        completed.extend(c);
+                        next = ack_rx.try_recv().ok();
+                    }
+                    self.publish(handoffs, &ack_tx).await;
+                    for c in completed {
+                        let tx = txs.remove(&c.batch).expect("open claim");
+                        finishing.push(self.finishing(tx, c));
+                    }
+                }
+                Some((batch, res, tally)) = finishing.next(), if !finishing.is_empty() => {
+                    d.finished(batch, res.is_ok());
+                    if drain {
+                        want_claim = true;
+                    }
+                    match res {
+                        Ok(()) => {
+                            self.stats.add(&tally);
+                            summary.add(&tally);
+                        }
+                        Err(e) => {
+                            self.stats.lost_claims.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, published = tally.published,
+                                "could not record a batch's results; its rows stay pending and \
+                                 will be published again (same event ids)");
+                        }
+                    }
+                }
+                _ = wake.notified(), if !stopping => {
+                    if !self.cfg.debounce.0.is_zero() {
+                        tokio::time::sleep(self.cfg.debounce.0).await;
+                    }
+                    want_claim = true;
+                }
+                _ = poll.tick(), if !stopping => want_claim = true,
+                _ = tokio::time::sleep_until(claim_not_before), if claim_backoff && !stopping => {}
+                _ = tick.tick() => {
+                    let (h, c) = d.expire(self.cfg.publish_timeout.0);
+                    self.publish(h, &ack_tx).await;
+                    for c in c {
+                        let tx = txs.remove(&c.batch).expect("open claim");
+                        finishing.push(self.finishing(tx, c));
+                    }
+                    if summary.due() {
+                        summary.log(&self.store, d.in_flight());
+                    }
+                }
+                _ = shutdown.cancelled(), if !stopping => {
+                    stopping = true;
+                    stop_deadline = Some(tokio::time::Instant::now() + self.cfg.shutdown_timeout.0);
+                    tracing::info!(in_flight = d.in_flight(), claims = txs.len(),
+                        timeout = ?self.cfg.shutdown_timeout.0, "shutting down: claiming stopped, waiting for results");
+                }
+                _ = async { tokio::time::sleep_until(stop_deadline.expect("guarded")).await }, if stop_deadline.is_some() => {
+                    stop_deadline = None;
+                    let c = d.release_all();
+                    tracing::warn!(claims = c.len(), "shutdown timeout: releasing events still without a result; they stay pending");
+                    for c in c {
+                        let tx = txs.remove(&c.batch).expect("open claim");
+                        finishing.push(self.finishing(tx, c));
+                    }
+                }
+            }
+        }
+        if let Some(l) = listener {
+            l.abort();
+        }
+        for b in &self.backends {
+            b.publisher.close(self.cfg.shutdown_timeout.0).await;
+        }
+        summary.log_final(&self.stats);
+        Ok(())
+    }
+}
+
+/// The database session settings of a relay.
+pub fn session(cfg: &Config) -> Session {
+    Session {
+        application_name: format!("outbox-relay {}", cfg.instance_id()),
+        // A claim is open while its events are published; past this, Postgres ends a session
+        // whose relay hangs, releasing its rows.
+        idle_in_transaction_timeout: Some(
+            cfg.relay.publish_timeout.0 * 2 + cfg.database.statement_timeout.0,
+        ),
+    }
+}
+
+/// The periodic summary line.
+struct Summary {
+    every: Duration,
+    last: Instant,
+    window: Tally,
+    lat_sum: Duration,
+    lat_n: u64,
+    lat_max: Duration,
+}
+
+impl Summary {
+    fn new(every: Duration) -> Self {
+        Summary {
+            every,
+            last: Instant::now(),
+            window: Tally::default(),
+            lat_sum: Duration::ZERO,
+            lat_n: 0,
+            lat_max: Duration::ZERO,
+        }
+    }
+
+    fn add(&mut self, t: &Tally) {
+        self.window.published += t.published;
+        self.window.failed += t.failed;
+        self.window.retried += t.retried;
+        self.window.deferred += t.deferred;
+    }
+
+    fn latency(&mut self, d: Duration) {
+        self.lat_sum += d;
+        self.lat_n += 1;
+        self.lat_max = self.lat_max.max(d);
+    }
+
+    fn due(&self) -> bool {
+        self.last.elapsed() >= self.every
+    }
+
+    fn log(&mut self, store: &Arc<Store>, in_flight: usize) {
+        let secs = self.last.elapsed().as_secs_f64();
+        let w = std::mem::take(&mut self.window);
+        let avg = if self.lat_n > 0 {
+            self.lat_sum / self.lat_n as u32
+        } else {
+            Duration::ZERO
+        };
+        let max = self.lat_max;
+        self.lat_sum = Duration::ZERO;
+        self.lat_n = 0;
+        self.lat_max = Duration::ZERO;
+        self.last = Instant::now();
+        let store = store.clone();
+        // Counting may take a moment on a big backlog; never in the loop's way.
+        tokio::spawn(async move {
+            const CAP: i64 = 1_000_000;
+            let pending = match store.count_pending(CAP).await {
+                Ok(n) if n >= CAP => format!("{CAP}+"),
+                Ok(n) => n.to_string(),
+                Err(_) => "unknown".into(),
+            };
+            tracing::info!(
+                published = w.published,
+                failed = w.failed,
+                retried = w.retried,
+                deferred = w.deferred,
+                rate = format!("{:.0}/s", w.published as f64 / secs),
+                pending = %pending,
+                in_flight,
+                ack_latency_avg = ?avg,
+                ack_latency_max = ?max,
+                "summary"
+            );
+        });
+    }
+
+    fn log_final(&self, s: &Stats) {
+        tracing::info!(
+            published = s.published.load(Ordering::Relaxed),
+            failed = s.failed.load(Ordering::Relaxed),
+            retried = s.retried.load(Ordering::Relaxed),
+            released = s.released.load(Ordering::Relaxed),
+            "relay stopped"
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! The outbox's SQL: connecting, claiming, marking, enqueueing, migrating, counting.
+//!
+//! Every statement the relay runs is built here once, from the configured (validated) schema
+//! and table names, and each one stays on an index at any backlog size; the shape of each
+//! query is explained next to it.
+//!
+//! # How a claim lives and dies
+//! A claim is a transaction: [`Store::claim`] opens it and locks due pending rows with
+//! `FOR UPDATE SKIP LOCKED`; the relay publishes them while the transaction is open and
+//! [`Store::finish`] writes every verdict and commits. No claim column is ever written, so a
+//! claim costs no extra row version, and a relay that dies (kill -9, lost connection, host
+//! gone) releases its claims the moment Postgres ends its session: the rows are pending again,
+//! unchanged, for any relay. `idle_in_transaction_session_timeout` bounds a relay that hangs
+//! instead of dying.
+
+pub mod enqueue;
+pub mod migrate;
+
+use crate::config::{redact_url, DatabaseConfig};
+use crate::envelope::{parse_headers, Event};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use enqueue::{NewEvent, Outbox};
+
+/// A database failure, classified.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {what}: {source}")]
+    Sql {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database URL {url}: {message}")]
+    Url { url: String, message: String },
+    #[error("{0}")]
+    Schema(String),
+}
+
+impl StoreError {
+    fn sql(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+        move |source| StoreError::Sql { what, source }
+    }
+
+    /// Whether trying again later may succeed: lost connections, restarts, timeouts,
+    /// serialization failures and deadlocks. Everything else needs a person.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Sql { source, .. } => match source {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => {
+                    let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                    code == "40001"
+                        || code == "40P01"
+                        || code == "55P03"
+                        || code == "57014"
+                        || code.starts_with("08")
+                        || code.starts_with("57P")
+                        || code.starts_with("53")
+                }
+                _ => false,
+            },
+            StoreError::Url { .. } | StoreError::Schema(_) => false,
+        }
+    }
+}
+
+/// The configured names, validated as lowercase identifiers (safe to put into SQL text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub schema: String,
+    pub table: String,
+}
+
+impl Names {
+    pub fn new(schema: impl Into<String>, table: impl Into<String>) -> Self {
+        Names {
+            schema: schema.into(),
+            table: table.into(),
+        }
+    }
+
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    /// The LISTEN/NOTIFY channel: `schema.table`, shortened with a hash past Postgres' 63 bytes.
+    pub fn channel(&self) -> String {
+        let full = self.qualified();
+        if full.len() <= 63 {
+            return full;
+        }
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in full.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        format!("{}_{h:016x}", &full[..46])
+    }
+
+    /// Replaces the placeholders of a migration or statement template.
+    pub fn render(&self, template: &str) -> String {
+        template
+            .replace("{{schema}}", &self.schema)
+            .replace("{{table}}", &self.table)
+            .replace("{{channel}}", &self.channel())
+    }
+}
+
+/// A row's status column.
+pub mod status {
+    pub const PENDING: &str = "pending";
+    pub const FAILED: &str = "failed";
+    pub const PUBLISHED: &str = "published";
+}
+
+/// The `next_attempt_at` of a row held behind a failed predecessor: it waits until the
+/// predecessor is replayed or purged, which releases it.
+pub const HELD_UNTIL: &str = "9999-12-31T00:00:00Z";
+
+pub fn held_until() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(HELD_UNTIL)
+        .expect("constant is a valid timestamp")
+        .with_timezone(&Utc)
+}
+
+/// The nearest earlier unfinished row of the same aggregate, as the claim saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prev {
+    pub id: i64,
+    pub status: String,
+    pub next_attempt_at: DateTime<Utc>,
+}
+
+/// One claimed row.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub event: Event,
+    /// Set when a column could not be decoded into the envelope (bad headers JSON).
+    pub invalid: Option<String>,
+    pub prev: Option<Prev>,
+}
+
+/// Why a row is deferred, and until when.
+#[derive(Debug, Clone)]
+pub enum DeferUntil {
+    /// Its predecessor is in flight elsewhere: look again after `relay.blocked_retry`.
+    Soon,
+    /// Wait as long as the predecessor does: until its retry time, or (failed predecessor)
+    /// until it is replayed or purged. Applied only if the predecessor is still as seen.
+    Predecessor(Prev),
+}
+
+/// Every verdict of one claim, written in one transaction by [`Store::finish`].
+#[derive(Debug, Default)]
+pub struct Marks {
+    pub published: Vec<i64>,
+    /// (row, counts as a publish attempt, reason)
+    pub failed: Vec<(i64, bool, String)>,
+    /// (row, delay in seconds, reason)
+    pub retry: Vec<(i64, f64, String)>,
+    pub deferred: Vec<(i64, DeferUntil)>,
+}
+
+impl Marks {
+    pub fn is_empty(&self) -> bool {
+        self.published.is_empty()
+            && self.failed.is_empty()
+            && self.retry.is_empty()
+            && self.deferred.is_empty()
+    }
+}
+
+/// Connection settings beyond the database section.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub application_name: String,
+    /// Ends a claim whose relay stopped talking to Postgres without dying.
+    pub idle_in_transaction_timeout: Option<Duration>,
+}
+
+struct Statements {
+    claim: String,
+    delete: String,
+    fail: String,
+    retry: String,
+    defer: String,
+}
+
+impl Statements {
+    fn new(n: &Names) -> Self {
+        let t = n.qualified();
+        Statements {
+            // The CTE walks the due index in (next_attempt_at, id) order and stops after $1
+            // rows it could lock: its cost is the batch plus rows other claims hold, whatever
+            // the table's size. The lateral probe finds each row's nearest unfinished
+            // predecessor on the aggregate index (one backward index probe per row), which is
+            // how the relay keeps one event per aggregate in flight.
+            claim: format!(
+                "WITH c AS ( \
+                   SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, \
+                          event_version, payload, headers, content_type, traceparent, \
+                          correlation_id, occurred_at, attempts \
+                   FROM {t} \
+                   WHERE status = 'pending' AND next_attempt_at <= now() \
+                   ORDER BY next_attempt_at, id \
+                   LIMIT $1 \
+                   FOR UPDATE SKIP LOCKED) \
+                 SELECT c.*, p.id AS prev_id, p.status AS prev_status, \
+                        p.next_attempt_at AS prev_next \
+                 FROM c LEFT JOIN LATERAL ( \
+                   SELECT id, status, next_attempt_at FROM {t} p \
+                   WHERE p.aggregate_id = c.aggregate_id AND p.id < c.id \
+                     AND p.status <> 'published' \
+                   ORDER BY p.id DESC LIMIT 1) p ON true"
+            ),
+            delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
+            fail: format!(
+                "UPDATE {t} SET status = 'failed', attempts = attempts + d.inc, \
+                   last_error = d.err, next_attempt_at = now() \
+                 FROM unnest($1::bigint[], $2::int[], $3::text[]) AS d(id, inc, err) \
+                 WHERE {t}.id = d.id"
+            ),
+            retry: format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = d.err, \
+                   next_attempt_at = now() + d.delay * interval '1 second' \
+                 FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS d(id, delay, err) \
+                 WHERE {t}.id = d.id"
+            ),
+            // A deferral to the predecessor's time is applied only while the predecessor is
+            // still as the claim saw it, checked under a share lock (SKIP LOCKED: never wait on
+            // another relay). Replay and purge change the predecessor before releasing held
+            // rows, so a hold either sees their change (and defers briefly instead) or commits
+            // first and is released by them; a row is never held behind a predecessor that is
+            // already gone.
+            defer: format!(
+                "UPDATE {t} SET next_attempt_at = CASE WHEN ok.held \
+                     THEN d.until ELSE now() + $5 * interval '1 second' END \
+                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[]) \
+                      AS d(id, prev, prev_status, until) \
+                 CROSS JOIN LATERAL (SELECT EXISTS ( \
+                     SELECT 1 FROM {t} p WHERE p.id = d.prev AND p.status = d.prev_status \
+                       AND (p.status = 'failed' OR p.next_attempt_at = d.until) \
+                     FOR SHARE SKIP LOCKED) AS held) ok \
+                 WHERE {t}.id = d.id"
+            ),
+        }
+    }
+}
+
+/// The outbox as the relay sees it.
+pub struct Store {
+    pool: PgPool,
+    names: Names,
+    stmts: Statements,
+}
+
+/// An open claim: the transaction holding the row locks.
+pub type ClaimTx = Transaction<'static, Postgres>;
+
+impl Store {
+    /// Connects a pool. The URL's password is never logged.
+    pub async fn connect(
+        db: &DatabaseConfig,
+        session: &Session,
+    ) -> Result<Store, StoreError> {
+        let url = db.url.expose();
+        let mut opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url {
+            url: redact_url(url),
+            message: e.to_string(),
+        })?;
+        opts = opts.application_name(&session.application_name);
+        let mut params: Vec<(&str, String)> = vec![(
+            "statement_timeout",
+            format!("{}", db.statement_timeout.0.as_millis()),
+        )];
+        if let Some(t) = session.idle_in_transaction_timeout {
+            params.push((
+                "idle_in_transaction_session_timeout",
+                format!("{}", t.as_millis()),
+            ));
+        }
+        opts = opts.options(params);
+        let pool = PgPoolOptions::new()
+            .max_connections(db.max_connections)
+            .acquire_timeout(db.connect_timeout.0)
+            .connect_lazy_with(opts);
+        Ok(Store::with_pool(
+            pool,
+            Names::new(db.schema.clone(), db.table.clone()),
+        ))
+    }
+
+    pub fn with_pool(pool: PgPool, names: Names) -> Store {
+        let stmts = Statements::new(&names);
+        Store { pool, names, stmts }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Fails with a clear message when the outbox table has not been created or is behind.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        migrate::check(&self.pool, &self.names).await
+    }
+
+    /// Opens a claim: up to `limit` due pending rows, locked until [`Store::finish`] or until
+    /// the transaction ends otherwise (which releases them unchanged).
+    pub async fn claim(&self, limit: u32) -> Result<(ClaimTx, Vec<Claimed>), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
+        let rows = sqlx::query(&self.stmts.claim)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::sql("claim"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(decode_claimed(&row).map_err(StoreError::sql("decode claimed row"))?);
+        }
+        Ok((tx, out))
+    }
+
+    /// Writes the verdicts of a claim and commits it. Rows without a verdict are released
+    /// unchanged.
+    pub async fn finish(
+        &self,
+        mut tx: ClaimTx,
+        marks: &Marks,
+        blocked_retry: Duration,
+    ) -> Result<(), StoreError> {
+        if !marks.published.is_empty() {
+            sqlx::query(&self.stmts.delete)
+                .bind(&marks.published)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::sql("mark published"))?;
+        }
+        // Failures before deferrals: a deferral in this same transaction then sees its
+        // predecessor already failed and holds the row behind it.
+        if !marks.failed.is_empty() {
+            let ids: Vec<i64> = marks.failed.iter().map(|f| f.0).collect();
+            let inc: Vec<i32> = marks.failed.iter().map(|f| f.1 as i32).collect();
+            let err: Vec<&str> = marks.failed.iter().map(|f| f.2.as_str()).collect();
+            sqlx::query(&self.stmts.fail)
+                .bind(&ids)
+                .bind(&inc)
+                .bind(&err)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::sql("mark failed"))?;
+        }
+        if !marks.retry.is_empty() {
+            let ids: Vec<i64> = marks.retry.iter().map(|f| f.0).collect();
+            let delay: Vec<f64> = marks.retry.iter().map(|f| f.1).collect();
+            let err: Vec<&str> = marks.retry.iter().map(|f| f.2.as_str()).collect();
+            sqlx::query(&self.stmts.retry)
+                .bind(&ids)
+                .bind(&delay)
+                .bind(&err)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::sql("schedule retry"))?;
+        }
+        if !marks.deferred.is_empty() {
+            let mut ids = Vec::with_capacity(marks.deferred.len());
+            let mut prev = Vec::with_capacity(marks.deferred.len());
+            let mut prev_status = Vec::with_capacity(marks.deferred.len());
+            let mut until = Vec::with_capacity(marks.deferred.len());
+            for (id, d) in &marks.deferred {
+                ids.push(*id);
+                match d {
+                    DeferUntil::Soon => {
+                        prev.push(0i64);
+                        prev_status.push("none");
+                        until.push(Utc::now());
+                    }
+                    DeferUntil::Predecessor(p) => {
+                        prev.push(p.id);
+                        prev_status.push(p.status.as_str());
+                        until.push(if p.status == status::FAILED {
+                            held_until()
+                        } else {
+                            p.next_attempt_at
+                        });
+                    }
+                }
+            }
+            sqlx::query(&self.stmts.defer)
+                .bind(&ids)
+                .bind(&prev)
+                .bind(&prev_status)
+                .bind(&until)
+                .bind(blocked_retry.as_secs_f64())
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::sql("defer blocked rows"))?;
+        }
+        tx.commit().await.map_err(StoreError::sql("commit"))
+    }
+
+    /// Pending rows, counted up to `cap` so the count stays cheap on any backlog.
+    pub async fn count_pending(&self, cap: i64) -> Result<i64, StoreError> {
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {} WHERE status = 'pending' LIMIT $1) t",
+            self.names.qualified()
+        );
+        sqlx::query_scalar(&sql)
+            .bind(cap)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::sql("count pending"))
+    }
+
+    /// Asks Postgres to wake listeners now (after a replay, say).
+    pub async fn notify(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.names.channel())
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(StoreError::sql("notify"))
+    }
+}
+
+fn decode_claimed(row: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
+    let headers_json: Option<serde_json::Value> = row.try_get("headers")?;
+    let (headers, invalid) = match parse_headers(headers_json.as_ref()) {
+        Ok(h) => (h, None),
+        Err(e) => (Vec::new(), Some(format!("field headers: {e}"))),
+    };
+    let event = Event {
+        id: row.try_get("id")?,
+        event_id: row.try_get("event_id")?,
+        topic: row.try_get("topic")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: row.try_get("payload")?,
+        headers,
+        content_type: row.try_get("content_type")?,
+        traceparent: row.try_get("traceparent")?,
+        correlation_id: row.try_get("correlation_id")?,
+        occurred_at: row.try_get("occurred_at")?,
+        attempts: row.try_get("attempts")?,
+    };
+    let prev_id: Option<i64> = row.try_get("prev_id")?;
+    let prev = match prev_id {
+        Some(id) => Some(Prev {
+            id,
+            status: row.try_get("prev_status")?,
+            next_attempt_at: row.try_get("prev_next")?,
+        }),
+        None => None,
+    };
+    Ok(Claimed {
+        event,
+        invalid,
+        prev,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_fits_postgres_identifier_limit() {
+        let short = Names::new("outbox", "outbox");
+        assert_eq!(short.channel(), "outbox.outbox");
+        let long = Names::new("s".repeat(63), "t".repeat(40));
+        assert!(long.channel().len() <= 63);
+        assert_ne!(long.channel(), Names::new("s".repeat(63), "u".repeat(40)).channel());
+    }
+
+    #[test]
+    fn render_replaces_every_placeholder() {
+        let n = Names::new("a", "b");
+        assert_eq!(
+            n.render("{{schema}}.{{table}} {{channel}}"),
+            "a.b a.b"
+        );
+    }
+}
