@@ -92,7 +92,9 @@ impl<'de> Deserialize<'de> for Dur {
         let s = String::deserialize(d).map_err(|_| {
             serde::de::Error::custom("expected a duration string like 250ms, 30s, 5m, 2h or 1d")
         })?;
-        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -345,7 +347,10 @@ impl Config {
         let r = &self.relay;
         let range = |key: &str, v: u64, lo: u64, hi: u64| {
             if v < lo || v > hi {
-                Err(invalid(key, format!("{v} is not allowed, must be {lo} to {hi}")))
+                Err(invalid(
+                    key,
+                    format!("{v} is not allowed, must be {lo} to {hi}"),
+                ))
             } else {
                 Ok(())
             }
@@ -389,7 +394,10 @@ impl Config {
             ("relay.publish_timeout", r.publish_timeout),
             ("relay.summary_interval", r.summary_interval),
             ("relay.blocked_retry", r.blocked_retry),
-            ("database.statement_timeout", self.database.statement_timeout),
+            (
+                "database.statement_timeout",
+                self.database.statement_timeout,
+            ),
             ("database.connect_timeout", self.database.connect_timeout),
         ] {
             if d.0.is_zero() {
@@ -407,7 +415,10 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("{:?}: {e}", self.log.level)))?;
         for name in self.backends.keys() {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
             {
                 return Err(invalid(
                     format!("backends.{name}"),
@@ -430,7 +441,10 @@ impl Config {
             if route.topic.is_empty() || route.topic.contains(char::is_whitespace) {
                 return Err(invalid(
                     format!("routes[{i}].topic"),
-                    format!("{:?} is not a topic pattern: non-empty, no spaces", route.topic),
+                    format!(
+                        "{:?} is not a topic pattern: non-empty, no spaces",
+                        route.topic
+                    ),
                 ));
             }
         }
@@ -441,7 +455,11 @@ impl Config {
     pub fn instance_id(&self) -> String {
         self.relay.instance_id.clone().unwrap_or_else(|| {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
-            format!("{}-{}", host.chars().take(24).collect::<String>(), std::process::id())
+            format!(
+                "{}-{}",
+                host.chars().take(24).collect::<String>(),
+                std::process::id()
+            )
         })
     }
 }
@@ -523,7 +541,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_naming_it() {
-        let err = load("[relay]\nbatch_sise = 10\n", &[]).unwrap_err().to_string();
+        let err = load("[relay]\nbatch_sise = 10\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("batch_sise"), "{err}");
         let err = load("[relais]\n", &[]).unwrap_err().to_string();
         assert!(err.contains("relais"), "{err}");
@@ -535,7 +555,11 @@ mod tests {
 
     #[test]
     fn environment_overrides_file_and_names_bad_keys() {
-        let c = load("[relay]\nbatch_size = 10\n", &[("RELAY__RELAY__BATCH_SIZE", "20")]).unwrap();
+        let c = load(
+            "[relay]\nbatch_size = 10\n",
+            &[("RELAY__RELAY__BATCH_SIZE", "20")],
+        )
+        .unwrap();
         assert_eq!(c.relay.batch_size, 20);
         let c = load("", &[("RELAY__RELAY__POLL_INTERVAL", "250ms")]).unwrap();
         assert_eq!(c.relay.poll_interval.0, Duration::from_millis(250));
@@ -547,21 +571,37 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_key_and_the_allowed_range() {
-        let err = load("[relay]\nbatch_size = 0\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("relay.batch_size") && err.contains("1 to 50000"), "{err}");
-        let err = load("[database]\ntable = \"Out-box\"\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("database.table") && err.contains("Out-box"), "{err}");
+        let err = load("[relay]\nbatch_size = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("relay.batch_size") && err.contains("1 to 50000"),
+            "{err}"
+        );
+        let err = load("[database]\ntable = \"Out-box\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database.table") && err.contains("Out-box"),
+            "{err}"
+        );
         let err = load("[relay]\npoll_interval = \"5 parsecs\"\n", &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("poll_interval") && err.contains("parsecs"), "{err}");
+        assert!(
+            err.contains("poll_interval") && err.contains("parsecs"),
+            "{err}"
+        );
         let err = load(
             "[backends.a]\ntype = \"stdout\"\n[[routes]]\ntopic = \"*\"\nbackend = \"b\"\n",
             &[],
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("routes[0].backend") && err.contains("\"b\""), "{err}");
+        assert!(
+            err.contains("routes[0].backend") && err.contains("\"b\""),
+            "{err}"
+        );
         let err = load("[backends.a]\ntype = \"carrier-pigeon\"\n", &[])
             .unwrap_err()
             .to_string();
@@ -570,13 +610,12 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = load(
-            "[database]\nurl = \"postgres://u:hunter2@h/db\"\n",
-            &[],
-        )
-        .unwrap();
+        let c = load("[database]\nurl = \"postgres://u:hunter2@h/db\"\n", &[]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
-        assert_eq!(redact_url("postgres://u:hunter2@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h/db"),
+            "postgres://u:***@h/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 

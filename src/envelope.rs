@@ -69,7 +69,9 @@ pub enum InvalidEvent {
     PayloadTooLarge { size: usize, limit: usize },
     #[error("field headers: {0}")]
     Headers(String),
-    #[error("field traceparent: {value:?} is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")]
+    #[error(
+        "field traceparent: {value:?} is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
+    )]
     Traceparent { value: String },
 }
 
@@ -227,7 +229,8 @@ impl Event {
         out.push((headers::EVENT_VERSION, self.event_version.to_string()));
         out.push((
             headers::OCCURRED_AT,
-            self.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            self.occurred_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
         ));
         if let Some(ct) = &self.content_type {
             out.push((headers::CONTENT_TYPE, ct.clone()));
@@ -323,20 +326,35 @@ mod tests {
     #[test]
     fn topic_with_non_ascii_character_names_it_and_its_position() {
         let err = validate_topic("orders.crééd").unwrap_err();
-        assert_eq!(err, TopicError::BadChar { ch: 'é', position: 10 });
+        assert_eq!(
+            err,
+            TopicError::BadChar {
+                ch: 'é',
+                position: 10
+            }
+        );
         let text = err.to_string();
-        assert!(text.contains("'é'") && text.contains("position 10"), "{text}");
+        assert!(
+            text.contains("'é'") && text.contains("position 10"),
+            "{text}"
+        );
     }
 
     #[test]
     fn topic_rules_cover_space_control_length_and_empty() {
         assert_eq!(
             validate_topic("a b"),
-            Err(TopicError::BadChar { ch: ' ', position: 2 })
+            Err(TopicError::BadChar {
+                ch: ' ',
+                position: 2
+            })
         );
         assert_eq!(
             validate_topic("a\tb"),
-            Err(TopicError::BadChar { ch: '\t', position: 2 })
+            Err(TopicError::BadChar {
+                ch: '\t',
+                position: 2
+            })
         );
         assert_eq!(validate_topic(""), Err(TopicError::Empty));
         assert_eq!(validate_topic(&"x".repeat(255)), Ok(()));
@@ -350,7 +368,10 @@ mod tests {
     #[test]
     fn headers_must_be_an_object_of_strings() {
         let ok = serde_json::json!({"a": "1"});
-        assert_eq!(parse_headers(Some(&ok)).unwrap(), vec![("a".into(), "1".into())]);
+        assert_eq!(
+            parse_headers(Some(&ok)).unwrap(),
+            vec![("a".into(), "1".into())]
+        );
         let bad = serde_json::json!({"a": 1});
         let err = parse_headers(Some(&bad)).unwrap_err();
         assert!(err.contains("\"a\"") && err.contains("a number"), "{err}");
@@ -367,13 +388,25 @@ mod tests {
         let err = e.validate(1024).unwrap_err().to_string();
         assert!(err.contains("payload") && err.contains("2000") && err.contains("1024"));
         let mut e = sample_event(1, "");
-        assert!(e.validate(1024).unwrap_err().to_string().contains("aggregate_id"));
+        assert!(e
+            .validate(1024)
+            .unwrap_err()
+            .to_string()
+            .contains("aggregate_id"));
         e.aggregate_id = "a".into();
         e.event_version = 0;
-        assert!(e.validate(1024).unwrap_err().to_string().contains("event_version"));
+        assert!(e
+            .validate(1024)
+            .unwrap_err()
+            .to_string()
+            .contains("event_version"));
         e.event_version = 1;
         e.traceparent = Some("nope".into());
-        assert!(e.validate(1024).unwrap_err().to_string().contains("traceparent"));
+        assert!(e
+            .validate(1024)
+            .unwrap_err()
+            .to_string()
+            .contains("traceparent"));
     }
 
     #[test]
@@ -386,7 +419,12 @@ mod tests {
         assert_eq!(get("X-Aggregate-ID"), Some("order-1"));
         assert_eq!(get("X-Event-Version"), Some("1"));
         assert_eq!(get("tenant"), Some("acme"));
-        assert_eq!(h.iter().filter(|(k, _)| k.eq_ignore_ascii_case("x-event-id")).count(), 1);
+        assert_eq!(
+            h.iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("x-event-id"))
+                .count(),
+            1
+        );
     }
 
     #[test]

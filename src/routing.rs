@@ -94,8 +94,16 @@ mod tests {
     fn first_matching_route_wins() {
         let r = Router::new(
             &[
-                RouteConfig { topic: "orders.audit".into(), backend: "b".into(), format: BodyFormat::Envelope },
-                RouteConfig { topic: "orders.*".into(), backend: "a".into(), format: BodyFormat::Raw },
+                RouteConfig {
+                    topic: "orders.audit".into(),
+                    backend: "b".into(),
+                    format: BodyFormat::Envelope,
+                },
+                RouteConfig {
+                    topic: "orders.*".into(),
+                    backend: "a".into(),
+                    format: BodyFormat::Raw,
+                },
             ],
             &["a".into(), "b".into()],
         );

@@ -40,7 +40,11 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
             Health::Up => println!("ok       backend    {} ({})", b.name, b.publisher.kind()),
             Health::Down(why) => {
                 problems += 1;
-                println!("PROBLEM  backend    {} ({}): {why}", b.name, b.publisher.kind());
+                println!(
+                    "PROBLEM  backend    {} ({}): {why}",
+                    b.name,
+                    b.publisher.kind()
+                );
             }
         }
     }

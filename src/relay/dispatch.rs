@@ -41,8 +41,14 @@ pub struct Handoff {
 #[derive(Debug, Clone)]
 pub enum Verdict {
     Published,
-    Retry { delay: Duration, reason: String },
-    Failed { attempted: bool, reason: String },
+    Retry {
+        delay: Duration,
+        reason: String,
+    },
+    Failed {
+        attempted: bool,
+        reason: String,
+    },
     Deferred(DeferUntil),
     /// No write: the row's lock is released and it is claimed again later (shutdown).
     Released,
@@ -160,7 +166,12 @@ impl Dispatcher {
             let invalid = c
                 .invalid
                 .clone()
-                .or_else(|| c.event.validate(self.max_payload_bytes).err().map(|e| e.to_string()))
+                .or_else(|| {
+                    c.event
+                        .validate(self.max_payload_bytes)
+                        .err()
+                        .map(|e| e.to_string())
+                })
                 .or_else(|| {
                     route
                         .is_none()
@@ -196,16 +207,13 @@ impl Dispatcher {
                     None => out.push(self.hand(id)),
                 },
                 Placement::Behind(prev) => {
-                    self.rows.get_mut(&prev).expect("placed behind a known row").successor =
-                        Some(id);
+                    self.rows
+                        .get_mut(&prev)
+                        .expect("placed behind a known row")
+                        .successor = Some(id);
                 }
                 Placement::Defer(until) => {
-                    self.decide(
-                        id,
-                        Verdict::Deferred(until),
-                        &mut out,
-                        &mut completed_rows,
-                    );
+                    self.decide(id, Verdict::Deferred(until), &mut out, &mut completed_rows);
                 }
             }
         }
@@ -213,7 +221,12 @@ impl Dispatcher {
         (out, completed)
     }
 
-    fn place(&self, _id: i64, prev: Option<&Prev>, now: chrono::DateTime<chrono::Utc>) -> Placement {
+    fn place(
+        &self,
+        _id: i64,
+        prev: Option<&Prev>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Placement {
         let Some(p) = prev else {
             return Placement::Ready;
         };
@@ -336,7 +349,9 @@ impl Dispatcher {
                     c.tally.published += 1;
                 }
                 Verdict::Retry { delay, reason } => {
-                    c.marks.retry.push((*id, delay.as_secs_f64(), reason.clone()));
+                    c.marks
+                        .retry
+                        .push((*id, delay.as_secs_f64(), reason.clone()));
                     c.tally.retried += 1;
                 }
                 Verdict::Failed { attempted, reason } => {
@@ -451,6 +466,11 @@ impl Dispatcher {
         };
         let now = Instant::now();
         for id in &state.rows {
+            // The row may already belong to a newer claim: a claim that ran after this commit
+            // can take it again before the loop hears of the commit.
+            if self.rows.get(id).is_some_and(|r| r.batch != batch) {
+                continue;
+            }
             if let Some(r) = self.rows.remove(id) {
                 if ok && matches!(r.state, State::Done(Verdict::Published)) {
                     self.recent.insert(*id);
@@ -531,7 +551,10 @@ mod tests {
     #[test]
     fn heads_go_at_once_and_followers_wait_for_the_predecessor_ack() {
         let mut d = dispatcher(5);
-        let (out, done) = d.add_batch(1, vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "b", None)]);
+        let (out, done) = d.add_batch(
+            1,
+            vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "b", None)],
+        );
         assert_eq!(ids(&out), vec![1, 3]);
         assert!(done.is_empty());
         let (out2, _) = d.on_result(ack(&out[0], Ok(())));
@@ -546,7 +569,14 @@ mod tests {
     #[test]
     fn a_retry_defers_the_followers_instead_of_publishing_them() {
         let mut d = dispatcher(5);
-        let (out, _) = d.add_batch(1, vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "a", Some(2))]);
+        let (out, _) = d.add_batch(
+            1,
+            vec![
+                row(1, "a", None),
+                row(2, "a", Some(1)),
+                row(3, "a", Some(2)),
+            ],
+        );
         assert_eq!(ids(&out), vec![1]);
         let (more, done) = d.on_result(ack(&out[0], Err(PublishError::retryable("timeout"))));
         assert!(more.is_empty());
@@ -563,7 +593,9 @@ mod tests {
         let (_, done) = d.on_result(ack(&out[0], Err(PublishError::permanent("too large"))));
         let m = &done[0].marks;
         assert_eq!(m.failed[0].0, 1);
-        assert!(matches!(&m.deferred[0], (2, DeferUntil::Predecessor(p)) if p.id == 1 && p.status == "failed"));
+        assert!(
+            matches!(&m.deferred[0], (2, DeferUntil::Predecessor(p)) if p.id == 1 && p.status == "failed")
+        );
     }
 
     #[test]
@@ -575,7 +607,10 @@ mod tests {
         let (_, done) = d.on_result(ack(&out[0], Err(PublishError::retryable("down"))));
         let (_, attempted, reason) = &done[0].marks.failed[0];
         assert!(attempted);
-        assert!(reason.contains("2 attempts") && reason.contains("down"), "{reason}");
+        assert!(
+            reason.contains("2 attempts") && reason.contains("down"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -602,7 +637,10 @@ mod tests {
         let mut failed = row(6, "b", Some(5));
         failed.prev.as_mut().unwrap().status = status::FAILED.into();
         let (_, done) = d.add_batch(2, vec![failed]);
-        assert!(matches!(done[0].marks.deferred[0].1, DeferUntil::Predecessor(_)));
+        assert!(matches!(
+            done[0].marks.deferred[0].1,
+            DeferUntil::Predecessor(_)
+        ));
     }
 
     #[test]
@@ -618,7 +656,11 @@ mod tests {
         let (_, done) = d.on_result(ack(&out[0], Ok(())));
         let f = &done[0].marks.failed;
         assert!(f[0].2.contains("position 8"), "{}", f[0].2);
-        assert!(f[1].2.contains("billing.x") && f[1].2.contains("no route"), "{}", f[1].2);
+        assert!(
+            f[1].2.contains("billing.x") && f[1].2.contains("no route"),
+            "{}",
+            f[1].2
+        );
         assert!(!f[0].1);
     }
 
@@ -633,9 +675,26 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_heard_after_the_row_was_claimed_again_leaves_the_new_claim_alone() {
+        let mut d = dispatcher(5);
+        let (_, done) = d.add_batch(1, vec![row(4, "a", Some(3))]);
+        assert_eq!(done.len(), 1, "deferred at once");
+        // Batch 1 committed; a new claim took row 4 again before the loop heard of the commit.
+        let (out, _) = d.add_batch(2, vec![row(4, "a", None)]);
+        d.finished(1, true);
+        assert_eq!(d.in_flight(), 1, "row 4 still tracked for batch 2");
+        let (_, done) = d.on_result(ack(&out[0], Ok(())));
+        assert_eq!(done[0].batch, 2);
+        assert_eq!(done[0].marks.published, vec![4]);
+    }
+
+    #[test]
     fn release_all_completes_open_batches_without_handing_successors() {
         let mut d = dispatcher(5);
-        let (out, _) = d.add_batch(1, vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "b", None)]);
+        let (out, _) = d.add_batch(
+            1,
+            vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "b", None)],
+        );
         d.on_result(ack(&out[1], Ok(())));
         let done = d.release_all();
         assert_eq!(done.len(), 1);

@@ -188,7 +188,9 @@ impl Relay {
             drop(tx);
             return Ok(Tally::default());
         }
-        self.stats.claimed.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        self.stats
+            .claimed
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
         let (handoffs, mut completed) = d.add_batch(1, rows);
         self.publish(handoffs, &ack_tx).await;
         let deadline = tokio::time::Instant::now() + self.cfg.publish_timeout.0;

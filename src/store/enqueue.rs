@@ -162,9 +162,19 @@ impl Outbox {
         sqlx::query(&self.insert)
             .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.topic.clone()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.aggregate_id.clone()).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.aggregate_id.clone())
+                    .collect::<Vec<_>>(),
+            )
             .bind(col(|e| e.aggregate_type.clone()))
-            .bind(events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.event_type.clone())
+                    .collect::<Vec<_>>(),
+            )
             .bind(events.iter().map(|e| e.event_version).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.headers.clone()).collect::<Vec<_>>())

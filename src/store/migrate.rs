@@ -67,12 +67,14 @@ pub async fn run(pool: &PgPool, names: &Names) -> Result<Vec<i64>, StoreError> {
             sqlx::raw_sql(&names.render(&m.sql))
                 .execute(&mut *tx)
                 .await
-                .map_err(|source| StoreError::Schema(format!(
-                    "migration {} ({}) failed on {}: {source}",
-                    m.version,
-                    m.description,
-                    names.qualified()
-                )))?;
+                .map_err(|source| {
+                    StoreError::Schema(format!(
+                        "migration {} ({}) failed on {}: {source}",
+                        m.version,
+                        m.description,
+                        names.qualified()
+                    ))
+                })?;
             sqlx::query(&format!(
                 "INSERT INTO {} (version, description, checksum) VALUES ($1, $2, $3)",
                 table(names)

@@ -268,20 +268,21 @@ pub type ClaimTx = Transaction<'static, Postgres>;
 
 impl Store {
     /// Connects a pool. The URL's password is never logged.
-    pub async fn connect(
-        db: &DatabaseConfig,
-        session: &Session,
-    ) -> Result<Store, StoreError> {
+    pub async fn connect(db: &DatabaseConfig, session: &Session) -> Result<Store, StoreError> {
         let url = db.url.expose();
         let mut opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url {
             url: redact_url(url),
             message: e.to_string(),
         })?;
         opts = opts.application_name(&session.application_name);
-        let mut params: Vec<(&str, String)> = vec![(
-            "statement_timeout",
-            format!("{}", db.statement_timeout.0.as_millis()),
-        )];
+        let mut params: Vec<(&str, String)> = vec![
+            (
+                "statement_timeout",
+                format!("{}", db.statement_timeout.0.as_millis()),
+            ),
+            // Migrations' "already exists, skipping" notices are not news.
+            ("client_min_messages", "warning".to_string()),
+        ];
         if let Some(t) = session.idle_in_transaction_timeout {
             params.push((
                 "idle_in_transaction_session_timeout",
@@ -310,6 +311,11 @@ impl Store {
 
     pub fn names(&self) -> &Names {
         &self.names
+    }
+
+    /// The claim statement's text (`$1` = batch size), for EXPLAIN in tests and benchmarks.
+    pub fn claim_statement(&self) -> &str {
+        &self.stmts.claim
     }
 
     /// Fails with a clear message when the outbox table has not been created or is behind.
@@ -424,6 +430,51 @@ impl Store {
             .map_err(StoreError::sql("count pending"))
     }
 
+    /// Puts failed events back to pending (attempts reset) and releases the events of their
+    /// aggregates that were held behind them; returns how many events were replayed.
+    ///
+    /// Two statements in one transaction, in this order: the second sees the first's change
+    /// and every hold committed before it (see the `defer` statement), so no held event is
+    /// left behind.
+    pub async fn replay_failed(&self, event_ids: &[uuid::Uuid]) -> Result<u64, StoreError> {
+        let t = self.names.qualified();
+        let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
+        let aggregates: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = now(),                last_error = NULL              WHERE event_id = ANY($1) AND status = 'failed' RETURNING aggregate_id"
+        ))
+        .bind(event_ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::sql("replay"))?;
+        self.release_held(&mut tx, &aggregates).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::sql("commit replay"))?;
+        self.notify().await?;
+        Ok(aggregates.len() as u64)
+    }
+
+    /// Releases events held behind a failed predecessor in the given aggregates.
+    async fn release_held(
+        &self,
+        tx: &mut ClaimTx,
+        aggregates: &[String],
+    ) -> Result<u64, StoreError> {
+        let mut aggs = aggregates.to_vec();
+        aggs.sort();
+        aggs.dedup();
+        let r = sqlx::query(&format!(
+            "UPDATE {} SET next_attempt_at = now()              WHERE aggregate_id = ANY($1) AND status = 'pending' AND next_attempt_at = $2",
+            self.names.qualified()
+        ))
+        .bind(&aggs)
+        .bind(held_until())
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::sql("release held events"))?;
+        Ok(r.rows_affected())
+    }
+
     /// Asks Postgres to wake listeners now (after a replay, say).
     pub async fn notify(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_notify($1, '')")
@@ -483,15 +534,15 @@ mod tests {
         assert_eq!(short.channel(), "outbox.outbox");
         let long = Names::new("s".repeat(63), "t".repeat(40));
         assert!(long.channel().len() <= 63);
-        assert_ne!(long.channel(), Names::new("s".repeat(63), "u".repeat(40)).channel());
+        assert_ne!(
+            long.channel(),
+            Names::new("s".repeat(63), "u".repeat(40)).channel()
+        );
     }
 
     #[test]
     fn render_replaces_every_placeholder() {
         let n = Names::new("a", "b");
-        assert_eq!(
-            n.render("{{schema}}.{{table}} {{channel}}"),
-            "a.b a.b"
-        );
+        assert_eq!(n.render("{{schema}}.{{table}} {{channel}}"), "a.b a.b");
     }
 }

@@ -1,0 +1,218 @@
+//! The backend-agnostic conformance suite. Every backend runs it, end to end: real Postgres,
+//! a real relay, and the backend's own independent reader of what arrived (the memory log; a
+//! stdout reader; later a Kafka consumer group and a JetStream pull consumer).
+
+use super::{wait_for, TestDb};
+use base64::Engine as _;
+use outbox_relay::config::RouteConfig;
+use outbox_relay::envelope::{BodyFormat, EnvelopeJson};
+use outbox_relay::publisher::{AckTicket, Outgoing, Publisher};
+use outbox_relay::store::NewEvent;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One message as an independent reader saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub key: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// What a backend provides to run the suite.
+pub trait BackendUnderTest {
+    fn publisher(&self) -> Arc<dyn Publisher>;
+    /// A topic (or subject) this backend can publish to in the test.
+    fn topic(&self) -> String;
+    /// Everything the reader has seen so far.
+    fn received(&self) -> impl std::future::Future<Output = Vec<Received>> + Send;
+}
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn run_until_published<B: BackendUnderTest>(
+    b: &B,
+    db: &TestDb,
+    format: BodyFormat,
+    n: usize,
+) {
+    let cfg = db.config();
+    let routes = [RouteConfig {
+        topic: "*".into(),
+        backend: "main".into(),
+        format,
+    }];
+    let relay = db
+        .relay_with(&cfg, vec![("main", b.publisher())], &routes)
+        .await;
+    let (h, stop) = super::spawn(relay);
+    wait_for(DEADLINE, "every row published", || async {
+        db.total().await == 0
+    })
+    .await;
+    wait_for(DEADLINE, "the reader to see every message", || async {
+        b.received().await.len() >= n
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+}
+
+fn events(topic: &str, aggregates: usize, per: usize) -> Vec<NewEvent> {
+    let mut out = Vec::new();
+    for seq in 0..per {
+        for a in 0..aggregates {
+            let mut e = NewEvent::json(
+                topic,
+                format!("agg-{a}"),
+                "ThingHappened",
+                &serde_json::json!({"agg": format!("agg-{a}"), "seq": seq}),
+            )
+            .unwrap();
+            e.aggregate_type = Some("thing".into());
+            e.event_version = 2;
+            e.headers = Some(serde_json::json!({"tenant": "acme"}));
+            e.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+            e.correlation_id = Some(format!("corr-{a}-{seq}"));
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Every event arrives once, keyed by its aggregate, with the metadata headers and the raw
+/// payload as body; per aggregate in order.
+pub async fn delivers_every_event_in_order_with_key_and_headers<B: BackendUnderTest>(b: &B) {
+    let db = TestDb::new().await;
+    let sent = events(&b.topic(), 10, 30);
+    db.enqueue(&sent).await;
+    run_until_published(b, &db, BodyFormat::Raw, sent.len()).await;
+    let got = b.received().await;
+    let mut by_id: HashMap<String, &Received> = HashMap::new();
+    for r in &got {
+        let id = r
+            .headers
+            .get("X-Event-ID")
+            .expect("X-Event-ID header")
+            .clone();
+        assert!(
+            by_id.insert(id.clone(), r).is_none(),
+            "event {id} arrived twice"
+        );
+    }
+    assert_eq!(by_id.len(), sent.len());
+    for e in &sent {
+        let r = by_id[&e.event_id.to_string()];
+        assert_eq!(r.topic, e.topic);
+        assert_eq!(r.key, e.aggregate_id);
+        assert_eq!(r.headers["X-Aggregate-ID"], e.aggregate_id);
+        assert_eq!(r.headers["X-Aggregate-Type"], "thing");
+        assert_eq!(r.headers["X-Event-Type"], "ThingHappened");
+        assert_eq!(r.headers["X-Event-Version"], "2");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["traceparent"], e.traceparent.clone().unwrap());
+        assert_eq!(
+            r.headers["X-Correlation-ID"],
+            e.correlation_id.clone().unwrap()
+        );
+        assert_eq!(r.headers["tenant"], "acme");
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let sent_body: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
+        assert_eq!(body, sent_body);
+    }
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for r in &got {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let seq = v["seq"].as_i64().unwrap();
+        let prev = last.insert(r.key.clone(), seq);
+        assert_eq!(
+            prev.map(|p| p + 1).unwrap_or(0),
+            seq,
+            "order broken for {}",
+            r.key
+        );
+    }
+    db.drop_schema().await;
+}
+
+/// With the envelope format, the body is the EventBus JSON and its payload decodes back.
+pub async fn envelope_body_decodes_to_the_original_payload<B: BackendUnderTest>(b: &B) {
+    let db = TestDb::new().await;
+    let sent = events(&b.topic(), 3, 2);
+    db.enqueue(&sent).await;
+    run_until_published(b, &db, BodyFormat::Envelope, sent.len()).await;
+    let got = b.received().await;
+    assert_eq!(got.len(), sent.len());
+    for r in got {
+        let env: EnvelopeJson = serde_json::from_slice(&r.body).expect("envelope JSON body");
+        let e = sent
+            .iter()
+            .find(|e| e.event_id.to_string() == env.event_id)
+            .expect("a sent event");
+        assert_eq!(env.aggregate_id, e.aggregate_id);
+        assert_eq!(env.event_type, "ThingHappened");
+        assert_eq!(env.event_version, 2);
+        assert_eq!(env.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(env.correlation_id, e.correlation_id.clone().unwrap());
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(&env.payload)
+            .unwrap();
+        assert_eq!(payload, e.payload);
+    }
+    db.drop_schema().await;
+}
+
+/// Straight at the seam: every message handed over gets exactly one result.
+pub async fn one_result_per_message<B: BackendUnderTest>(b: &B) {
+    let p = b.publisher();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = 200;
+    let mut burst = Vec::new();
+    for i in 0..n {
+        let mut ev = outbox_relay::envelope::Event {
+            id: i,
+            event_id: uuid::Uuid::new_v4(),
+            topic: b.topic(),
+            aggregate_id: format!("k{i}"),
+            aggregate_type: None,
+            event_type: "T".into(),
+            event_version: 1,
+            payload: b"{}".to_vec(),
+            headers: vec![],
+            content_type: None,
+            traceparent: None,
+            correlation_id: None,
+            occurred_at: chrono::Utc::now(),
+            attempts: 0,
+        };
+        ev.id = i;
+        let ev = Arc::new(ev);
+        let ticket = AckTicket::new(
+            i,
+            i as u64,
+            ev.event_id,
+            ev.topic.as_str().into(),
+            tx.clone(),
+        );
+        burst.push(Outgoing {
+            event: ev,
+            format: BodyFormat::Raw,
+            ticket,
+        });
+    }
+    p.publish(burst).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n {
+        let r = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .expect("a result within the deadline")
+            .expect("channel open");
+        assert!(r.outcome.is_ok(), "{:?}", r.outcome);
+        assert!(seen.insert(r.row_id), "two results for row {}", r.row_id);
+    }
+    drop(tx);
+    p.close(Duration::from_secs(5)).await;
+    assert!(rx.try_recv().is_err(), "more results than messages");
+}

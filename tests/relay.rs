@@ -1,0 +1,646 @@
+//! The pipeline's guarantees, against the real Postgres: delivery, validation, retries,
+//! ordering (with retries and two relays), isolation of a failing aggregate, wake-ups,
+//! shutdown, and the claim's plan.
+
+mod common;
+
+use common::{route, spawn, wait_for, TestDb};
+use outbox_relay::config::Dur;
+use outbox_relay::publisher::memory::{MemoryLog, MemoryPublisher, Record, RecordKind, Verdict};
+use outbox_relay::publisher::{PublishError, Publisher};
+use outbox_relay::store::NewEvent;
+use rand::Rng;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn seq_of(r: &Record) -> (String, i64) {
+    let v: serde_json::Value = serde_json::from_slice(&r.event.payload).unwrap();
+    (
+        v["agg"].as_str().unwrap().to_string(),
+        v["seq"].as_i64().unwrap(),
+    )
+}
+
+/// The ordering invariant over a shared log: an event is never handed over before the
+/// previous event of its aggregate was acknowledged as published.
+fn assert_handed_only_after_predecessor_acked(records: &[Record]) {
+    let mut acked_at: HashMap<(String, i64), u64> = HashMap::new();
+    for r in records {
+        if r.kind == RecordKind::Acked {
+            acked_at.entry(seq_of(r)).or_insert(r.seq);
+        }
+    }
+    for r in records.iter().filter(|r| r.kind == RecordKind::Handed) {
+        let (agg, seq) = seq_of(r);
+        if seq == 0 {
+            continue;
+        }
+        let prev = acked_at.get(&(agg.clone(), seq - 1)).unwrap_or_else(|| {
+            panic!(
+                "{agg}#{seq} handed but {agg}#{} never acknowledged",
+                seq - 1
+            )
+        });
+        assert!(
+            *prev < r.seq,
+            "{agg}#{seq} handed (log seq {}) before {agg}#{} was acknowledged (log seq {prev})",
+            r.seq,
+            seq - 1
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_event_is_published_once_and_its_row_removed() {
+    let db = TestDb::new().await;
+    let sent = db.enqueue_interleaved(50, 40).await;
+    let mem = MemoryPublisher::new();
+    let relay = db.relay(&db.config(), Arc::new(mem.clone())).await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "outbox empty", || async { db.total().await == 0 }).await;
+    stop.cancel();
+    h.await.unwrap();
+    let acked = mem.log().acked();
+    assert_eq!(acked.len(), sent.len());
+    let ids: HashSet<_> = acked.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), sent.len(), "no event twice");
+    assert!(sent.iter().all(|e| ids.contains(&e.event_id)));
+    assert_eq!(stats.published(), sent.len() as u64);
+    assert_handed_only_after_predecessor_acked(&mem.log().records());
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn invalid_rows_are_failed_with_their_reason_and_the_rest_flows() {
+    let db = TestDb::new().await;
+    db.enqueue_interleaved(5, 4).await;
+    // Producers writing plain SQL can write anything; the relay must name what is wrong.
+    db.sql(
+        "INSERT INTO {t} (event_id, topic, aggregate_id, event_type, payload) VALUES \
+           ('00000000-0000-0000-0000-000000000001', 'orders.créé', 'bad1', 'T', 'x'), \
+           ('00000000-0000-0000-0000-000000000002', 'orders.ok', '', 'T', 'x'), \
+           ('00000000-0000-0000-0000-000000000004', 'orders.ok', 'bad4', 'T', repeat('x', 3000)::bytea), \
+           ('00000000-0000-0000-0000-000000000005', 'billing.x', 'bad5', 'T', 'x'); \
+         INSERT INTO {t} (event_id, topic, aggregate_id, event_type, payload, headers) VALUES \
+           ('00000000-0000-0000-0000-000000000003', 'orders.ok', 'bad3', 'T', 'x', '{\"n\": 1}'); \
+         INSERT INTO {t} (event_id, topic, aggregate_id, event_type, payload, event_version) VALUES \
+           ('00000000-0000-0000-0000-000000000006', 'orders.ok', 'bad6', 'T', 'x', 0);",
+    )
+    .await;
+    let mut cfg = db.config();
+    cfg.relay.max_payload_bytes = 2048;
+    let mem = MemoryPublisher::new();
+    let relay = db
+        .relay_with(
+            &cfg,
+            vec![("main", Arc::new(mem.clone()))],
+            &[route("orders.*", "main")],
+        )
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "only failed rows left", || async {
+        db.count("status = 'pending'").await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(mem.log().acked().len(), 20);
+    let reason = |n: u8| {
+        let id = uuid::Uuid::from_u128(n as u128);
+        let db = &db;
+        async move {
+            let (status, attempts, err) = db.row(id).await.expect("row kept");
+            assert_eq!(status, "failed");
+            assert_eq!(attempts, 0, "never attempted");
+            err.unwrap()
+        }
+    };
+    let e = reason(1).await;
+    assert!(e.contains("'é'") && e.contains("position 10"), "{e}");
+    assert!(reason(2).await.contains("aggregate_id"));
+    let e = reason(3).await;
+    assert!(
+        e.contains("headers") && e.contains("\"n\"") && e.contains("number"),
+        "{e}"
+    );
+    let e = reason(4).await;
+    assert!(e.contains("3000") && e.contains("2048"), "{e}");
+    let e = reason(5).await;
+    assert!(e.contains("no route") && e.contains("billing.x"), "{e}");
+    assert!(reason(6).await.contains("event_version"));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn retryable_failures_back_off_and_then_succeed() {
+    let db = TestDb::new().await;
+    let sent = db.enqueue_interleaved(4, 5).await;
+    let script = Arc::new(|_: &outbox_relay::envelope::Event, seen: u32| {
+        if seen < 2 {
+            Verdict::Fail(PublishError::retryable("broker busy"))
+        } else {
+            Verdict::Ack
+        }
+    });
+    let mem = MemoryPublisher::new().with_script(script);
+    let relay = db.relay(&db.config(), Arc::new(mem.clone())).await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "outbox empty", || async { db.total().await == 0 }).await;
+    stop.cancel();
+    let relay = h.await.unwrap();
+    assert_eq!(mem.log().acked().len(), sent.len());
+    assert_eq!(
+        mem.log().handed_count(),
+        sent.len() * 3,
+        "two failures then success each"
+    );
+    assert!(
+        relay
+            .stats()
+            .retried
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2 * sent.len() as u64
+    );
+    assert_handed_only_after_predecessor_acked(&mem.log().records());
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn retries_exhausted_mark_the_row_failed_with_the_last_error() {
+    let db = TestDb::new().await;
+    let e = NewEvent::new("orders.x", "a", "T", b"x".to_vec());
+    db.enqueue(std::slice::from_ref(&e)).await;
+    let mem = MemoryPublisher::new().with_script(Arc::new(|_, _| {
+        Verdict::Fail(PublishError::retryable("leader not available"))
+    }));
+    let mut cfg = db.config();
+    cfg.relay.max_attempts = 3;
+    let relay = db.relay(&cfg, Arc::new(mem.clone())).await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "row failed", || async {
+        db.count("status = 'failed'").await == 1
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let (_, attempts, err) = db.row(e.event_id).await.unwrap();
+    assert_eq!(attempts, 3);
+    let err = err.unwrap();
+    assert!(
+        err.contains("3 attempts") && err.contains("leader not available"),
+        "{err}"
+    );
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_permanent_error_fails_at_once_and_holds_its_aggregate_until_replayed() {
+    let db = TestDb::new().await;
+    let evs: Vec<NewEvent> = (0..4)
+        .map(|i| {
+            NewEvent::json(
+                "orders.x",
+                "a",
+                "T",
+                &serde_json::json!({"agg": "a", "seq": i}),
+            )
+            .unwrap()
+        })
+        .collect();
+    db.enqueue(&evs).await;
+    let first = evs[0].event_id;
+    let fail_first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = fail_first.clone();
+    let mem = MemoryPublisher::new().with_script(Arc::new(move |e, _| {
+        if e.event_id == first && flag.load(std::sync::atomic::Ordering::SeqCst) {
+            Verdict::Fail(PublishError::permanent("message too large for the broker"))
+        } else {
+            Verdict::Ack
+        }
+    }));
+    let relay = db.relay(&db.config(), Arc::new(mem.clone())).await;
+    let store_names = db.names.clone();
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "first event failed", || async {
+        db.count("status = 'failed'").await == 1
+    })
+    .await;
+    // The rest of the aggregate is held behind it, not published out of order.
+    wait_for(DEADLINE, "followers held", || async {
+        db.count("status = 'pending' AND next_attempt_at > now() + interval '1 year'")
+            .await
+            == 3
+    })
+    .await;
+    assert_eq!(mem.log().acked().len(), 0);
+    let (_, attempts, err) = db.row(first).await.unwrap();
+    assert_eq!(attempts, 1);
+    assert!(err.unwrap().contains("too large"));
+    // Replay it (the operator fixed the broker limit): everything flows, in order.
+    fail_first.store(false, std::sync::atomic::Ordering::SeqCst);
+    let store = outbox_relay::store::Store::with_pool(db.pool.clone(), store_names);
+    assert_eq!(store.replay_failed(&[first]).await.unwrap(), 1);
+    wait_for(DEADLINE, "outbox empty", || async { db.total().await == 0 }).await;
+    stop.cancel();
+    h.await.unwrap();
+    let order: Vec<i64> = mem
+        .log()
+        .acked()
+        .iter()
+        .map(|e| {
+            serde_json::from_slice::<serde_json::Value>(&e.payload).unwrap()["seq"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(order, vec![0, 1, 2, 3]);
+    db.drop_schema().await;
+}
+
+/// Random delays and random retryable failures, two relays on one outbox sharing one log:
+/// an event is never handed over before its predecessor was acknowledged.
+#[tokio::test]
+async fn order_holds_per_aggregate_under_retries_with_two_relays() {
+    let db = TestDb::new().await;
+    let sent = db.enqueue_interleaved(30, 30).await;
+    let log = MemoryLog::new();
+    let script = || {
+        Arc::new(|_: &outbox_relay::envelope::Event, _seen: u32| {
+            let mut rng = rand::thread_rng();
+            if rng.gen_ratio(1, 10) {
+                Verdict::FailAfter(
+                    Duration::from_millis(rng.gen_range(0..5)),
+                    PublishError::retryable("injected"),
+                )
+            } else {
+                Verdict::AckAfter(Duration::from_millis(rng.gen_range(0..5)))
+            }
+        })
+    };
+    let mut cfg = db.config();
+    cfg.relay.batch_size = 100;
+    let a = MemoryPublisher::shared(log.clone(), "relay-a").with_script(script());
+    let b = MemoryPublisher::shared(log.clone(), "relay-b").with_script(script());
+    let (ha, sa) = spawn(db.relay(&cfg, Arc::new(a)).await);
+    let (hb, sb) = spawn(db.relay(&cfg, Arc::new(b)).await);
+    wait_for(Duration::from_secs(120), "outbox empty", || async {
+        db.total().await == 0
+    })
+    .await;
+    sa.cancel();
+    sb.cancel();
+    ha.await.unwrap();
+    hb.await.unwrap();
+    let records = log.records();
+    let acked: HashSet<_> = log.acked().iter().map(|e| e.event_id).collect();
+    assert_eq!(acked.len(), sent.len());
+    let relays: HashSet<_> = records.iter().map(|r| r.relay.clone()).collect();
+    assert_eq!(relays.len(), 2, "both relays took part");
+    assert_handed_only_after_predecessor_acked(&records);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn two_relays_never_hand_the_same_event_over_twice() {
+    let db = TestDb::new().await;
+    let sent = db.enqueue_interleaved(200, 20).await;
+    let log = MemoryLog::new();
+    let mut cfg = db.config();
+    cfg.relay.batch_size = 50;
+    let slow = || {
+        Arc::new(|_: &outbox_relay::envelope::Event, _| Verdict::AckAfter(Duration::from_millis(1)))
+    };
+    let a = MemoryPublisher::shared(log.clone(), "a").with_script(slow());
+    let b = MemoryPublisher::shared(log.clone(), "b").with_script(slow());
+    let (ha, sa) = spawn(db.relay(&cfg, Arc::new(a)).await);
+    let (hb, sb) = spawn(db.relay(&cfg, Arc::new(b)).await);
+    wait_for(Duration::from_secs(120), "outbox empty", || async {
+        db.total().await == 0
+    })
+    .await;
+    sa.cancel();
+    sb.cancel();
+    ha.await.unwrap();
+    hb.await.unwrap();
+    let mut handed: HashMap<uuid::Uuid, u32> = HashMap::new();
+    let mut by_relay: HashMap<String, usize> = HashMap::new();
+    for r in log
+        .records()
+        .iter()
+        .filter(|r| r.kind == RecordKind::Handed)
+    {
+        *handed.entry(r.event.event_id).or_default() += 1;
+        *by_relay.entry(r.relay.clone()).or_default() += 1;
+    }
+    assert_eq!(handed.len(), sent.len());
+    let twice: Vec<_> = handed.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "handed more than once: {twice:?}");
+    assert_eq!(by_relay.len(), 2, "both relays took part: {by_relay:?}");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_failing_aggregate_does_not_delay_the_others() {
+    let db = TestDb::new().await;
+    // The stuck aggregate's events come first in the outbox.
+    let stuck: Vec<NewEvent> = (0..50)
+        .map(|i| {
+            NewEvent::json(
+                "orders.x",
+                "stuck",
+                "T",
+                &serde_json::json!({"agg": "stuck", "seq": i}),
+            )
+            .unwrap()
+        })
+        .collect();
+    db.enqueue(&stuck).await;
+    let others = db.enqueue_interleaved(100, 20).await;
+    let mem = MemoryPublisher::new().with_script(Arc::new(|e, _| {
+        if e.aggregate_id == "stuck" {
+            Verdict::Fail(PublishError::retryable("partition offline"))
+        } else {
+            Verdict::Ack
+        }
+    }));
+    let mut cfg = db.config();
+    cfg.relay.backoff_initial = Dur::secs(30);
+    cfg.relay.backoff_max = Dur::secs(60);
+    cfg.relay.batch_size = 100;
+    let (h, stop) = spawn(db.relay(&cfg, Arc::new(mem.clone())).await);
+    wait_for(DEADLINE, "every other aggregate published", || async {
+        db.count("aggregate_id <> 'stuck'").await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(mem.log().acked().len(), others.len());
+    // Only the stuck aggregate's head was ever tried; the rest of it waits behind it.
+    let stuck_handed: HashSet<_> = mem
+        .log()
+        .records()
+        .iter()
+        .filter(|r| r.kind == RecordKind::Handed && r.event.aggregate_id == "stuck")
+        .map(|r| r.event.event_id)
+        .collect();
+    assert_eq!(stuck_handed, HashSet::from([stuck[0].event_id]));
+    assert_eq!(
+        db.count("aggregate_id = 'stuck' AND status = 'pending'")
+            .await,
+        50
+    );
+    let (_, attempts, err) = db.row(stuck[0].event_id).await.unwrap();
+    assert_eq!(attempts, 1);
+    assert_eq!(err.as_deref(), Some("partition offline"));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_commit_wakes_the_relay_without_waiting_for_the_poll() {
+    let db = TestDb::new().await;
+    let mut cfg = db.config();
+    cfg.relay.poll_interval = Dur::secs(600);
+    let mem = MemoryPublisher::new();
+    let (h, stop) = spawn(db.relay(&cfg, Arc::new(mem.clone())).await);
+    // Let the relay take its start-up claim and start listening.
+    wait_for(DEADLINE, "listening", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
+    for round in 0..3 {
+        db.enqueue(&[NewEvent::new(
+            "orders.x",
+            format!("a{round}"),
+            "T",
+            b"{}".to_vec(),
+        )])
+        .await;
+        // Far inside the 600 s poll interval: only the notification can have woken it.
+        assert!(
+            mem.log()
+                .wait_until(Duration::from_secs(10), |r| r
+                    .iter()
+                    .filter(|r| r.kind == RecordKind::Acked)
+                    .count()
+                    > round)
+                .await,
+            "event {round} not published after its commit"
+        );
+    }
+    stop.cancel();
+    h.await.unwrap();
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_results_in_flight_and_records_them() {
+    let db = TestDb::new().await;
+    db.enqueue_interleaved(100, 1).await;
+    let mem = MemoryPublisher::new().with_script(Arc::new(|_, _| {
+        Verdict::AckAfter(Duration::from_millis(300))
+    }));
+    let (h, stop) = spawn(db.relay(&db.config(), Arc::new(mem.clone())).await);
+    wait_for(DEADLINE, "events handed over", || async {
+        mem.log().handed_count() == 100
+    })
+    .await;
+    assert_eq!(mem.log().acked().len(), 0, "still in flight");
+    stop.cancel();
+    h.await.unwrap();
+    // Every hand-off got its result during the shutdown, and every result was recorded.
+    assert_eq!(mem.log().acked().len(), 100);
+    assert_eq!(db.total().await, 0);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn shutdown_timeout_releases_unanswered_events_unchanged() {
+    let db = TestDb::new().await;
+    db.enqueue_interleaved(10, 1).await;
+    let mem = MemoryPublisher::new().with_script(Arc::new(|_, _| {
+        Verdict::AckAfter(Duration::from_secs(3600))
+    }));
+    let mut cfg = db.config();
+    cfg.relay.shutdown_timeout = Dur::ms(200);
+    let (h, stop) = spawn(db.relay(&cfg, Arc::new(mem.clone())).await);
+    wait_for(DEADLINE, "events handed over", || async {
+        mem.log().handed_count() == 10
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), h)
+        .await
+        .expect("stops within the shutdown timeout")
+        .unwrap();
+    assert_eq!(
+        db.count("status = 'pending' AND attempts = 0 AND next_attempt_at <= now()")
+            .await,
+        10
+    );
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn run_once_claims_publishes_and_marks_one_batch() {
+    let db = TestDb::new().await;
+    db.enqueue_interleaved(30, 1).await;
+    let mut cfg = db.config();
+    cfg.relay.batch_size = 20;
+    let mem = MemoryPublisher::new();
+    let relay = db.relay(&cfg, Arc::new(mem.clone())).await;
+    let t = relay.run_once().await.unwrap();
+    assert_eq!(t.published, 20);
+    assert_eq!(db.total().await, 10);
+    let t = relay.run_once().await.unwrap();
+    assert_eq!(t.published, 10);
+    assert_eq!(relay.run_once().await.unwrap().published, 0);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn enqueue_is_transactional_and_keeps_the_given_order() {
+    let db = TestDb::new().await;
+    let evs: Vec<NewEvent> = (0..10)
+        .map(|i| NewEvent::new("orders.x", "a", format!("E{i}"), vec![i as u8]))
+        .collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    db.outbox.enqueue(&mut tx, &evs).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        db.total().await,
+        0,
+        "rolled back with the business transaction"
+    );
+    db.enqueue(&evs).await;
+    let types: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT event_type FROM {} ORDER BY id",
+        db.names.qualified()
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(types, (0..10).map(|i| format!("E{i}")).collect::<Vec<_>>());
+    let err = NewEvent::new("bad topic", "a", "T", vec![]);
+    let mut tx = db.pool.begin().await.unwrap();
+    let e = db
+        .outbox
+        .enqueue(&mut tx, &[err])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("position 4"), "{e}");
+    tx.rollback().await.unwrap();
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_sql_enqueue_function_writes_a_json_event() {
+    let db = TestDb::new().await;
+    let id: uuid::Uuid = sqlx::query_scalar(&format!(
+        "SELECT {}.outbox_enqueue('orders.created', 'order-42', 'OrderCreated', '{{\"total\": 10}}')",
+        db.schema()
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let mem = MemoryPublisher::new();
+    let relay = db.relay(&db.config(), Arc::new(mem.clone())).await;
+    relay.run_once().await.unwrap();
+    let e = &mem.log().acked()[0];
+    assert_eq!(e.event_id, id);
+    assert_eq!(e.aggregate_id, "order-42");
+    assert_eq!(e.content_type.as_deref(), Some("application/json"));
+    let v: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
+    assert_eq!(v["total"], 10);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
+    let db = TestDb::new().await;
+    let names = outbox_relay::store::Names::new(db.schema(), "second");
+    let (a, b) = tokio::join!(
+        outbox_relay::store::migrate::run(&db.pool, &names),
+        outbox_relay::store::migrate::run(&db.pool, &names)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.len() + b.len(), 1, "applied once: {a:?} {b:?}");
+    assert!(outbox_relay::store::migrate::run(&db.pool, &names)
+        .await
+        .unwrap()
+        .is_empty());
+    outbox_relay::store::migrate::check(&db.pool, &names)
+        .await
+        .unwrap();
+    let missing = outbox_relay::store::Names::new(db.schema(), "nope");
+    let e = outbox_relay::store::migrate::check(&db.pool, &missing)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outbox-relay migrate"), "{e}");
+    db.drop_schema().await;
+}
+
+/// The claim stays on its partial index, and the predecessor probe on the aggregate index,
+/// whatever the table holds: no sequential scan, no sort of the backlog.
+#[tokio::test]
+async fn the_claim_runs_on_the_partial_indexes() {
+    let db = TestDb::new().await;
+    db.sql(
+        "INSERT INTO {t} (event_id, topic, aggregate_id, event_type, payload, status) \
+         SELECT gen_random_uuid(), 'orders.x', 'a' || (g % 1000), 'T', '\\x00', \
+                CASE WHEN g % 3 = 0 THEN 'published' ELSE 'pending' END \
+         FROM generate_series(1, 30000) g; ANALYZE {t};",
+    )
+    .await;
+    let store = outbox_relay::store::Store::with_pool(db.pool.clone(), db.names.clone());
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", store.claim_statement()))
+        .bind(1000i64)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("outbox_due_idx"), "{plan}");
+    assert!(plan.contains("outbox_aggregate_idx"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert!(!plan.contains("Sort"), "{plan}");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn publish_timeout_counts_as_a_retryable_failure() {
+    let db = TestDb::new().await;
+    let e = NewEvent::new("orders.x", "a", "T", b"x".to_vec());
+    db.enqueue(std::slice::from_ref(&e)).await;
+    let mem = MemoryPublisher::new().with_script(Arc::new(|_, seen| {
+        if seen == 0 {
+            Verdict::AckAfter(Duration::from_secs(3600))
+        } else {
+            Verdict::Ack
+        }
+    }));
+    let mut cfg = db.config();
+    cfg.relay.publish_timeout = Dur::ms(300);
+    let (h, stop) = spawn(db.relay(&cfg, Arc::new(mem.clone())).await);
+    wait_for(DEADLINE, "published on the second attempt", || async {
+        db.total().await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(mem.log().handed_count(), 2);
+    db.drop_schema().await;
+}
+
+#[allow(dead_code)]
+fn _publisher_is_object_safe(_: &dyn Publisher) {}
