@@ -1,1 +1,244 @@
-fn main() {}
+//! Drain benchmark: pre-fill N pending rows (200-byte payloads, 10 000 aggregates), run the
+//! relay with the memory backend until every row is marked, and measure events/s, the relay's
+//! CPU seconds and peak memory. In the same run, the SQL-only ceiling: the relay's own claim and
+//! mark statements, as many at once as its pipeline, with no publishing.
+//!
+//!   cargo bench --bench drain                      # 100k and 1M
+//!   BENCH_SIZES=200000 cargo bench --bench drain   # other sizes
+//!
+//! Under `cargo test` (no `--bench` flag) it runs a 2 000-row smoke pass and checks the drain.
+
+use outbox_relay::config::{Config, Dur, Secret};
+use outbox_relay::publisher::memory::MemoryPublisher;
+use outbox_relay::relay::{session, Backend, Relay};
+use outbox_relay::store::{migrate, Marks, Names, Store};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+fn url() -> String {
+    std::env::var("BENCH_DATABASE_URL")
+        .or_else(|_| std::env::var("TEST_DATABASE_URL"))
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// User+system CPU seconds of this process (the relay, its pool and runtime), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident memory in MB, and reset the peak (Linux clear_refs 5).
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+async fn fill(pool: &sqlx::PgPool, names: &Names, n: u64) {
+    let t = names.qualified();
+    // In chunks, so one statement never holds a huge transaction.
+    let chunk = 100_000u64;
+    let mut done = 0;
+    while done < n {
+        let m = chunk.min(n - done);
+        sqlx::query(&format!(
+            "INSERT INTO {t} (event_id, topic, aggregate_id, event_type, payload) \
+             SELECT gen_random_uuid(), 'bench.events', 'agg-' || (g % 10000), 'BenchEvent', \
+                    convert_to(rpad(g::text, 200, 'x'), 'UTF8') \
+             FROM generate_series($1::bigint, $2::bigint) g"
+        ))
+        .bind(done as i64)
+        .bind((done + m - 1) as i64)
+        .execute(pool)
+        .await
+        .expect("fill");
+        done += m;
+    }
+    sqlx::raw_sql(&format!("VACUUM ANALYZE {t}"))
+        .execute(pool)
+        .await
+        .expect("vacuum");
+}
+
+fn config(schema: &str) -> Config {
+    let mut c = Config::default();
+    c.database.url = Secret::new(url());
+    c.database.schema = schema.into();
+    c.relay.summary_interval = Dur::secs(3600);
+    if let Ok(b) = std::env::var("BENCH_BATCH") {
+        c.relay.batch_size = b.parse().expect("BENCH_BATCH");
+    }
+    if let Ok(d) = std::env::var("BENCH_DEPTH") {
+        c.relay.pipeline_depth = d.parse().expect("BENCH_DEPTH");
+    }
+    c.apply_defaults();
+    c
+}
+
+struct Figures {
+    rows: u64,
+    secs: f64,
+    cpu: f64,
+    rss: f64,
+}
+
+async fn drain_with_relay(cfg: &Config, n: u64) -> Figures {
+    let store = Store::connect(&cfg.database, &session(cfg)).await.unwrap();
+    let mem = MemoryPublisher::counting();
+    let relay = Relay::new(
+        store,
+        vec![Backend {
+            name: "memory".into(),
+            publisher: Arc::new(mem.clone()),
+        }],
+        &cfg.routes_or_catch_all("memory"),
+        cfg.relay.clone(),
+    );
+    reset_peak_rss();
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    relay
+        .run_until_drained(CancellationToken::new())
+        .await
+        .unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    assert_eq!(mem.acked_count(), n, "every event published");
+    Figures {
+        rows: n,
+        secs,
+        cpu,
+        rss: peak_rss_mb(),
+    }
+}
+
+/// The relay's own claim and mark statements, `depth` loops at once, no publishing.
+async fn drain_sql_only(cfg: &Config, n: u64) -> Figures {
+    let store = Arc::new(Store::connect(&cfg.database, &session(cfg)).await.unwrap());
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    // Each loop is one claim after another, like the relay's pipeline slots; loops take turns
+    // through SKIP LOCKED as the relay's batches do.
+    for _ in 0..cfg.relay.pipeline_depth {
+        let store = store.clone();
+        let batch = cfg.relay.batch_size;
+        tasks.push(tokio::spawn(async move {
+            let mut rows = 0u64;
+            let mut cursor = None;
+            loop {
+                // The relay's cursor rule: past the last key while claims come back full.
+                let (tx, claimed, last) = store.claim_after(batch, cursor).await.unwrap();
+                cursor = if claimed.len() as u32 == batch {
+                    last
+                } else {
+                    None
+                };
+                if claimed.is_empty() {
+                    return rows;
+                }
+                rows += claimed.len() as u64;
+                let marks = Marks {
+                    published: claimed.iter().map(|c| c.event.id).collect(),
+                    ..Default::default()
+                };
+                store
+                    .finish(tx, &marks, Duration::from_millis(50))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let mut rows = 0;
+    for t in tasks {
+        rows += t.await.unwrap();
+    }
+    assert_eq!(rows, n);
+    Figures {
+        rows,
+        secs: t0.elapsed().as_secs_f64(),
+        cpu: cpu_seconds() - cpu0,
+        rss: peak_rss_mb(),
+    }
+}
+
+trait Routes {
+    fn routes_or_catch_all(&self, backend: &str) -> Vec<outbox_relay::config::RouteConfig>;
+}
+
+impl Routes for Config {
+    fn routes_or_catch_all(&self, backend: &str) -> Vec<outbox_relay::config::RouteConfig> {
+        vec![outbox_relay::config::RouteConfig {
+            topic: "*".into(),
+            backend: backend.into(),
+            format: Default::default(),
+        }]
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let sizes: Vec<u64> = if bench {
+        std::env::var("BENCH_SIZES")
+            .unwrap_or_else(|_| "100000,1000000".into())
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("BENCH_SIZES: comma-separated numbers")
+            })
+            .collect()
+    } else {
+        vec![2_000]
+    };
+    let schema = format!("bench_{}", std::process::id());
+    let cfg = config(&schema);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url())
+        .await
+        .expect("connect to Postgres");
+    let names = Names::new(schema.clone(), "outbox");
+    migrate::run(&pool, &names).await.unwrap();
+    println!(
+        "drain benchmark: batch_size={} pipeline_depth={} payload=200 B aggregates=10000",
+        cfg.relay.batch_size, cfg.relay.pipeline_depth
+    );
+    for n in sizes {
+        fill(&pool, &names, n).await;
+        let relay = drain_with_relay(&cfg, n).await;
+        fill(&pool, &names, n).await;
+        let sql = drain_sql_only(&cfg, n).await;
+        let rate = relay.rows as f64 / relay.secs;
+        let ceiling = sql.rows as f64 / sql.secs;
+        println!(
+            "{n:>9} events: relay {rate:>9.0} ev/s ({:.2}s, {:.2} CPU-s, {:.0} ev/CPU-s, peak RSS {:.0} MB) | \
+             SQL-only ceiling {ceiling:>9.0} rows/s ({:.2}s) | ratio {:.2}",
+            relay.secs,
+            relay.cpu,
+            relay.rows as f64 / relay.cpu.max(0.001),
+            relay.rss,
+            sql.secs,
+            rate / ceiling
+        );
+    }
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}

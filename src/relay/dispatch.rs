@@ -104,13 +104,13 @@ pub struct Dispatcher {
     rows: HashMap<i64, RowState>,
     batches: HashMap<u64, BatchState>,
     /// Rows this relay published and committed lately: a claim that started before that commit
-    /// still sees them as predecessors.
+    /// still sees them as predecessors. Each is tagged with the number of claims started when
+    /// the commit was heard of; once a claim started after that has been placed, no claim can
+    /// see the row any more and the entry goes.
     recent: HashSet<i64>,
-    recent_order: VecDeque<(Instant, i64)>,
+    recent_order: VecDeque<(u64, i64)>,
     next_token: u64,
 }
-
-const RECENT_KEEP: Duration = Duration::from_secs(30);
 
 impl Dispatcher {
     pub fn new(
@@ -143,9 +143,12 @@ impl Dispatcher {
 
     /// Takes a new claim. Returns the rows to hand over now and, if every row was decided at
     /// once, the completed batch.
+    ///
+    /// `claim_seq` numbers the claim (1, 2, ... in the order claims were started).
     pub fn add_batch(
         &mut self,
         batch: u64,
+        claim_seq: u64,
         mut claimed: Vec<Claimed>,
     ) -> (Vec<Handoff>, Vec<Completed>) {
         // In id order, so a row's predecessor within the same batch is registered first.
@@ -217,8 +220,26 @@ impl Dispatcher {
                 }
             }
         }
+        self.forget_recent_before(claim_seq);
         let completed = self.collect_completed(completed_rows);
         (out, completed)
+    }
+
+    /// A claim numbered `claim_seq` has been placed: entries tagged before it are visible to
+    /// no claim still to come.
+    pub fn forget_recent_before(&mut self, claim_seq: u64) {
+        while let Some((tag, id)) = self.recent_order.front().copied() {
+            if tag >= claim_seq {
+                break;
+            }
+            self.recent_order.pop_front();
+            self.recent.remove(&id);
+        }
+    }
+
+    /// Entries remembered as recently published (for tests and memory checks).
+    pub fn recent_len(&self) -> usize {
+        self.recent.len()
     }
 
     fn place(
@@ -460,11 +481,10 @@ impl Dispatcher {
     /// The batch's transaction ended: committed (`ok`) or lost (its rows are pending again in
     /// the database). Forgets its rows. Every row was decided, and every decision already
     /// settled the row's successor, so nothing else waits on them.
-    pub fn finished(&mut self, batch: u64, ok: bool) {
+    pub fn finished(&mut self, batch: u64, ok: bool, claims_started: u64) {
         let Some(state) = self.batches.remove(&batch) else {
             return;
         };
-        let now = Instant::now();
         for id in &state.rows {
             // The row may already belong to a newer claim: a claim that ran after this commit
             // can take it again before the loop hears of the commit.
@@ -474,16 +494,9 @@ impl Dispatcher {
             if let Some(r) = self.rows.remove(id) {
                 if ok && matches!(r.state, State::Done(Verdict::Published)) {
                     self.recent.insert(*id);
-                    self.recent_order.push_back((now, *id));
+                    self.recent_order.push_back((claims_started, *id));
                 }
             }
-        }
-        while let Some((t, id)) = self.recent_order.front().copied() {
-            if now.duration_since(t) < RECENT_KEEP {
-                break;
-            }
-            self.recent_order.pop_front();
-            self.recent.remove(&id);
         }
     }
 }
@@ -553,6 +566,7 @@ mod tests {
         let mut d = dispatcher(5);
         let (out, done) = d.add_batch(
             1,
+            1,
             vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "b", None)],
         );
         assert_eq!(ids(&out), vec![1, 3]);
@@ -570,6 +584,7 @@ mod tests {
     fn a_retry_defers_the_followers_instead_of_publishing_them() {
         let mut d = dispatcher(5);
         let (out, _) = d.add_batch(
+            1,
             1,
             vec![
                 row(1, "a", None),
@@ -589,7 +604,7 @@ mod tests {
     #[test]
     fn a_permanent_failure_holds_the_next_event_behind_it() {
         let mut d = dispatcher(5);
-        let (out, _) = d.add_batch(1, vec![row(1, "a", None), row(2, "a", Some(1))]);
+        let (out, _) = d.add_batch(1, 1, vec![row(1, "a", None), row(2, "a", Some(1))]);
         let (_, done) = d.on_result(ack(&out[0], Err(PublishError::permanent("too large"))));
         let m = &done[0].marks;
         assert_eq!(m.failed[0].0, 1);
@@ -603,7 +618,7 @@ mod tests {
         let mut d = dispatcher(2);
         let mut r = row(1, "a", None);
         r.event.attempts = 1;
-        let (out, _) = d.add_batch(1, vec![r]);
+        let (out, _) = d.add_batch(1, 1, vec![r]);
         let (_, done) = d.on_result(ack(&out[0], Err(PublishError::retryable("down"))));
         let (_, attempted, reason) = &done[0].marks.failed[0];
         assert!(attempted);
@@ -616,27 +631,32 @@ mod tests {
     #[test]
     fn followers_in_a_later_batch_chain_behind_rows_in_flight() {
         let mut d = dispatcher(5);
-        let (out, _) = d.add_batch(1, vec![row(1, "a", None)]);
-        let (out2, _) = d.add_batch(2, vec![row(2, "a", Some(1)), row(5, "b", None)]);
+        let (out, _) = d.add_batch(1, 1, vec![row(1, "a", None)]);
+        let (out2, _) = d.add_batch(2, 2, vec![row(2, "a", Some(1)), row(5, "b", None)]);
         assert_eq!(ids(&out2), vec![5]);
         let (out3, done) = d.on_result(ack(&out[0], Ok(())));
         assert_eq!(ids(&out3), vec![2]);
         assert_eq!(done[0].batch, 1);
-        d.finished(1, true);
-        // A claim that still saw row 1 after its commit treats it as published.
-        let (out4, _) = d.add_batch(3, vec![row(9, "c", Some(1))]);
+        // Heard of batch 1's commit while claim 3 was already running.
+        d.finished(1, true, 3);
+        // Claim 3 still saw row 1: it is known as published.
+        let (out4, _) = d.add_batch(3, 3, vec![row(9, "c", Some(1))]);
         assert_eq!(ids(&out4), vec![9]);
+        assert_eq!(d.recent_len(), 1);
+        // Claim 4 started after the commit was heard of: the entry is no longer needed.
+        d.add_batch(4, 4, vec![]);
+        assert_eq!(d.recent_len(), 0);
     }
 
     #[test]
     fn a_predecessor_held_elsewhere_defers_the_row() {
         let mut d = dispatcher(5);
-        let (out, done) = d.add_batch(1, vec![row(4, "a", Some(3))]);
+        let (out, done) = d.add_batch(1, 1, vec![row(4, "a", Some(3))]);
         assert!(out.is_empty());
         assert!(matches!(done[0].marks.deferred[0].1, DeferUntil::Soon));
         let mut failed = row(6, "b", Some(5));
         failed.prev.as_mut().unwrap().status = status::FAILED.into();
-        let (_, done) = d.add_batch(2, vec![failed]);
+        let (_, done) = d.add_batch(2, 2, vec![failed]);
         assert!(matches!(
             done[0].marks.deferred[0].1,
             DeferUntil::Predecessor(_)
@@ -650,7 +670,7 @@ mod tests {
         bad.event.topic = "orders.ünicode".into();
         let mut unrouted = row(2, "b", None);
         unrouted.event.topic = "billing.x".into();
-        let (out, done) = d.add_batch(1, vec![bad, unrouted, row(3, "c", None)]);
+        let (out, done) = d.add_batch(1, 1, vec![bad, unrouted, row(3, "c", None)]);
         assert_eq!(ids(&out), vec![3]);
         assert!(done.is_empty());
         let (_, done) = d.on_result(ack(&out[0], Ok(())));
@@ -667,7 +687,7 @@ mod tests {
     #[test]
     fn timeouts_count_as_retryable_and_late_results_are_ignored() {
         let mut d = dispatcher(5);
-        let (out, _) = d.add_batch(1, vec![row(1, "a", None)]);
+        let (out, _) = d.add_batch(1, 1, vec![row(1, "a", None)]);
         let (_, done) = d.expire(Duration::ZERO);
         assert_eq!(done[0].marks.retry.len(), 1);
         let (more, done) = d.on_result(ack(&out[0], Ok(())));
@@ -677,11 +697,11 @@ mod tests {
     #[test]
     fn a_commit_heard_after_the_row_was_claimed_again_leaves_the_new_claim_alone() {
         let mut d = dispatcher(5);
-        let (_, done) = d.add_batch(1, vec![row(4, "a", Some(3))]);
+        let (_, done) = d.add_batch(1, 1, vec![row(4, "a", Some(3))]);
         assert_eq!(done.len(), 1, "deferred at once");
         // Batch 1 committed; a new claim took row 4 again before the loop heard of the commit.
-        let (out, _) = d.add_batch(2, vec![row(4, "a", None)]);
-        d.finished(1, true);
+        let (out, _) = d.add_batch(2, 2, vec![row(4, "a", None)]);
+        d.finished(1, true, 2);
         assert_eq!(d.in_flight(), 1, "row 4 still tracked for batch 2");
         let (_, done) = d.on_result(ack(&out[0], Ok(())));
         assert_eq!(done[0].batch, 2);
@@ -692,6 +712,7 @@ mod tests {
     fn release_all_completes_open_batches_without_handing_successors() {
         let mut d = dispatcher(5);
         let (out, _) = d.add_batch(
+            1,
             1,
             vec![row(1, "a", None), row(2, "a", Some(1)), row(3, "b", None)],
         );

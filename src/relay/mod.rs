@@ -19,7 +19,7 @@ use crate::publisher::memory::MemoryPublisher;
 use crate::publisher::stdout::StdoutPublisher;
 use crate::publisher::{AckSender, AckTicket, Outgoing, Publisher};
 use crate::routing::Router;
-use crate::store::{ClaimTx, Claimed, Session, Store, StoreError};
+use crate::store::{ClaimTx, Claimed, Cursor, Session, Store, StoreError};
 use dispatch::{Completed, Dispatcher, Handoff, Tally};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -168,12 +168,19 @@ impl Relay {
         }
     }
 
+    /// Writes a completed claim on a task of its own, so commits overlap with the loop's work.
     fn finishing(&self, tx: ClaimTx, c: Completed) -> Finishing {
         let store = self.store.clone();
         let blocked_retry = self.cfg.blocked_retry.0;
+        let (batch, tally) = (c.batch, c.tally);
+        let task = tokio::spawn(async move { store.finish(tx, &c.marks, blocked_retry).await });
         async move {
-            let r = store.finish(tx, &c.marks, blocked_retry).await;
-            (c.batch, r, c.tally)
+            let r = task.await.unwrap_or_else(|e| {
+                Err(StoreError::Schema(format!(
+                    "the task recording a batch failed: {e}"
+                )))
+            });
+            (batch, r, tally)
         }
         .boxed()
     }
@@ -191,7 +198,7 @@ impl Relay {
         self.stats
             .claimed
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
-        let (handoffs, mut completed) = d.add_batch(1, rows);
+        let (handoffs, mut completed) = d.add_batch(1, 1, rows);
         self.publish(handoffs, &ack_tx).await;
         let deadline = tokio::time::Instant::now() + self.cfg.publish_timeout.0;
         while completed.is_empty() {
@@ -214,7 +221,7 @@ impl Relay {
         self.store
             .finish(tx, &c.marks, self.cfg.blocked_retry.0)
             .await?;
-        d.finished(1, true);
+        d.finished(1, true, 1);
         self.stats.add(&tally);
         Ok(tally)
     }
@@ -247,8 +254,14 @@ impl Relay {
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         let mut d = self.dispatcher();
         let mut txs: HashMap<u64, ClaimTx> = HashMap::new();
-        let mut claiming: Option<BoxFuture<'static, Result<(ClaimTx, Vec<Claimed>), StoreError>>> =
-            None;
+        type ClaimResult = Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError>;
+        let mut claiming: Option<BoxFuture<'static, ClaimResult>> = None;
+        // Claims start past the last key taken while they come back full; from the front of the
+        // due index again when one comes back short and at least once per poll interval, so
+        // rows committed late (behind the cursor) are found too.
+        let mut cursor: Option<Cursor> = None;
+        let mut cursor_since = Instant::now();
+        let mut claims_started: u64 = 0;
         let mut finishing: FuturesUnordered<Finishing> = FuturesUnordered::new();
         let mut next_batch: u64 = 0;
         let mut want_claim = true;
@@ -280,9 +293,26 @@ impl Relay {
                 && now >= claim_not_before
             {
                 want_claim = false;
+                if cursor_since.elapsed() >= self.cfg.poll_interval.0 {
+                    cursor = None;
+                }
+                if cursor.is_none() {
+                    cursor_since = Instant::now();
+                }
+                claims_started += 1;
                 let store = self.store.clone();
                 let limit = self.cfg.batch_size;
-                claiming = Some(async move { store.claim(limit).await }.boxed());
+                let from = cursor;
+                // On a task of its own: decoding a batch overlaps with the loop's work.
+                let task = tokio::spawn(async move { store.claim_after(limit, from).await });
+                claiming = Some(
+                    async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(StoreError::Schema(format!("the claim task failed: {e}")))
+                        })
+                    }
+                    .boxed(),
+                );
             }
             if stopping && claiming.is_none() && txs.is_empty() && finishing.is_empty() {
                 break;
@@ -293,7 +323,8 @@ impl Relay {
                     claiming = None;
                     self.stats.claims.fetch_add(1, Ordering::Relaxed);
                     match res {
-                        Ok((tx, rows)) => {
+                        Ok((tx, rows, last)) => {
+                            cursor = if rows.len() as u32 == self.cfg.batch_size { last } else { None };
                             if claim_errors > 0 {
                                 tracing::info!("database reachable again, claiming resumed");
                                 claim_errors = 0;
@@ -307,12 +338,13 @@ impl Relay {
                                 stopping = true;
                             }
                             if n == 0 || stopping {
+                                d.forget_recent_before(claims_started);
                                 drop(tx);
                             } else {
                                 self.stats.claimed.fetch_add(n as u64, Ordering::Relaxed);
                                 next_batch += 1;
                                 txs.insert(next_batch, tx);
-                                let (h, c) = d.add_batch(next_batch, rows);
+                                let (h, c) = d.add_batch(next_batch, claims_started, rows);
                                 self.publish(h, &ack_tx).await;
                                 for c in c {
                                     let tx = txs.remove(&c.batch).expect("open claim");
@@ -327,6 +359,7 @@ impl Relay {
                                 tracing::warn!(error = %e, retry_in = ?wait, failures = claim_errors, "claim failed");
                             }
                             claim_not_before = tokio::time::Instant::now() + wait;
+                            cursor = None;
                             want_claim = true;
                         }
                     }
@@ -349,7 +382,7 @@ impl Relay {
                     }
                 }
                 Some((batch, res, tally)) = finishing.next(), if !finishing.is_empty() => {
-                    d.finished(batch, res.is_ok());
+                    d.finished(batch, res.is_ok(), claims_started);
                     if drain {
                         want_claim = true;
                     }

@@ -187,8 +187,45 @@ pub struct Session {
     pub idle_in_transaction_timeout: Option<Duration>,
 }
 
+/// The claim. The CTE walks the due index in (next_attempt_at, id) order and stops after $1
+/// rows it could lock; with a cursor ($2, $3: the last key the previous claim took) it starts
+/// past the keys already taken, so it never re-walks rows in flight nor the dead entries that
+/// deletes leave at the front of the index until vacuum. Its cost is the batch, whatever the
+/// table holds. The lateral probe finds each row's nearest unfinished predecessor on the
+/// aggregate index (one backward index probe per row): how the relay keeps one event per
+/// aggregate in flight.
+fn claim_sql(t: &str, cursor: bool) -> String {
+    let after = if cursor {
+        "AND (next_attempt_at, id) > ($2, $3) "
+    } else {
+        ""
+    };
+    format!(
+        "WITH c AS ( \
+           SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, \
+                  event_version, payload, headers, content_type, traceparent, \
+                  correlation_id, occurred_at, attempts, next_attempt_at \
+           FROM {t} \
+           WHERE status = 'pending' AND next_attempt_at <= now() {after}\
+           ORDER BY next_attempt_at, id \
+           LIMIT $1 \
+           FOR UPDATE SKIP LOCKED) \
+         SELECT c.*, p.id AS prev_id, p.status AS prev_status, \
+                p.next_attempt_at AS prev_next \
+         FROM c LEFT JOIN LATERAL ( \
+           SELECT id, status, next_attempt_at FROM {t} p \
+           WHERE p.aggregate_id = c.aggregate_id AND p.id < c.id \
+             AND p.status <> 'published' \
+           ORDER BY p.id DESC LIMIT 1) p ON true"
+    )
+}
+
+/// Where a claim starts in the due index: after this (next_attempt_at, id).
+pub type Cursor = (DateTime<Utc>, i64);
+
 struct Statements {
     claim: String,
+    claim_after: String,
     delete: String,
     fail: String,
     retry: String,
@@ -204,24 +241,8 @@ impl Statements {
             // the table's size. The lateral probe finds each row's nearest unfinished
             // predecessor on the aggregate index (one backward index probe per row), which is
             // how the relay keeps one event per aggregate in flight.
-            claim: format!(
-                "WITH c AS ( \
-                   SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, \
-                          event_version, payload, headers, content_type, traceparent, \
-                          correlation_id, occurred_at, attempts \
-                   FROM {t} \
-                   WHERE status = 'pending' AND next_attempt_at <= now() \
-                   ORDER BY next_attempt_at, id \
-                   LIMIT $1 \
-                   FOR UPDATE SKIP LOCKED) \
-                 SELECT c.*, p.id AS prev_id, p.status AS prev_status, \
-                        p.next_attempt_at AS prev_next \
-                 FROM c LEFT JOIN LATERAL ( \
-                   SELECT id, status, next_attempt_at FROM {t} p \
-                   WHERE p.aggregate_id = c.aggregate_id AND p.id < c.id \
-                     AND p.status <> 'published' \
-                   ORDER BY p.id DESC LIMIT 1) p ON true"
-            ),
+            claim: claim_sql(&t, false),
+            claim_after: claim_sql(&t, true),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
             fail: format!(
                 "UPDATE {t} SET status = 'failed', attempts = attempts + d.inc, \
@@ -326,17 +347,39 @@ impl Store {
     /// Opens a claim: up to `limit` due pending rows, locked until [`Store::finish`] or until
     /// the transaction ends otherwise (which releases them unchanged).
     pub async fn claim(&self, limit: u32) -> Result<(ClaimTx, Vec<Claimed>), StoreError> {
+        let (tx, rows, _) = self.claim_after(limit, None).await?;
+        Ok((tx, rows))
+    }
+
+    /// As [`Store::claim`], starting past `cursor` in claim order; also returns the cursor
+    /// for the next claim (the last key taken).
+    pub async fn claim_after(
+        &self,
+        limit: u32,
+        cursor: Option<Cursor>,
+    ) -> Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
-        let rows = sqlx::query(&self.stmts.claim)
-            .bind(limit as i64)
+        let q = match cursor {
+            None => sqlx::query(&self.stmts.claim).bind(limit as i64),
+            Some((at, id)) => sqlx::query(&self.stmts.claim_after)
+                .bind(limit as i64)
+                .bind(at)
+                .bind(id),
+        };
+        let rows = q
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::sql("claim"))?;
         let mut out = Vec::with_capacity(rows.len());
+        let mut last: Option<Cursor> = None;
         for row in rows {
-            out.push(decode_claimed(&row).map_err(StoreError::sql("decode claimed row"))?);
+            let (c, key) = decode_claimed(&row).map_err(StoreError::sql("decode claimed row"))?;
+            if last.is_none_or(|l| key > l) {
+                last = Some(key);
+            }
+            out.push(c);
         }
-        Ok((tx, out))
+        Ok((tx, out, last))
     }
 
     /// Writes the verdicts of a claim and commits it. Rows without a verdict are released
@@ -486,42 +529,47 @@ impl Store {
     }
 }
 
-fn decode_claimed(row: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
-    let headers_json: Option<serde_json::Value> = row.try_get("headers")?;
+/// Decodes one claim row by column position (the claim's select list, in order).
+fn decode_claimed(row: &sqlx::postgres::PgRow) -> Result<(Claimed, Cursor), sqlx::Error> {
+    let headers_json: Option<serde_json::Value> = row.try_get(8)?;
     let (headers, invalid) = match parse_headers(headers_json.as_ref()) {
         Ok(h) => (h, None),
         Err(e) => (Vec::new(), Some(format!("field headers: {e}"))),
     };
     let event = Event {
-        id: row.try_get("id")?,
-        event_id: row.try_get("event_id")?,
-        topic: row.try_get("topic")?,
-        aggregate_id: row.try_get("aggregate_id")?,
-        aggregate_type: row.try_get("aggregate_type")?,
-        event_type: row.try_get("event_type")?,
-        event_version: row.try_get("event_version")?,
-        payload: row.try_get("payload")?,
+        id: row.try_get(0)?,
+        event_id: row.try_get(1)?,
+        topic: row.try_get(2)?,
+        aggregate_id: row.try_get(3)?,
+        aggregate_type: row.try_get(4)?,
+        event_type: row.try_get(5)?,
+        event_version: row.try_get(6)?,
+        payload: row.try_get(7)?,
         headers,
-        content_type: row.try_get("content_type")?,
-        traceparent: row.try_get("traceparent")?,
-        correlation_id: row.try_get("correlation_id")?,
-        occurred_at: row.try_get("occurred_at")?,
-        attempts: row.try_get("attempts")?,
+        content_type: row.try_get(9)?,
+        traceparent: row.try_get(10)?,
+        correlation_id: row.try_get(11)?,
+        occurred_at: row.try_get(12)?,
+        attempts: row.try_get(13)?,
     };
-    let prev_id: Option<i64> = row.try_get("prev_id")?;
+    let key: Cursor = (row.try_get(14)?, event.id);
+    let prev_id: Option<i64> = row.try_get(15)?;
     let prev = match prev_id {
         Some(id) => Some(Prev {
             id,
-            status: row.try_get("prev_status")?,
-            next_attempt_at: row.try_get("prev_next")?,
+            status: row.try_get(16)?,
+            next_attempt_at: row.try_get(17)?,
         }),
         None => None,
     };
-    Ok(Claimed {
-        event,
-        invalid,
-        prev,
-    })
+    Ok((
+        Claimed {
+            event,
+            invalid,
+            prev,
+        },
+        key,
+    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,157 @@
+//! The command line as a user meets it: help, migrate, check, configuration errors, logs.
+
+mod common;
+
+use common::{free_port, relay_bin, TestDb};
+use std::process::{Command, Output};
+
+fn relay(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(relay_bin());
+    c.current_dir(dir).args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run the relay binary")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn every_command_has_help() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["migrate", "--help"],
+        vec!["check", "--help"],
+    ] {
+        let o = relay(dir.path(), &args, &[]);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("Usage"), "{args:?}: {}", text(&o));
+    }
+    let o = relay(dir.path(), &["--help"], &[]);
+    for cmd in ["run", "migrate", "check"] {
+        assert!(text(&o).contains(cmd));
+    }
+}
+
+#[tokio::test]
+async fn migrate_creates_the_outbox_and_check_reports_every_component() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = format!("{}_cli", db.schema());
+    let base = [
+        "--database-url",
+        db.url.as_str(),
+        "--schema",
+        schema.as_str(),
+    ];
+    // Before migrate: check names the problem and the fix.
+    let o = relay(dir.path(), &[&base[..], &["check"]].concat(), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("outbox-relay migrate"), "{}", text(&o));
+
+    let o = relay(dir.path(), &[&base[..], &["migrate"]].concat(), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = relay(dir.path(), &[&base[..], &["check"]].concat(), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    for line in [
+        "ok       config",
+        "ok       database",
+        "ok       outbox",
+        "ok       backend    stdout",
+        "ok       route      *",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.drop_schema().await;
+}
+
+#[test]
+fn check_against_an_unreachable_database_exits_1_without_printing_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://relay:s3cret-pw@127.0.0.1:{}/db", free_port());
+    let o = relay(
+        dir.path(),
+        &["--database-url", &url, "check"],
+        &[("RELAY__DATABASE__CONNECT_TIMEOUT", "1s")],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("PROBLEM  database"), "{}", text(&o));
+    assert!(
+        !text(&o).contains("s3cret-pw"),
+        "password printed: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("relay:***@"), "{}", text(&o));
+}
+
+#[test]
+fn an_unknown_key_in_the_file_stops_start_up_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("relay.toml"), "[relay]\nbatchsize = 10\n").unwrap();
+    let o = relay(dir.path(), &["check"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("batchsize"), "{}", text(&o));
+    let o = relay(dir.path(), &["--config", "missing.toml", "check"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("missing.toml"), "{}", text(&o));
+}
+
+#[test]
+fn a_bad_environment_value_stops_start_up_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = relay(dir.path(), &["run"], &[("RELAY__RELAY__BATCH_SIZE", "0")]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("relay.batch_size"), "{}", text(&o));
+    let o = relay(
+        dir.path(),
+        &["run"],
+        &[("RELAY__RELAY__PUBLISH_TIMEOUT", "soon")],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("publish_timeout"), "{}", text(&o));
+}
+
+#[tokio::test]
+async fn run_drain_publishes_to_stdout_and_logs_json_on_request() {
+    let db = TestDb::new().await;
+    db.enqueue_interleaved(3, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let o = relay(
+        dir.path(),
+        &[
+            "--database-url",
+            &db.url,
+            "--schema",
+            db.schema(),
+            "--log-format",
+            "json",
+            "run",
+            "--drain",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.lines().count(), 6, "{stdout}");
+    for line in String::from_utf8_lossy(&o.stderr).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    assert!(String::from_utf8_lossy(&o.stderr).contains("relay stopped"));
+    assert_eq!(db.total().await, 0);
+    db.drop_schema().await;
+}
