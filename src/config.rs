@@ -98,7 +98,7 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -109,18 +109,6 @@ pub struct Config {
     /// Topic pattern -> backend, first match wins. None configured with exactly one backend:
     /// every topic goes to it.
     pub routes: Vec<RouteConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            database: DatabaseConfig::default(),
-            relay: RelayConfig::default(),
-            log: LogConfig::default(),
-            backends: BTreeMap::new(),
-            routes: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -617,6 +605,20 @@ mod tests {
             "postgres://u:***@h/db"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn the_documented_relay_toml_parses_and_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml");
+        let c = Config::load_from(Some(&path), &Overrides::default(), Vec::new()).unwrap();
+        let mut d = Config::default();
+        d.apply_defaults();
+        assert_eq!(format!("{:?}", c.database), format!("{:?}", d.database));
+        assert_eq!(c.database.url.expose(), d.database.url.expose());
+        assert_eq!(format!("{:?}", c.relay), format!("{:?}", d.relay));
+        assert_eq!(format!("{:?}", c.log), format!("{:?}", d.log));
+        assert_eq!(format!("{:?}", c.backends), format!("{:?}", d.backends));
+        assert_eq!(format!("{:?}", c.routes), format!("{:?}", d.routes));
     }
 
     #[test]
