@@ -5,9 +5,8 @@
 
 mod common;
 
-use common::{relay_bin, spawn, wait_for, PrivatePostgres, TestDb};
+use common::{interleaved, relay_bin, spawn, wait_for, PrivatePostgres, TestDb};
 use outbox_relay::publisher::memory::MemoryPublisher;
-use outbox_relay::store::NewEvent;
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -96,38 +95,19 @@ impl Child_ {
     }
 }
 
-fn numbered(aggregates: usize, per: usize, offset: usize) -> Vec<NewEvent> {
-    let mut out = Vec::new();
-    for seq in offset..offset + per {
-        for a in 0..aggregates {
-            let agg = format!("a{a}");
-            out.push(
-                NewEvent::json(
-                    "orders.created",
-                    agg.clone(),
-                    "T",
-                    &serde_json::json!({"agg": agg, "seq": seq}),
-                )
-                .unwrap(),
-            );
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
     let db = Arc::new(TestDb::new().await);
     // A backlog, so kills land mid-stream, and a producer that keeps committing while the
     // relay is killed and restarted.
-    let backlog = numbered(25, 80, 0);
+    let backlog = interleaved(25, 80, 0);
     db.enqueue(&backlog).await;
     let producer = {
         let db = db.clone();
         tokio::spawn(async move {
             let mut all = backlog;
             for round in 0..40 {
-                let evs = numbered(25, 2, 80 + round * 2);
+                let evs = interleaved(25, 2, 80 + round * 2);
                 db.enqueue(&evs).await;
                 all.extend(evs);
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -191,7 +171,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
 
 async fn stop_with(sig: &str) {
     let db = TestDb::new().await;
-    let sent = numbered(100, 100, 0);
+    let sent = interleaved(100, 100, 0);
     for chunk in sent.chunks(2000) {
         db.enqueue(chunk).await;
     }
@@ -251,7 +231,7 @@ async fn postgres_restarted_under_a_running_relay_is_reconnected_and_caught_up()
     cfg.database.connect_timeout = outbox_relay::config::Dur::secs(2);
     let relay = db.relay(&cfg, Arc::new(mem.clone())).await;
     let (h, stop) = spawn(relay);
-    let first = numbered(10, 20, 0);
+    let first = interleaved(10, 20, 0);
     db.enqueue(&first).await;
     wait_for(Duration::from_secs(60), "first half published", || async {
         mem.log().acked().len() >= first.len()
@@ -263,7 +243,7 @@ async fn postgres_restarted_under_a_running_relay_is_reconnected_and_caught_up()
     tokio::time::sleep(Duration::from_millis(1500)).await;
     pg.start_server();
 
-    let second = numbered(10, 20, 20);
+    let second = interleaved(10, 20, 20);
     let mut attempts = 0;
     loop {
         // The test's own pool reconnects too; its first tries may meet dead connections.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{route, spawn, wait_for, TestDb};
+use common::{route, sequence, spawn, wait_for, TestDb};
 use outbox_relay::config::Dur;
 use outbox_relay::publisher::memory::{MemoryLog, MemoryPublisher, Record, RecordKind, Verdict};
 use outbox_relay::publisher::{PublishError, Publisher};
@@ -200,17 +200,7 @@ async fn retries_exhausted_mark_the_row_failed_with_the_last_error() {
 #[tokio::test]
 async fn a_permanent_error_fails_at_once_and_holds_its_aggregate_until_replayed() {
     let db = TestDb::new().await;
-    let evs: Vec<NewEvent> = (0..4)
-        .map(|i| {
-            NewEvent::json(
-                "orders.x",
-                "a",
-                "T",
-                &serde_json::json!({"agg": "a", "seq": i}),
-            )
-            .unwrap()
-        })
-        .collect();
+    let evs = sequence("a", 4);
     db.enqueue(&evs).await;
     let first = evs[0].event_id;
     let fail_first = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -347,17 +337,7 @@ async fn two_relays_never_hand_the_same_event_over_twice() {
 async fn a_failing_aggregate_does_not_delay_the_others() {
     let db = TestDb::new().await;
     // The stuck aggregate's events come first in the outbox.
-    let stuck: Vec<NewEvent> = (0..50)
-        .map(|i| {
-            NewEvent::json(
-                "orders.x",
-                "stuck",
-                "T",
-                &serde_json::json!({"agg": "stuck", "seq": i}),
-            )
-            .unwrap()
-        })
-        .collect();
+    let stuck = sequence("stuck", 50);
     db.enqueue(&stuck).await;
     let others = db.enqueue_interleaved(100, 20).await;
     let mem = MemoryPublisher::new().with_script(Arc::new(|e, _| {

@@ -106,28 +106,13 @@ impl TestDb {
         tx.commit().await.unwrap();
     }
 
-    /// `per_aggregate` events for each of `aggregates` aggregates, interleaved, with the
-    /// sequence number in the payload: `{"agg": "a3", "seq": 7}`.
+    /// Writes [`interleaved`] events (in chunks of 1000 per transaction) and returns them.
     pub async fn enqueue_interleaved(
         &self,
         aggregates: usize,
         per_aggregate: usize,
     ) -> Vec<NewEvent> {
-        let mut all = Vec::new();
-        for seq in 0..per_aggregate {
-            for a in 0..aggregates {
-                let agg = format!("a{a}");
-                all.push(
-                    NewEvent::json(
-                        "orders.created",
-                        agg.clone(),
-                        "OrderCreated",
-                        &serde_json::json!({"agg": agg, "seq": seq}),
-                    )
-                    .unwrap(),
-                );
-            }
-        }
+        let all = interleaved(aggregates, per_aggregate, 0);
         for chunk in all.chunks(1000) {
             self.enqueue(chunk).await;
         }
@@ -176,6 +161,30 @@ impl TestDb {
             .execute(&self.pool)
             .await;
     }
+}
+
+/// One event of aggregate `agg` with its sequence number in the payload:
+/// `{"agg": "a3", "seq": 7}`, which the ordering checks read back.
+pub fn numbered(agg: &str, seq: usize) -> NewEvent {
+    NewEvent::json(
+        "orders.created",
+        agg,
+        "OrderCreated",
+        &serde_json::json!({"agg": agg, "seq": seq}),
+    )
+    .unwrap()
+}
+
+/// `n` events of one aggregate, in order.
+pub fn sequence(agg: &str, n: usize) -> Vec<NewEvent> {
+    (0..n).map(|seq| numbered(agg, seq)).collect()
+}
+
+/// Sequence numbers `from..from + per` for each of aggregates `a0..`, interleaved round-robin.
+pub fn interleaved(aggregates: usize, per: usize, from: usize) -> Vec<NewEvent> {
+    (from..from + per)
+        .flat_map(|seq| (0..aggregates).map(move |a| numbered(&format!("a{a}"), seq)))
+        .collect()
 }
 
 pub fn route(topic: &str, backend: &str) -> RouteConfig {
