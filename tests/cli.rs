@@ -155,3 +155,62 @@ async fn run_drain_publishes_to_stdout_and_logs_json_on_request() {
     assert_eq!(db.total().await, 0);
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn a_running_relay_logs_a_periodic_summary_with_published_failed_and_pending() {
+    use std::io::{BufRead, BufReader};
+    let db = TestDb::new().await;
+    db.enqueue_interleaved(5, 2).await;
+    db.sql("INSERT INTO {t} (event_id, topic, aggregate_id, event_type, payload) VALUES (gen_random_uuid(), 'bad topic', 'z', 'T', 'x')")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(relay_bin())
+        .current_dir(dir.path())
+        .args([
+            "--database-url",
+            &db.url,
+            "--schema",
+            db.schema(),
+            "--log-format",
+            "json",
+            "run",
+        ])
+        .env("RELAY__RELAY__SUMMARY_INTERVAL", "300ms")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Summaries cover a window each; add them up until the whole backlog is accounted for.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (mut published, mut failed, mut pending_seen) = (0, 0, None);
+    while published < 10 || failed < 1 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("summary lines within the deadline");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "summary" {
+            published += v["published"].as_u64().unwrap();
+            failed += v["failed"].as_u64().unwrap();
+            pending_seen = Some(v["pending"].as_str().unwrap().to_string());
+            assert!(
+                v["rate"].is_string() && v.get("in_flight").is_some(),
+                "{line}"
+            );
+        }
+    }
+    assert_eq!((published, failed), (10, 1));
+    assert_eq!(pending_seen.as_deref(), Some("0"));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    db.drop_schema().await;
+}
