@@ -304,6 +304,13 @@ impl Store {
             // Migrations' "already exists, skipping" notices are not news.
             ("client_min_messages", "warning".to_string()),
         ];
+        // Every statement of the relay is meant to walk an index in its order and stop early.
+        // With statistics from a near-empty table (the steady state) the planner prefers a
+        // bitmap scan and a sort for the claim, which is cheap then and ruinous on a backlog
+        // that built up before the next analyze. Plans must not depend on that.
+        for knob in ["enable_seqscan", "enable_bitmapscan", "enable_sort"] {
+            params.push((knob, "off".to_string()));
+        }
         if let Some(t) = session.idle_in_transaction_timeout {
             params.push((
                 "idle_in_transaction_session_timeout",
@@ -337,6 +344,11 @@ impl Store {
     /// The claim statement's text (`$1` = batch size), for EXPLAIN in tests and benchmarks.
     pub fn claim_statement(&self) -> &str {
         &self.stmts.claim
+    }
+
+    /// The claim statement with a cursor (`$2`, `$3`: the key to start after).
+    pub fn claim_statement_after(&self) -> &str {
+        &self.stmts.claim_after
     }
 
     /// Fails with a clear message when the outbox table has not been created or is behind.
