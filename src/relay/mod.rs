@@ -289,7 +289,9 @@ impl Relay {
             if !stopping
                 && want_claim
                 && claiming.is_none()
-                && txs.len() < depth
+                // Claims being published and claims being committed both hold a connection
+                // and their rows: together at most `pipeline_depth`.
+                && txs.len() + finishing.len() < depth
                 && now >= claim_not_before
             {
                 want_claim = false;
@@ -383,7 +385,8 @@ impl Relay {
                 }
                 Some((batch, res, tally)) = finishing.next(), if !finishing.is_empty() => {
                     d.finished(batch, res.is_ok(), claims_started);
-                    if drain {
+                    if drain || cursor.is_some() {
+                        // A slot is free and the last claim came back full: more is waiting.
                         want_claim = true;
                     }
                     match res {
