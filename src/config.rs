@@ -158,7 +158,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             batch_size: 1000,
-            pipeline_depth: 3,
+            pipeline_depth: 4,
             max_attempts: 10,
             backoff_initial: Dur::ms(500),
             backoff_max: Dur::secs(300),
