@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 
 ensure_postgres
+if ! have psql; then
+  echo "== installing psql (Debian's postgresql-client), to write the sample events" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
+fi
 echo "== building outbox-relay" >&2
 cargo build --release --quiet
 RELAY=target/release/outbox-relay
@@ -29,7 +34,7 @@ COMMIT;
 SELECT outbox.outbox_enqueue('orders.shipped', 'order-1', 'OrderShipped', '{"carrier": "post"}');
 -- A row no broker would deliver: the relay marks it failed with the reason and goes on.
 INSERT INTO outbox.outbox (event_id, topic, aggregate_id, event_type, payload)
-VALUES (gen_random_uuid(), 'orders créés', 'order-9', 'OrderCreated', '\x7b7d');
+VALUES (gen_random_uuid(), 'orders créés', 'order-' || substr(md5(random()::text), 1, 6), 'OrderCreated', '\x7b7d');
 SQL
 
 echo "== outbox-relay run --drain (stdout backend)" >&2
