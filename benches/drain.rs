@@ -8,19 +8,16 @@
 //!
 //! Under `cargo test` (no `--bench` flag) it runs a 2 000-row smoke pass and checks the drain.
 
-use outbox_relay::config::{Config, Dur, Secret};
+mod common;
+
+use common::BenchDb;
+use outbox_relay::config::Config;
 use outbox_relay::publisher::memory::MemoryPublisher;
-use outbox_relay::relay::{session, Backend, Relay};
-use outbox_relay::store::{migrate, Marks, Names, Store};
+use outbox_relay::relay::session;
+use outbox_relay::store::{Marks, Store};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-fn url() -> String {
-    std::env::var("BENCH_DATABASE_URL")
-        .or_else(|_| std::env::var("TEST_DATABASE_URL"))
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
 
 /// User+system CPU seconds of this process (the relay, its pool and runtime), from /proc.
 fn cpu_seconds() -> f64 {
@@ -48,44 +45,16 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-async fn fill(pool: &sqlx::PgPool, names: &Names, n: u64) {
-    let t = names.qualified();
-    // In chunks, so one statement never holds a huge transaction.
-    let chunk = 100_000u64;
-    let mut done = 0;
-    while done < n {
-        let m = chunk.min(n - done);
-        sqlx::query(&format!(
-            "INSERT INTO {t} (event_id, topic, aggregate_id, event_type, payload) \
-             SELECT gen_random_uuid(), 'bench.events', 'agg-' || (g % 10000), 'BenchEvent', \
-                    convert_to(rpad(g::text, 200, 'x'), 'UTF8') \
-             FROM generate_series($1::bigint, $2::bigint) g"
-        ))
-        .bind(done as i64)
-        .bind((done + m - 1) as i64)
-        .execute(pool)
-        .await
-        .expect("fill");
-        done += m;
-    }
-    sqlx::raw_sql(&format!("VACUUM ANALYZE {t}"))
-        .execute(pool)
-        .await
-        .expect("vacuum");
-}
-
-fn config(schema: &str) -> Config {
-    let mut c = Config::default();
-    c.database.url = Secret::new(url());
-    c.database.schema = schema.into();
-    c.relay.summary_interval = Dur::secs(3600);
+/// The default settings, with BENCH_BATCH and BENCH_DEPTH applied.
+fn config(db: &BenchDb) -> Config {
+    let mut c = db.config();
     if let Ok(b) = std::env::var("BENCH_BATCH") {
         c.relay.batch_size = b.parse().expect("BENCH_BATCH");
     }
     if let Ok(d) = std::env::var("BENCH_DEPTH") {
         c.relay.pipeline_depth = d.parse().expect("BENCH_DEPTH");
+        c.database.max_connections = c.relay.pipeline_depth + 2;
     }
-    c.apply_defaults();
     c
 }
 
@@ -97,17 +66,8 @@ struct Figures {
 }
 
 async fn drain_with_relay(cfg: &Config, n: u64) -> Figures {
-    let store = Store::connect(&cfg.database, &session(cfg)).await.unwrap();
     let mem = MemoryPublisher::counting();
-    let relay = Relay::new(
-        store,
-        vec![Backend {
-            name: "memory".into(),
-            publisher: Arc::new(mem.clone()),
-        }],
-        &cfg.routes_or_catch_all("memory"),
-        cfg.relay.clone(),
-    );
+    let relay = common::relay(cfg, "memory", Arc::new(mem.clone())).await;
     reset_peak_rss();
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
@@ -176,53 +136,19 @@ async fn drain_sql_only(cfg: &Config, n: u64) -> Figures {
     }
 }
 
-trait Routes {
-    fn routes_or_catch_all(&self, backend: &str) -> Vec<outbox_relay::config::RouteConfig>;
-}
-
-impl Routes for Config {
-    fn routes_or_catch_all(&self, backend: &str) -> Vec<outbox_relay::config::RouteConfig> {
-        vec![outbox_relay::config::RouteConfig {
-            topic: "*".into(),
-            backend: backend.into(),
-            format: Default::default(),
-        }]
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
-    let sizes: Vec<u64> = if bench {
-        std::env::var("BENCH_SIZES")
-            .unwrap_or_else(|_| "100000,1000000".into())
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .expect("BENCH_SIZES: comma-separated numbers")
-            })
-            .collect()
-    } else {
-        vec![2_000]
-    };
-    let schema = format!("bench_{}", std::process::id());
-    let cfg = config(&schema);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&url())
-        .await
-        .expect("connect to Postgres");
-    let names = Names::new(schema.clone(), "outbox");
-    migrate::run(&pool, &names).await.unwrap();
+    let sizes = common::sizes("BENCH_SIZES", "100000,1000000");
+    let db = BenchDb::open("bench", 2).await;
+    let cfg = config(&db);
     println!(
         "drain benchmark: batch_size={} pipeline_depth={} payload=200 B aggregates=10000",
         cfg.relay.batch_size, cfg.relay.pipeline_depth
     );
     for n in sizes {
-        fill(&pool, &names, n).await;
+        db.fill(0, n, 10_000).await;
         let relay = drain_with_relay(&cfg, n).await;
-        fill(&pool, &names, n).await;
+        db.fill(0, n, 10_000).await;
         let sql = drain_sql_only(&cfg, n).await;
         let rate = relay.rows as f64 / relay.secs;
         let ceiling = sql.rows as f64 / sql.secs;
@@ -237,8 +163,5 @@ async fn main() {
             rate / ceiling
         );
     }
-    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    db.drop().await;
 }

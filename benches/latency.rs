@@ -8,23 +8,18 @@
 //!
 //! Under `cargo test` it runs a one-second smoke pass at a low rate.
 
+mod common;
+
+use common::{percentile_ms, BenchDb};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use outbox_relay::config::{Config, Dur, RouteConfig, Secret};
 use outbox_relay::publisher::{Health, Outgoing, Publisher};
-use outbox_relay::relay::{session, Backend, Relay};
-use outbox_relay::store::{migrate, Names, NewEvent, Outbox, Store};
+use outbox_relay::store::{NewEvent, Outbox};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn url() -> String {
-    std::env::var("BENCH_DATABASE_URL")
-        .or_else(|_| std::env::var("TEST_DATABASE_URL"))
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
 
 /// Acknowledges at once and notes when.
 #[derive(Clone, Default)]
@@ -53,68 +48,38 @@ impl Publisher for Stopwatch {
     }
 }
 
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let (rate, secs) = if bench {
+    let (rate, secs) = if common::is_bench() {
         (env("BENCH_RATE", 10_000), env("BENCH_SECS", 10))
     } else {
         (400, 2)
     };
     let per_tx = 20u64;
     let producers = 2u64;
-    let schema = format!("bench_latency_{}", std::process::id());
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(producers as u32 + 1)
-        .connect(&url())
-        .await
-        .expect("connect to Postgres");
-    let names = Names::new(schema.clone(), "outbox");
-    migrate::run(&pool, &names).await.unwrap();
-
-    let mut cfg = Config::default();
-    cfg.database.url = Secret::new(url());
-    cfg.database.schema = schema.clone();
-    cfg.relay.summary_interval = Dur::secs(3600);
-    cfg.apply_defaults();
+    let db = BenchDb::open("bench_latency", producers as u32 + 1).await;
     let watch = Stopwatch::default();
-    let relay = Relay::new(
-        Store::connect(&cfg.database, &session(&cfg)).await.unwrap(),
-        vec![Backend {
-            name: "watch".into(),
-            publisher: Arc::new(watch.clone()),
-        }],
-        &[RouteConfig {
-            topic: "*".into(),
-            backend: "watch".into(),
-            format: Default::default(),
-        }],
-        cfg.relay.clone(),
-    );
+    let relay = common::relay(&db.config(), "watch", Arc::new(watch.clone())).await;
     let stop = CancellationToken::new();
     let relay_task = {
         let stop = stop.clone();
         tokio::spawn(async move { relay.run(stop).await.unwrap() })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.wait_listening().await;
 
     // Producers: each commits `per_tx` events every tick, together `rate` events/s.
     let start = Instant::now();
     let warmup = start + Duration::from_secs(1);
     let mut tasks = Vec::new();
     for p in 0..producers {
-        let pool = pool.clone();
-        let outbox = Outbox::new(&schema, "outbox").unwrap();
+        let pool = db.pool.clone();
+        let outbox = Outbox::new(&db.names.schema, &db.names.table).unwrap();
         let period = Duration::from_secs_f64(per_tx as f64 * producers as f64 / rate as f64);
         tasks.push(tokio::spawn(async move {
             let mut committed: Vec<(Uuid, Instant)> = Vec::new();
@@ -172,13 +137,10 @@ async fn main() {
     );
     println!(
         "commit -> ack: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        pct(&lat, 0.5),
-        pct(&lat, 0.9),
-        pct(&lat, 0.99),
-        pct(&lat, 1.0)
+        percentile_ms(&lat, 0.5),
+        percentile_ms(&lat, 0.9),
+        percentile_ms(&lat, 0.99),
+        percentile_ms(&lat, 1.0)
     );
-    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    db.drop().await;
 }

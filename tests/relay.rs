@@ -7,7 +7,7 @@ mod common;
 use common::{route, sequence, spawn, wait_for, TestDb};
 use outbox_relay::config::Dur;
 use outbox_relay::publisher::memory::{MemoryLog, MemoryPublisher, Record, RecordKind, Verdict};
-use outbox_relay::publisher::{PublishError, Publisher};
+use outbox_relay::publisher::PublishError;
 use outbox_relay::store::NewEvent;
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
@@ -51,6 +51,25 @@ fn assert_handed_only_after_predecessor_acked(records: &[Record]) {
             seq - 1
         );
     }
+}
+
+/// Runs two relays on one outbox until it is empty, then stops both.
+async fn drain_with_two_relays(
+    db: &TestDb,
+    cfg: &outbox_relay::config::Config,
+    a: MemoryPublisher,
+    b: MemoryPublisher,
+) {
+    let (ha, sa) = spawn(db.relay(cfg, Arc::new(a)).await);
+    let (hb, sb) = spawn(db.relay(cfg, Arc::new(b)).await);
+    wait_for(Duration::from_secs(120), "outbox empty", || async {
+        db.total().await == 0
+    })
+    .await;
+    sa.cancel();
+    sb.cancel();
+    ha.await.unwrap();
+    hb.await.unwrap();
 }
 
 #[tokio::test]
@@ -275,16 +294,7 @@ async fn order_holds_per_aggregate_under_retries_with_two_relays() {
     cfg.relay.batch_size = 100;
     let a = MemoryPublisher::shared(log.clone(), "relay-a").with_script(script());
     let b = MemoryPublisher::shared(log.clone(), "relay-b").with_script(script());
-    let (ha, sa) = spawn(db.relay(&cfg, Arc::new(a)).await);
-    let (hb, sb) = spawn(db.relay(&cfg, Arc::new(b)).await);
-    wait_for(Duration::from_secs(120), "outbox empty", || async {
-        db.total().await == 0
-    })
-    .await;
-    sa.cancel();
-    sb.cancel();
-    ha.await.unwrap();
-    hb.await.unwrap();
+    drain_with_two_relays(&db, &cfg, a, b).await;
     let records = log.records();
     let acked: HashSet<_> = log.acked().iter().map(|e| e.event_id).collect();
     assert_eq!(acked.len(), sent.len());
@@ -306,16 +316,7 @@ async fn two_relays_never_hand_the_same_event_over_twice() {
     };
     let a = MemoryPublisher::shared(log.clone(), "a").with_script(slow());
     let b = MemoryPublisher::shared(log.clone(), "b").with_script(slow());
-    let (ha, sa) = spawn(db.relay(&cfg, Arc::new(a)).await);
-    let (hb, sb) = spawn(db.relay(&cfg, Arc::new(b)).await);
-    wait_for(Duration::from_secs(120), "outbox empty", || async {
-        db.total().await == 0
-    })
-    .await;
-    sa.cancel();
-    sb.cancel();
-    ha.await.unwrap();
-    hb.await.unwrap();
+    drain_with_two_relays(&db, &cfg, a, b).await;
     let mut handed: HashMap<uuid::Uuid, u32> = HashMap::new();
     let mut by_relay: HashMap<String, usize> = HashMap::new();
     for r in log
@@ -636,6 +637,3 @@ async fn publish_timeout_counts_as_a_retryable_failure() {
     assert_eq!(mem.log().handed_count(), 2);
     db.drop_schema().await;
 }
-
-#[allow(dead_code)]
-fn _publisher_is_object_safe(_: &dyn Publisher) {}

@@ -194,7 +194,7 @@ impl Dispatcher {
             );
             // Order first: an invalid row still may not be decided before its predecessor,
             // or a later valid row could be published while an earlier one retries.
-            match self.place(id, c.prev.as_ref(), now) {
+            match self.place(c.prev.as_ref(), now) {
                 Placement::Ready => match invalid {
                     Some(reason) => {
                         self.decide(
@@ -242,12 +242,7 @@ impl Dispatcher {
         self.recent.len()
     }
 
-    fn place(
-        &self,
-        _id: i64,
-        prev: Option<&Prev>,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Placement {
+    fn place(&self, prev: Option<&Prev>, now: chrono::DateTime<chrono::Utc>) -> Placement {
         let Some(p) = prev else {
             return Placement::Ready;
         };

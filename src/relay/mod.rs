@@ -173,16 +173,10 @@ impl Relay {
         let store = self.store.clone();
         let blocked_retry = self.cfg.blocked_retry.0;
         let (batch, tally) = (c.batch, c.tally);
-        let task = tokio::spawn(async move { store.finish(tx, &c.marks, blocked_retry).await });
-        async move {
-            let r = task.await.unwrap_or_else(|e| {
-                Err(StoreError::Schema(format!(
-                    "the task recording a batch failed: {e}"
-                )))
-            });
-            (batch, r, tally)
-        }
-        .boxed()
+        let task = on_task("recording a batch", async move {
+            store.finish(tx, &c.marks, blocked_retry).await
+        });
+        async move { (batch, task.await, tally) }.boxed()
     }
 
     /// One step, for tests and tools: claims one batch, publishes it, waits for every result
@@ -306,15 +300,9 @@ impl Relay {
                 let limit = self.cfg.batch_size;
                 let from = cursor;
                 // On a task of its own: decoding a batch overlaps with the loop's work.
-                let task = tokio::spawn(async move { store.claim_after(limit, from).await });
-                claiming = Some(
-                    async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(StoreError::Schema(format!("the claim task failed: {e}")))
-                        })
-                    }
-                    .boxed(),
-                );
+                claiming = Some(on_task("claiming", async move {
+                    store.claim_after(limit, from).await
+                }));
             }
             if stopping && claiming.is_none() && txs.is_empty() && finishing.is_empty() {
                 break;
@@ -385,8 +373,8 @@ impl Relay {
                 }
                 Some((batch, res, tally)) = finishing.next(), if !finishing.is_empty() => {
                     d.finished(batch, res.is_ok(), claims_started);
-                    if drain || cursor.is_some() {
-                        // A slot is free and the last claim came back full: more is waiting.
+                    if drain {
+                        // Look again at once: the drain ends on an empty claim with nothing open.
                         want_claim = true;
                     }
                     match res {
@@ -447,6 +435,20 @@ impl Relay {
         summary.log_final(&self.stats);
         Ok(())
     }
+}
+
+/// Runs store work on a task of its own (so it overlaps with the loop) and reports a task
+/// that died as the store error it stands for.
+fn on_task<T: Send + 'static>(
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> BoxFuture<'static, Result<T, StoreError>> {
+    let task = tokio::spawn(work);
+    async move {
+        task.await
+            .unwrap_or_else(|e| Err(StoreError::Task(format!("{what}: {e}"))))
+    }
+    .boxed()
 }
 
 /// The database session settings of a relay.

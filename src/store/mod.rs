@@ -39,6 +39,9 @@ pub enum StoreError {
     Url { url: String, message: String },
     #[error("{0}")]
     Schema(String),
+    /// A task running store work panicked or was cancelled.
+    #[error("database task {0}")]
+    Task(String),
 }
 
 impl StoreError {
@@ -68,7 +71,7 @@ impl StoreError {
                 }
                 _ => false,
             },
-            StoreError::Url { .. } | StoreError::Schema(_) => false,
+            StoreError::Url { .. } | StoreError::Schema(_) | StoreError::Task(_) => false,
         }
     }
 }
@@ -495,7 +498,9 @@ impl Store {
         let t = self.names.qualified();
         let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
         let aggregates: Vec<String> = sqlx::query_scalar(&format!(
-            "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = now(),                last_error = NULL              WHERE event_id = ANY($1) AND status = 'failed' RETURNING aggregate_id"
+            "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = now(), \
+               last_error = NULL \
+             WHERE event_id = ANY($1) AND status = 'failed' RETURNING aggregate_id"
         ))
         .bind(event_ids)
         .fetch_all(&mut *tx)
@@ -519,7 +524,8 @@ impl Store {
         aggs.sort();
         aggs.dedup();
         let r = sqlx::query(&format!(
-            "UPDATE {} SET next_attempt_at = now()              WHERE aggregate_id = ANY($1) AND status = 'pending' AND next_attempt_at = $2",
+            "UPDATE {} SET next_attempt_at = now() \
+             WHERE aggregate_id = ANY($1) AND status = 'pending' AND next_attempt_at = $2",
             self.names.qualified()
         ))
         .bind(&aggs)

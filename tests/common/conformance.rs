@@ -171,7 +171,7 @@ pub async fn one_result_per_message<B: BackendUnderTest>(b: &B) {
     let n = 200;
     let mut burst = Vec::new();
     for i in 0..n {
-        let mut ev = outbox_relay::envelope::Event {
+        let ev = outbox_relay::envelope::Event {
             id: i,
             event_id: uuid::Uuid::new_v4(),
             topic: b.topic(),
@@ -187,7 +187,6 @@ pub async fn one_result_per_message<B: BackendUnderTest>(b: &B) {
             occurred_at: chrono::Utc::now(),
             attempts: 0,
         };
-        ev.id = i;
         let ev = Arc::new(ev);
         let ticket = AckTicket::new(
             i,
