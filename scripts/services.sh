@@ -41,3 +41,59 @@ ensure_postgres() {
   echo "Postgres did not come up on $PG_HOST:$PG_PORT" >&2
   return 1
 }
+
+NATS_HOST=127.0.0.1
+NATS_PORT=4222
+KAFKA_HOST=127.0.0.1
+KAFKA_PORT=9092
+TANSU_VERSION=0.6.0
+# Built once per machine and kept outside the checkout, so a clean clone (CI) reuses it.
+TOOLS_DIR="${OUTBOX_RELAY_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}"
+TANSU_BIN="$TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu"
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_port() {
+  for _ in $(seq 1 120); do port_open "$1" "$2" && return 0; sleep 0.5; done
+  echo "nothing listens on $1:$2" >&2
+  return 1
+}
+
+ensure_nats() {
+  if port_open "$NATS_HOST" "$NATS_PORT"; then return 0; fi
+  echo "== starting nats-server (JetStream) on $NATS_HOST:$NATS_PORT"
+  if ! [ -x /usr/sbin/nats-server ] && ! have nats-server; then
+    echo "   installing Debian's nats-server"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+  fi
+  local bin
+  bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  as_root mkdir -p /var/lib/nats-server
+  as_root start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+    -a "$NATS_HOST" -p "$NATS_PORT" -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_port "$NATS_HOST" "$NATS_PORT"
+}
+
+# The Kafka-protocol broker for the tests: tansu, built from crates.io the first time (about
+# 15-20 minutes on 2 cores). The dynostore feature brings the in-memory storage engine the
+# tests use. The build directory is kept, so an interrupted build resumes where it stopped.
+ensure_tansu_binary() {
+  if [ -x "$TANSU_BIN" ]; then return 0; fi
+  echo "== building tansu $TANSU_VERSION into $TOOLS_DIR (once per machine)"
+  mkdir -p "$TOOLS_DIR"
+  CARGO_TARGET_DIR="$TOOLS_DIR/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
+    --locked --features dynostore --root "$TOOLS_DIR/tansu-$TANSU_VERSION" --quiet
+}
+
+ensure_kafka() {
+  if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then return 0; fi
+  ensure_tansu_binary
+  echo "== starting tansu on $KAFKA_HOST:$KAFKA_PORT"
+  mkdir -p "$TOOLS_DIR"
+  nohup "$TANSU_BIN" broker \
+    --listener-url "tcp://$KAFKA_HOST:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://$KAFKA_HOST:$KAFKA_PORT" \
+    --storage-engine memory://tansu/ >"$TOOLS_DIR/tansu.log" 2>&1 &
+  wait_port "$KAFKA_HOST" "$KAFKA_PORT"
+}

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or this one: starts what the tests need when it is
-# not running (Postgres), then formatting, lints, and every test against the real services.
+# not running (Postgres, NATS with JetStream, the tansu Kafka broker, built once per machine),
+# then formatting, lints, and every test against the real services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 
 ensure_postgres
+ensure_nats
+ensure_kafka
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -4,6 +4,8 @@
 //! Every key, its default and its meaning are documented in the repository's `relay.toml`.
 
 use crate::envelope::BodyFormat;
+use crate::publisher::kafka::KafkaConfig;
+use crate::publisher::nats::NatsConfig;
 use figment::providers::{Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer};
@@ -23,7 +25,7 @@ pub enum ConfigError {
     File { path: String, message: String },
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
@@ -207,6 +209,10 @@ pub enum BackendConfig {
     Memory {},
     /// One JSON line per event on standard output.
     Stdout {},
+    /// Kafka through librdkafka.
+    Kafka(KafkaConfig),
+    /// NATS: JetStream or core, per topic.
+    Nats(NatsConfig),
 }
 
 impl BackendConfig {
@@ -214,8 +220,26 @@ impl BackendConfig {
         match self {
             BackendConfig::Memory {} => "memory",
             BackendConfig::Stdout {} => "stdout",
+            BackendConfig::Kafka(_) => "kafka",
+            BackendConfig::Nats(_) => "nats",
         }
     }
+}
+
+/// What the relay does at start-up about the topics (Kafka) or streams (JetStream) it is
+/// configured with. Never per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Provisioning {
+    /// Assume they exist; no admin calls at all.
+    #[default]
+    Skip,
+    /// Create the missing ones; leave existing ones as they are.
+    CreateOnly,
+    /// Create the missing ones and bring existing ones to the configured settings.
+    CreateOrUpdate,
+    /// Change nothing; report every difference from the configured settings.
+    ValidateOnly,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -412,6 +436,14 @@ impl Config {
                     format!("backends.{name}"),
                     "backend names use ASCII letters, digits, '-' and '_'",
                 ));
+            }
+        }
+        for (name, b) in &self.backends {
+            let key = format!("backends.{name}");
+            match b {
+                BackendConfig::Kafka(k) => k.validate(&key, self.relay.publish_timeout)?,
+                BackendConfig::Nats(n) => n.validate(&key)?,
+                BackendConfig::Memory {} | BackendConfig::Stdout {} => {}
             }
         }
         for (i, route) in self.routes.iter().enumerate() {
@@ -619,6 +651,51 @@ mod tests {
         assert_eq!(format!("{:?}", c.log), format!("{:?}", d.log));
         assert_eq!(format!("{:?}", c.backends), format!("{:?}", d.backends));
         assert_eq!(format!("{:?}", c.routes), format!("{:?}", d.routes));
+    }
+
+    /// The Kafka and NATS sections of relay.toml are commented out (no broker by default);
+    /// uncommented, they must parse and state the defaults.
+    #[test]
+    fn the_documented_broker_sections_state_the_defaults() {
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml"))
+                .unwrap();
+        let section = |from: &str, to: Option<&str>| -> String {
+            let start = text.find(from).expect(from);
+            let end = to.map(|t| text.find(t).expect(t)).unwrap_or(text.len());
+            text[start..end]
+                .lines()
+                .filter_map(|l| l.strip_prefix("# "))
+                .filter(|l| l.starts_with('[') || l.contains(" = "))
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        #[derive(Deserialize)]
+        struct Doc {
+            backends: BTreeMap<String, BackendConfig>,
+        }
+        let kafka: Doc = toml::from_str(&section("# ---- Kafka", Some("# ---- NATS"))).unwrap();
+        let BackendConfig::Kafka(mut k) = kafka.backends["kafka"].clone() else {
+            panic!("a kafka backend")
+        };
+        assert_eq!(k.topics.len(), 1, "the example topic");
+        k.topics.clear();
+        assert_eq!(format!("{k:?}"), format!("{:?}", KafkaConfig::default()));
+        let nats: Doc = toml::from_str(&section("# ---- NATS", None)).unwrap();
+        let BackendConfig::Nats(mut n) = nats.backends["nats"].clone() else {
+            panic!("a nats backend")
+        };
+        let orders = n.streams.remove("ORDERS").expect("the example stream");
+        assert_eq!(
+            orders,
+            crate::publisher::nats::config::StreamSettings {
+                subjects: vec!["orders.>".into()],
+                ..Default::default()
+            }
+        );
+        n.topics.clear();
+        assert_eq!(format!("{n:?}"), format!("{:?}", NatsConfig::default()));
     }
 
     #[test]

@@ -214,3 +214,160 @@ async fn a_running_relay_logs_a_periodic_summary_with_published_failed_and_pendi
     assert!(child.wait().unwrap().success());
     db.drop_schema().await;
 }
+
+/// `check` with both brokers: each reachable, each NATS topic's mode shown, provisioning
+/// differences reported without changing anything; an unreachable broker is a problem.
+#[tokio::test]
+async fn check_reports_brokers_topic_modes_and_drift_without_changing_anything() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let stream = format!("CLI{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let topic = common::kafka::unique_topic();
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        format!(
+            r#"
+[database]
+url = "{url}"
+schema = "{schema}"
+
+[backends.kafka]
+type = "kafka"
+bootstrap_servers = "{brokers}"
+provisioning = "validate_only"
+[backends.kafka.topics."{topic}"]
+partitions = 3
+sasl_password_is_not_a_key = 1
+"#,
+            url = db.url,
+            schema = db.schema(),
+            brokers = common::kafka::brokers(),
+        ),
+    )
+    .unwrap();
+    // A key that does not exist, even deep in a backend, stops the start naming it.
+    let o = relay(dir.path(), &["check"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("sasl_password_is_not_a_key"),
+        "{}",
+        text(&o)
+    );
+
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        format!(
+            r#"
+[database]
+url = "{url}"
+schema = "{schema}"
+
+[backends.kafka]
+type = "kafka"
+bootstrap_servers = "{brokers}"
+sasl_password = "hunter2"
+provisioning = "validate_only"
+[backends.kafka.topics."{topic}"]
+partitions = 3
+
+[backends.nats]
+type = "nats"
+servers = ["{nats}"]
+provisioning = "create_only"
+[backends.nats.topics."live.*"]
+persistence = "ephemeral"
+[backends.nats.streams.{stream}]
+subjects = ["{stream_l}.>"]
+
+[[routes]]
+topic = "live.*"
+backend = "nats"
+[[routes]]
+topic = "*"
+backend = "kafka"
+"#,
+            url = db.url,
+            schema = db.schema(),
+            brokers = common::kafka::brokers(),
+            nats = common::nats::nats_url(),
+            stream_l = stream.to_lowercase(),
+        ),
+    )
+    .unwrap();
+    let o = relay(dir.path(), &["check"], &[]);
+    let out = text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the Kafka drift is a problem: {out}"
+    );
+    assert!(out.contains("ok       backend    kafka (kafka)"), "{out}");
+    assert!(out.contains("ok       backend    nats (nats)"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "PROBLEM  drift      kafka: {topic}: does not exist"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "notice   drift      nats: {stream}: does not exist"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("live.* -> nats: ephemeral (core NATS)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("(others) -> nats: persistent (JetStream)"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"), "a secret printed: {out}");
+
+    // Nothing was created.
+    let client = async_nats::connect(common::nats::nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    assert!(
+        js.get_stream(&stream).await.is_err(),
+        "check created a stream"
+    );
+
+    // An unreachable broker is a problem, and says so.
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        format!(
+            "[database]\nurl = \"{}\"\nschema = \"{}\"\n[backends.nats]\ntype = \"nats\"\n\
+             servers = [\"nats://127.0.0.1:{}\"]\nconnect_timeout = \"500ms\"\n",
+            db.url,
+            db.schema(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let o = relay(dir.path(), &["check"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("PROBLEM  backend    nats (nats): not connected to NATS"),
+        "{}",
+        text(&o)
+    );
+    db.drop_schema().await;
+}
+
+#[test]
+fn an_unknown_librdkafka_property_stops_start_up_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        "[backends.k]\ntype = \"kafka\"\n[backends.k.properties]\n\"linger.msec\" = \"5\"\n",
+    )
+    .unwrap();
+    let o = relay(dir.path(), &["check"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("backends.k.properties.\"linger.msec\""),
+        "{}",
+        text(&o)
+    );
+}

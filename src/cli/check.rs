@@ -1,6 +1,8 @@
 use crate::config::{redact_url, Config};
+use crate::config::{BackendConfig, Provisioning};
+use crate::publisher::nats::config::Persistence;
 use crate::publisher::Health;
-use crate::relay::{build_backends, session};
+use crate::relay::{open_backend, session};
 use crate::store::Store;
 use std::path::Path;
 use std::process::ExitCode;
@@ -35,18 +37,51 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
             }
         }
     }
-    for b in build_backends(cfg).await? {
-        match b.publisher.health().await {
-            Health::Up => println!("ok       backend    {} ({})", b.name, b.publisher.kind()),
+    for (name, b) in &cfg.backends {
+        // Provisioning as validate_only: check reports differences and changes nothing.
+        let (publisher, report) =
+            match open_backend(name, b, cfg, Some(Provisioning::ValidateOnly)).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    problems += 1;
+                    println!("PROBLEM  backend    {e}");
+                    continue;
+                }
+            };
+        match publisher.health().await {
+            Health::Up => println!("ok       backend    {name} ({})", publisher.kind()),
             Health::Down(why) => {
                 problems += 1;
-                println!(
-                    "PROBLEM  backend    {} ({}): {why}",
-                    b.name,
-                    b.publisher.kind()
-                );
+                println!("PROBLEM  backend    {name} ({}): {why}", publisher.kind());
             }
         }
+        let strategy = match b {
+            BackendConfig::Kafka(k) => k.provisioning,
+            BackendConfig::Nats(n) => n.provisioning,
+            _ => Provisioning::Skip,
+        };
+        for line in &report.drift {
+            if strategy == Provisioning::ValidateOnly {
+                problems += 1;
+                println!("PROBLEM  drift      {name}: {line}");
+            } else if strategy != Provisioning::Skip {
+                println!("notice   drift      {name}: {line} (run fixes it: {strategy:?})");
+            }
+        }
+        if let BackendConfig::Nats(n) = b {
+            for (topic, t) in &n.topics {
+                println!(
+                    "ok       topic      {topic} -> {name}: {} ({:?} configured)",
+                    mode(n.persistence_for(topic)),
+                    t.persistence
+                );
+            }
+            println!(
+                "ok       topic      (others) -> {name}: {}",
+                mode(n.default_persistence())
+            );
+        }
+        publisher.close(std::time::Duration::from_secs(1)).await;
     }
     for r in &cfg.routes {
         println!(
@@ -59,5 +94,12 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
         Ok(ExitCode::from(1))
     } else {
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn mode(p: Persistence) -> &'static str {
+    match p {
+        Persistence::Ephemeral => "ephemeral (core NATS)",
+        _ => "persistent (JetStream)",
     }
 }

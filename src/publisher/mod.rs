@@ -24,7 +24,9 @@
 //! * [`Publisher::health`] reports whether the backend can currently reach its broker, for
 //!   `check` and readiness; it must not publish anything.
 
+pub mod kafka;
 pub mod memory;
+pub mod nats;
 pub mod stdout;
 
 use crate::envelope::{BodyFormat, Event};
@@ -194,4 +196,25 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Flush and resolve everything outstanding, waiting at most `timeout`.
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()>;
+}
+
+/// What start-up provisioning (Kafka topics, JetStream streams) did or found, one line per
+/// topic or stream and change.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProvisionReport {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    /// Differences left in place (`validate_only`, or what the broker cannot change, such as
+    /// fewer partitions).
+    pub drift: Vec<String>,
+}
+
+impl ProvisionReport {
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        out.extend(self.created.iter().map(|t| format!("created {t}")));
+        out.extend(self.updated.iter().map(|t| format!("updated {t}")));
+        out.extend(self.drift.iter().map(|t| format!("drift {t}")));
+        out
+    }
 }

@@ -14,9 +14,12 @@ pub mod dispatch;
 pub mod retry;
 pub mod wake;
 
-use crate::config::{Config, RelayConfig, RouteConfig};
+use crate::config::{BackendConfig, Config, Provisioning, RelayConfig, RouteConfig};
+use crate::publisher::kafka::{self, KafkaPublisher};
 use crate::publisher::memory::MemoryPublisher;
+use crate::publisher::nats::{self, NatsPublisher};
 use crate::publisher::stdout::StdoutPublisher;
+use crate::publisher::ProvisionReport;
 use crate::publisher::{AckSender, AckTicket, Outgoing, Publisher};
 use crate::routing::Router;
 use crate::store::{ClaimTx, Claimed, Cursor, Session, Store, StoreError};
@@ -74,20 +77,61 @@ pub struct Backend {
     pub publisher: Arc<dyn Publisher>,
 }
 
-/// Builds the publisher for each configured backend.
+/// Builds the publisher for each configured backend, provisioning its topics or streams as
+/// configured (what changed or differs is logged).
 pub async fn build_backends(cfg: &Config) -> Result<Vec<Backend>, RelayError> {
     let mut out = Vec::new();
     for (name, b) in &cfg.backends {
-        let publisher: Arc<dyn Publisher> = match b {
-            crate::config::BackendConfig::Memory {} => Arc::new(MemoryPublisher::new()),
-            crate::config::BackendConfig::Stdout {} => Arc::new(StdoutPublisher::new()),
-        };
+        let (publisher, report) = open_backend(name, b, cfg, None).await?;
+        for line in report.created.iter().chain(&report.updated) {
+            tracing::info!(backend = %name, "provisioning: {line}");
+        }
+        for line in &report.drift {
+            tracing::warn!(backend = %name, "provisioning: drift {line}");
+        }
         out.push(Backend {
             name: name.clone(),
             publisher,
         });
     }
     Ok(out)
+}
+
+/// Connects one backend and applies its provisioning (`strategy` overrides the configured one;
+/// `check` passes `validate_only`, so it changes nothing).
+pub async fn open_backend(
+    name: &str,
+    b: &BackendConfig,
+    cfg: &Config,
+    strategy: Option<Provisioning>,
+) -> Result<(Arc<dyn Publisher>, ProvisionReport), RelayError> {
+    let fail = |message: String| RelayError::Backend {
+        name: name.to_string(),
+        message,
+    };
+    Ok(match b {
+        BackendConfig::Memory {} => (Arc::new(MemoryPublisher::new()), ProvisionReport::default()),
+        BackendConfig::Stdout {} => (Arc::new(StdoutPublisher::new()), ProvisionReport::default()),
+        BackendConfig::Kafka(k) => {
+            let strategy = strategy.unwrap_or(k.provisioning);
+            let report = kafka::provision::provision(k, strategy, cfg.relay.publish_timeout)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let publisher = KafkaPublisher::new(k, cfg.relay.publish_timeout)
+                .map_err(|e| fail(e.to_string()))?;
+            (Arc::new(publisher), report)
+        }
+        BackendConfig::Nats(n) => {
+            let strategy = strategy.unwrap_or(n.provisioning);
+            let publisher = NatsPublisher::connect(n)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let report = nats::provision::provision(publisher.jetstream(), n, strategy)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            (Arc::new(publisher), report)
+        }
+    })
 }
 
 pub struct Relay {
@@ -345,7 +389,7 @@ impl Relay {
                         Err(e) => {
                             claim_errors += 1;
                             let wait = Duration::from_millis(100u64 << claim_errors.min(6)).min(Duration::from_secs(5));
-                            if claim_errors == 1 || claim_errors % 20 == 0 {
+                            if claim_errors == 1 || claim_errors.is_multiple_of(20) {
                                 tracing::warn!(error = %e, retry_in = ?wait, failures = claim_errors, "claim failed");
                             }
                             claim_not_before = tokio::time::Instant::now() + wait;

@@ -45,7 +45,7 @@ pub async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, stop: Canc
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 20 == 0 {
+                if failures == 1 || failures.is_multiple_of(20) {
                     tracing::warn!(error = %e, failures, "cannot listen for notifications; polling meanwhile");
                 }
             }

@@ -122,8 +122,14 @@ pub async fn delivers_every_event_in_order_with_key_and_headers<B: BackendUnderT
         let sent_body: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
         assert_eq!(body, sent_body);
     }
+    assert_in_order(&got);
+    db.drop_schema().await;
+}
+
+/// Per aggregate (the key), the `seq` numbers of the bodies arrive as 0, 1, 2, ...
+pub fn assert_in_order(got: &[Received]) {
     let mut last: HashMap<String, i64> = HashMap::new();
-    for r in &got {
+    for r in got {
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         let seq = v["seq"].as_i64().unwrap();
         let prev = last.insert(r.key.clone(), seq);
@@ -134,7 +140,6 @@ pub async fn delivers_every_event_in_order_with_key_and_headers<B: BackendUnderT
             r.key
         );
     }
-    db.drop_schema().await;
 }
 
 /// With the envelope format, the body is the EventBus JSON and its payload decodes back.

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod kafka;
+pub mod nats;
 
 use outbox_relay::config::{Config, Dur, RouteConfig};
 use outbox_relay::envelope::BodyFormat;
@@ -166,8 +168,13 @@ impl TestDb {
 /// One event of aggregate `agg` with its sequence number in the payload:
 /// `{"agg": "a3", "seq": 7}`, which the ordering checks read back.
 pub fn numbered(agg: &str, seq: usize) -> NewEvent {
+    numbered_on("orders.created", agg, seq)
+}
+
+/// [`numbered`] on another topic.
+pub fn numbered_on(topic: &str, agg: &str, seq: usize) -> NewEvent {
     NewEvent::json(
-        "orders.created",
+        topic,
         agg,
         "OrderCreated",
         &serde_json::json!({"agg": agg, "seq": seq}),
@@ -382,5 +389,32 @@ impl Drop for PrivatePostgres {
             &self.bin.join("pg_ctl"),
             &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
         );
+    }
+}
+
+/// Ends the whole test process with a message when a test runs past `limit`. Waits inside a
+/// test have deadlines of their own; this bounds what they cannot: a client library blocking in
+/// a destructor or a server that never answers. A hang then fails the run in minutes and says
+/// where, instead of holding CI until its own time limit.
+pub struct Watchdog {
+    disarm: Option<std::sync::mpsc::Sender<()>>,
+}
+
+pub fn watchdog(test: &'static str, limit: Duration) -> Watchdog {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("watchdog: test {test} still running after {limit:?}; aborting the run");
+            std::process::exit(99);
+        }
+    });
+    Watchdog { disarm: Some(tx) }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(tx) = self.disarm.take() {
+            let _ = tx.send(());
+        }
     }
 }

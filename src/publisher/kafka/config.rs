@@ -1,0 +1,567 @@
+//! Settings of a Kafka backend (`[backends.<name>]` with `type = "kafka"`), their validation,
+//! and the librdkafka properties they turn into.
+
+use crate::config::{invalid, ConfigError, Dur, Provisioning, Secret};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated host:port list.
+    pub bootstrap_servers: String,
+    /// ASCII only; brokers log and quota by it.
+    pub client_id: String,
+    /// Idempotent producer (acks=all, no duplicates or reordering from librdkafka's retries).
+    pub idempotence: bool,
+    pub security_protocol: SecurityProtocol,
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<Secret>,
+    pub ssl_ca_location: Option<String>,
+    pub ssl_certificate_location: Option<String>,
+    pub ssl_key_location: Option<String>,
+    pub ssl_key_password: Option<Secret>,
+    /// Any librdkafka producer property; wins over everything above.
+    pub properties: BTreeMap<String, String>,
+    /// How long `check` and readiness wait for the broker's metadata.
+    pub health_timeout: Dur,
+    pub provisioning: Provisioning,
+    /// Topic name (or glob over existing topics) -> settings to provision.
+    pub topics: BTreeMap<String, TopicSettings>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            client_id: "outbox-relay".into(),
+            idempotence: true,
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            ssl_key_password: None,
+            properties: BTreeMap::new(),
+            health_timeout: Dur::secs(5),
+            provisioning: Provisioning::Skip,
+            topics: BTreeMap::new(),
+        }
+    }
+}
+
+/// Property names whose values are secrets: masked wherever settings are printed.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.ends_with(".pem") || k.contains("token")
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) { "***" } else { v };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("client_id", &self.client_id)
+            .field("idempotence", &self.idempotence)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &self.sasl_password)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_certificate_location", &self.ssl_certificate_location)
+            .field("ssl_key_location", &self.ssl_key_location)
+            .field("ssl_key_password", &self.ssl_key_password)
+            .field("properties", &props)
+            .field("health_timeout", &self.health_timeout)
+            .field("provisioning", &self.provisioning)
+            .field("topics", &self.topics)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn as_rdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+    fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// Many partitions, lz4, one day of retention.
+    High,
+    /// Six partitions, snappy, three days.
+    Medium,
+    /// One partition, no compression, seven days.
+    Low,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+    /// Keep whatever codec the producer used.
+    Producer,
+}
+
+impl Compression {
+    pub fn as_kafka(self) -> &'static str {
+        match self {
+            Compression::None => "uncompressed",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+            Compression::Producer => "producer",
+        }
+    }
+    /// The topic config key of the codec's level (KIP-390) and the levels allowed.
+    pub fn level_key(self) -> Option<(&'static str, i32, i32)> {
+        match self {
+            Compression::Gzip => Some(("compression.gzip.level", 1, 9)),
+            Compression::Lz4 => Some(("compression.lz4.level", 1, 17)),
+            Compression::Zstd => Some(("compression.zstd.level", 1, 22)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CleanupPolicy {
+    Delete,
+    Compact,
+    CompactDelete,
+}
+
+impl CleanupPolicy {
+    pub fn as_kafka(self) -> &'static str {
+        match self {
+            CleanupPolicy::Delete => "delete",
+            CleanupPolicy::Compact => "compact",
+            CleanupPolicy::CompactDelete => "compact,delete",
+        }
+    }
+}
+
+/// What to provision for a topic. Unset keys come from the preset, else the broker's defaults
+/// (partitions and replication factor: 1).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicSettings {
+    pub preset: Option<Preset>,
+    pub partitions: Option<i32>,
+    pub replication_factor: Option<i32>,
+    pub retention: Option<Dur>,
+    /// -1 = unlimited.
+    pub retention_bytes: Option<i64>,
+    pub max_message_bytes: Option<i32>,
+    pub cleanup_policy: Option<CleanupPolicy>,
+    pub compression: Option<Compression>,
+    pub compression_level: Option<i32>,
+}
+
+impl TopicSettings {
+    /// The settings with the preset's values filled in where a key is unset.
+    pub fn resolved(&self) -> TopicSettings {
+        let (partitions, compression, retention) = match self.preset {
+            Some(Preset::High) => (12, Compression::Lz4, Dur::secs(86_400)),
+            Some(Preset::Medium) => (6, Compression::Snappy, Dur::secs(3 * 86_400)),
+            Some(Preset::Low) => (1, Compression::None, Dur::secs(7 * 86_400)),
+            None => return self.clone(),
+        };
+        TopicSettings {
+            preset: self.preset,
+            partitions: self.partitions.or(Some(partitions)),
+            compression: self.compression.or(Some(compression)),
+            retention: self.retention.or(Some(retention)),
+            ..self.clone()
+        }
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.partitions.unwrap_or(1)
+    }
+
+    pub fn replication_factor(&self) -> i32 {
+        self.replication_factor.unwrap_or(1)
+    }
+
+    /// The topic-level configs these settings ask for, as Kafka names and values.
+    pub fn configs(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(r) = self.retention {
+            out.push(("retention.ms", r.0.as_millis().to_string()));
+        }
+        if let Some(b) = self.retention_bytes {
+            out.push(("retention.bytes", b.to_string()));
+        }
+        if let Some(m) = self.max_message_bytes {
+            out.push(("max.message.bytes", m.to_string()));
+        }
+        if let Some(c) = self.cleanup_policy {
+            out.push(("cleanup.policy", c.as_kafka().to_string()));
+        }
+        if let Some(c) = self.compression {
+            out.push(("compression.type", c.as_kafka().to_string()));
+            if let (Some(level), Some((key, _, _))) = (self.compression_level, c.level_key()) {
+                out.push((key, level.to_string()));
+            }
+        }
+        out
+    }
+
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let s = self.resolved();
+        if let Some(p) = s.partitions {
+            if !(1..=100_000).contains(&p) {
+                return Err(invalid(
+                    format!("{key}.partitions"),
+                    format!("{p} is not allowed, must be 1 to 100000"),
+                ));
+            }
+        }
+        if let Some(r) = s.replication_factor {
+            if !(1..=32).contains(&r) {
+                return Err(invalid(
+                    format!("{key}.replication_factor"),
+                    format!("{r} is not allowed, must be 1 to 32"),
+                ));
+            }
+        }
+        if let Some(r) = s.retention {
+            if r.0.as_millis() == 0 {
+                return Err(invalid(format!("{key}.retention"), "must be more than 0"));
+            }
+        }
+        if let Some(b) = s.retention_bytes {
+            if b < -1 || b == 0 {
+                return Err(invalid(
+                    format!("{key}.retention_bytes"),
+                    format!("{b} is not allowed: -1 (unlimited) or more than 0"),
+                ));
+            }
+        }
+        if let Some(m) = s.max_message_bytes {
+            if m < 1 {
+                return Err(invalid(
+                    format!("{key}.max_message_bytes"),
+                    format!("{m} is not allowed, must be more than 0"),
+                ));
+            }
+        }
+        if let Some(level) = s.compression_level {
+            match s.compression.and_then(|c| c.level_key().map(|k| (c, k))) {
+                Some((c, (_, lo, hi))) if level < lo || level > hi => {
+                    return Err(invalid(
+                        format!("{key}.compression_level"),
+                        format!(
+                            "{level} is not allowed for {}, must be {lo} to {hi}",
+                            c.as_kafka()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    return Err(invalid(
+                        format!("{key}.compression_level"),
+                        format!(
+                            "is set but compression is {}; levels apply to gzip (1 to 9), \
+                             lz4 (1 to 17) and zstd (1 to 22)",
+                            s.compression.map(|c| c.as_kafka()).unwrap_or("not set")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kafka's own topic rules: 1 to 249 of `a-z A-Z 0-9 . _ -`, and not `.` or `..`.
+pub fn validate_kafka_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("topic is empty".into());
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("topic {topic:?} is not allowed by Kafka"));
+    }
+    for (i, ch) in topic.chars().enumerate() {
+        if !(ch.is_ascii_alphanumeric() || ch == '.' || ch == '_' || ch == '-') {
+            return Err(format!(
+                "topic {topic:?}: character {ch:?} (U+{:04X}) at position {} is not allowed by \
+                 Kafka; allowed are a-z, A-Z, 0-9, '.', '_' and '-'",
+                ch as u32,
+                i + 1
+            ));
+        }
+    }
+    if topic.len() > 249 {
+        return Err(format!(
+            "topic is {} characters long, Kafka allows at most 249",
+            topic.len()
+        ));
+    }
+    Ok(())
+}
+
+impl KafkaConfig {
+    /// Checks every key; `key` is this backend's prefix (`backends.<name>`).
+    pub fn validate(&self, key: &str, publish_timeout: Dur) -> Result<(), ConfigError> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(invalid(
+                format!("{key}.bootstrap_servers"),
+                "is empty; give host:port[,host:port...]",
+            ));
+        }
+        let id = &self.client_id;
+        if id.is_empty() || id.len() > 255 || !id.chars().all(|c| c.is_ascii_graphic()) {
+            let bad = id
+                .chars()
+                .enumerate()
+                .find(|(_, c)| !c.is_ascii_graphic())
+                .map(|(i, c)| format!(": character {c:?} at position {} is not", i + 1))
+                .unwrap_or_default();
+            return Err(invalid(
+                format!("{key}.client_id"),
+                format!("{id:?} is not allowed{bad}; 1 to 255 printable ASCII characters"),
+            ));
+        }
+        if self.security_protocol.uses_sasl() && self.sasl_mechanism.is_none() {
+            return Err(invalid(
+                format!("{key}.sasl_mechanism"),
+                format!(
+                    "is required with security_protocol {:?} (PLAIN, SCRAM-SHA-256, \
+                     SCRAM-SHA-512, OAUTHBEARER)",
+                    self.security_protocol.as_rdkafka()
+                ),
+            ));
+        }
+        if self.health_timeout.0.is_zero() {
+            return Err(invalid(
+                format!("{key}.health_timeout"),
+                "must be more than 0",
+            ));
+        }
+        for (topic, settings) in &self.topics {
+            let tkey = format!("{key}.topics.{topic:?}");
+            if !is_pattern(topic) {
+                validate_kafka_topic(topic).map_err(|m| invalid(&tkey, m))?;
+            }
+            settings.validate(&tkey)?;
+        }
+        // librdkafka checks every property's name and value; no connection is made.
+        let props = self.client_properties(publish_timeout);
+        let mut conf = rdkafka::ClientConfig::new();
+        for (k, v) in &props {
+            conf.set(k, v);
+        }
+        if let Err(e) = conf.create_native_config() {
+            let (prop, why) = match &e {
+                rdkafka::error::KafkaError::ClientConfig(_, why, prop, _) => {
+                    (prop.clone(), why.clone())
+                }
+                other => (String::new(), other.to_string()),
+            };
+            let k = if self.properties.contains_key(&prop) {
+                format!("{key}.properties.{prop:?}")
+            } else {
+                format!("{key} (librdkafka property {prop})")
+            };
+            return Err(invalid(k, why));
+        }
+        Ok(())
+    }
+
+    /// The librdkafka producer properties: our defaults, the typed settings, then `properties`.
+    pub fn client_properties(&self, publish_timeout: Dur) -> BTreeMap<String, String> {
+        let mut p = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            p.insert(k.to_string(), v);
+        };
+        set("bootstrap.servers", self.bootstrap_servers.clone());
+        set("client.id", self.client_id.clone());
+        set("enable.idempotence", self.idempotence.to_string());
+        set("acks", "all".into());
+        // Batches of up to 5 ms: throughput at a latency cost well inside the targets.
+        set("linger.ms", "5".into());
+        set("batch.num.messages", "10000".into());
+        // librdkafka gives up on a message before the relay's publish timeout does, so the
+        // relay hears the broker's reason rather than its own timeout.
+        let timeout_ms = (publish_timeout.0.as_millis() as u64 * 9 / 10).max(1000);
+        set("message.timeout.ms", timeout_ms.to_string());
+        set(
+            "security.protocol",
+            self.security_protocol.as_rdkafka().into(),
+        );
+        if let Some(m) = &self.sasl_mechanism {
+            set("sasl.mechanism", m.clone());
+        }
+        if let Some(u) = &self.sasl_username {
+            set("sasl.username", u.clone());
+        }
+        if let Some(pw) = &self.sasl_password {
+            set("sasl.password", pw.expose().to_string());
+        }
+        if let Some(v) = &self.ssl_ca_location {
+            set("ssl.ca.location", v.clone());
+        }
+        if let Some(v) = &self.ssl_certificate_location {
+            set("ssl.certificate.location", v.clone());
+        }
+        if let Some(v) = &self.ssl_key_location {
+            set("ssl.key.location", v.clone());
+        }
+        if let Some(pw) = &self.ssl_key_password {
+            set("ssl.key.password", pw.expose().to_string());
+        }
+        for (k, v) in &self.properties {
+            set(k, v.clone());
+        }
+        p
+    }
+
+    /// The settings for `topic`: its own entry, else the first pattern that matches it.
+    pub fn settings_for(&self, topic: &str) -> Option<&TopicSettings> {
+        self.topics.get(topic).or_else(|| {
+            self.topics
+                .iter()
+                .find(|(pat, _)| {
+                    is_pattern(pat) && crate::routing::glob_match(pat.as_bytes(), topic.as_bytes())
+                })
+                .map(|(_, s)| s)
+        })
+    }
+}
+
+pub fn is_pattern(topic: &str) -> bool {
+    topic.contains(['*', '?'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> TopicSettings {
+        toml::from_str(toml).unwrap()
+    }
+
+    #[test]
+    fn bad_topic_settings_name_the_key() {
+        let err = settings("compression = \"gzip\"\ncompression_level = 20")
+            .validate("backends.k.topics.\"orders\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("backends.k.topics.\"orders\".compression_level")
+                && err.contains("20")
+                && err.contains("1 to 9"),
+            "{err}"
+        );
+        let err = settings("partitions = 0")
+            .validate("t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.partitions") && err.contains("0 is not allowed"),
+            "{err}"
+        );
+        let err = toml::from_str::<TopicSettings>("compression = \"brotli\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("brotli") && err.contains("zstd"), "{err}");
+        let err = settings("compression_level = 3")
+            .validate("t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("t.compression_level"), "{err}");
+    }
+
+    #[test]
+    fn presets_fill_unset_keys_only() {
+        let s = settings("preset = \"high\"\npartitions = 3").resolved();
+        assert_eq!(s.partitions, Some(3));
+        assert_eq!(s.compression, Some(Compression::Lz4));
+        assert!(s.configs().contains(&("retention.ms", "86400000".into())));
+    }
+
+    #[test]
+    fn kafka_topic_rules() {
+        assert!(validate_kafka_topic("orders.v1_x-y").is_ok());
+        let e = validate_kafka_topic("orders/v1").unwrap_err();
+        assert!(e.contains("'/'") && e.contains("position 7"), "{e}");
+        assert!(validate_kafka_topic("..").is_err());
+        assert!(validate_kafka_topic(&"a".repeat(250)).is_err());
+    }
+
+    #[test]
+    fn secret_properties_are_masked() {
+        let mut c = KafkaConfig::default();
+        c.properties
+            .insert("sasl.password".into(), "hunter2".into());
+        c.sasl_password = Some(Secret::new("hunter3"));
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unknown_librdkafka_properties_are_rejected_naming_them() {
+        let mut c = KafkaConfig::default();
+        c.properties.insert("linger.msec".into(), "5".into());
+        let err = c
+            .validate("backends.k", Dur::secs(30))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("linger.msec"), "{err}");
+        let c = KafkaConfig {
+            client_id: "relé".into(),
+            ..KafkaConfig::default()
+        };
+        let err = c
+            .validate("backends.k", Dur::secs(30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("backends.k.client_id") && err.contains("'é'"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Kafka errors, classified: which may succeed on a later attempt and which never will.
+
+use crate::publisher::PublishError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// Errors that retrying cannot fix: the message, the topic or our rights are wrong.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::UnknownTopic
+            | C::UnknownPartition
+            | C::UnknownTopicOrPartition
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::PolicyViolation
+            | C::InvalidRequiredAcks
+            | C::UnsupportedForMessageFormat
+            | C::UnsupportedCompressionType
+            | C::InvalidArgument
+    )
+}
+
+/// A delivery report's error as a result for the ACK channel, with the broker's reason.
+/// Queue full, timeouts, transport failures, leader changes and anything not known to be
+/// permanent are retryable: a wrong "retryable" costs attempts, a wrong "permanent" an event.
+pub fn classify(err: &KafkaError) -> PublishError {
+    let code = err.rdkafka_error_code();
+    let reason = format!("kafka: {err}");
+    match code {
+        Some(c) if is_permanent(c) => PublishError::permanent(reason),
+        _ => PublishError::retryable(reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publisher::ErrorKind;
+
+    #[test]
+    fn classification() {
+        let e = classify(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ));
+        assert_eq!(e.kind, ErrorKind::Permanent);
+        assert!(e.reason.contains("too large"), "{}", e.reason);
+        for code in [
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::LeaderNotAvailable,
+            RDKafkaErrorCode::RequestTimedOut,
+        ] {
+            assert_eq!(
+                classify(&KafkaError::MessageProduction(code)).kind,
+                ErrorKind::Retryable,
+                "{code:?}"
+            );
+        }
+        for code in [
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::InvalidTopic,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            assert_eq!(
+                classify(&KafkaError::MessageProduction(code)).kind,
+                ErrorKind::Permanent,
+                "{code:?}"
+            );
+        }
+    }
+}

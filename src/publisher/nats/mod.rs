@@ -1,0 +1,322 @@
+//! NATS backend: JetStream for persistent topics (a PubAck per message), core NATS for
+//! ephemeral ones (the flush is the acknowledgement), chosen per topic as the EventBus did.
+//!
+//! * JetStream publishes are pipelined: each returns a PubAck future at once, which a collector
+//!   task awaits while more are sent. The context's window (`max_in_flight`) bounds how many
+//!   wait at once; a full window makes `publish` wait (backpressure) instead of hanging, which
+//!   is what collecting more futures than the window without awaiting any would do.
+//! * Every message carries `Nats-Msg-Id` = event id, so a re-publish after a crash is dropped
+//!   by the server within the stream's duplicate window; a PubAck marked duplicate is a success.
+//! * The client reconnects by itself with capped exponential backoff; publishes made while it
+//!   is away time out into retryable results, and the rows stay pending.
+
+pub mod config;
+pub mod error;
+pub mod provision;
+
+pub use config::NatsConfig;
+
+use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
+use async_nats::connection::State;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::{Client, ConnectOptions, HeaderMap};
+use config::Persistence;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+type PendingAck = (PublishAckFuture, AckTicket, Arc<str>);
+
+pub struct NatsPublisher {
+    client: Client,
+    js: async_nats::jetstream::Context,
+    cfg: Arc<NatsConfig>,
+    acks: mpsc::UnboundedSender<PendingAck>,
+    reconnects: Arc<AtomicU64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to NATS: {0}")]
+pub struct ConnectError(String);
+
+impl NatsPublisher {
+    /// Connects (or, when no server answers now, keeps trying in the background: the relay
+    /// starts and its publishes time out until a server is back).
+    pub async fn connect(cfg: &NatsConfig) -> Result<Self, ConnectError> {
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let counter = reconnects.clone();
+        let max_delay = cfg.reconnect_delay_max.0;
+        let mut opts = ConnectOptions::new()
+            .name(&cfg.name)
+            .connection_timeout(cfg.connect_timeout.0)
+            .request_timeout(Some(cfg.ack_timeout.0))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(move |attempts| {
+                let exp = Duration::from_millis(100) * 2u32.saturating_pow(attempts.min(16) as u32);
+                exp.min(max_delay)
+            })
+            .event_callback(move |event| {
+                let counter = counter.clone();
+                async move {
+                    // async-nats logs every connection event itself; we count the losses.
+                    if matches!(event, async_nats::Event::Disconnected) {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        if let Some(t) = &cfg.token {
+            opts = opts.token(t.expose().to_string());
+        }
+        if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+            opts = opts.user_and_password(u.clone(), p.expose().to_string());
+        }
+        if let Some(seed) = &cfg.nkey_seed {
+            opts = opts.nkey(seed.expose().to_string());
+        }
+        if let Some(path) = &cfg.creds_file {
+            opts = opts
+                .credentials_file(path)
+                .await
+                .map_err(|e| ConnectError(format!("reading creds_file {path:?}: {e}")))?;
+        }
+        if cfg.tls_required {
+            opts = opts.require_tls(true);
+        }
+        if let Some(ca) = &cfg.tls_ca_file {
+            opts = opts.add_root_certificates(ca.into());
+        }
+        if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            opts = opts.add_client_certificate(cert.into(), key.into());
+        }
+        let servers: Vec<async_nats::ServerAddr> = cfg
+            .servers
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| ConnectError(format!("a server URL: {e}")))?;
+        let client = async_nats::connect_with_options(servers, opts)
+            .await
+            .map_err(|e| ConnectError(e.to_string()))?;
+        // The client connects in the background (so a server that is down now is no start-up
+        // error); give it the connect timeout to come up before the first publish.
+        let deadline = tokio::time::Instant::now() + cfg.connect_timeout.0;
+        while client.connection_state() != State::Connected
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if client.connection_state() != State::Connected {
+            tracing::warn!(
+                servers = ?cfg.servers.iter().map(|s| crate::config::redact_url(s)).collect::<Vec<_>>(),
+                "nats: no server reachable yet; connecting in the background"
+            );
+        }
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(cfg.ack_timeout.0)
+            .max_ack_inflight(cfg.max_in_flight as usize)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let (acks, rx) = mpsc::unbounded_channel();
+        tokio::spawn(collect_acks(rx));
+        Ok(NatsPublisher {
+            client,
+            js,
+            cfg: Arc::new(cfg.clone()),
+            acks,
+            reconnects,
+        })
+    }
+
+    pub fn jetstream(&self) -> &async_nats::jetstream::Context {
+        &self.js
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Times the connection was lost since start.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+fn headers_of(o: &Outgoing) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in o.event.wire_headers() {
+        h.append(k.as_ref(), v.as_str());
+    }
+    h.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        o.event.event_id.to_string().as_str(),
+    );
+    h
+}
+
+/// Awaits PubAcks as they come and resolves their tickets.
+async fn collect_acks(mut rx: mpsc::UnboundedReceiver<PendingAck>) {
+    let mut waiting = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = rx.recv() => match next {
+                Some((fut, ticket, subject)) => waiting.push(async move {
+                    let result = fut.await;
+                    (result, ticket, subject)
+                }),
+                None if waiting.is_empty() => return,
+                None => {
+                    while let Some((result, ticket, subject)) = waiting.next().await {
+                        resolve(result, ticket, &subject);
+                    }
+                    return;
+                }
+            },
+            Some((result, ticket, subject)) = waiting.next(), if !waiting.is_empty() => {
+                resolve(result, ticket, &subject);
+            }
+        }
+    }
+}
+
+fn resolve(
+    result: Result<
+        async_nats::jetstream::publish::PublishAck,
+        async_nats::jetstream::context::PublishError,
+    >,
+    ticket: AckTicket,
+    subject: &str,
+) {
+    match result {
+        // A duplicate PubAck means the stream already has this event id: delivered.
+        Ok(_) => ticket.ack(),
+        Err(e) => ticket.nack(error::classify(subject, &e)),
+    }
+}
+
+impl Publisher for NatsPublisher {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {
+        async move {
+            let mut flushed: Vec<AckTicket> = Vec::new();
+            // While the client is away its command queue fills and every send would wait for
+            // its timeout, holding up the relay; the rows are retried after a backoff instead.
+            let mut away = self.client.connection_state() != State::Connected;
+            for o in burst {
+                if away {
+                    o.ticket.nack(PublishError::retryable(
+                        "nats: not connected to the server; retrying after reconnect",
+                    ));
+                    continue;
+                }
+                let subject: Arc<str> = o.event.topic.as_str().into();
+                if let Err(reason) = config::validate_subject(&subject) {
+                    o.ticket.nack(PublishError::permanent(reason));
+                    continue;
+                }
+                let headers = headers_of(&o);
+                let body = o.body();
+                match self.cfg.persistence_for(&subject) {
+                    Persistence::Ephemeral => {
+                        match self
+                            .client
+                            .publish_with_headers(subject.to_string(), headers, body.into())
+                            .await
+                        {
+                            Ok(()) => flushed.push(o.ticket),
+                            Err(e) => {
+                                away = true;
+                                o.ticket.nack(PublishError::retryable(format!(
+                                    "nats: publishing to {subject:?}: {e}"
+                                )))
+                            }
+                        }
+                    }
+                    Persistence::Persistent | Persistence::Auto => {
+                        let msg = PublishMessage::build()
+                            .payload(body.into())
+                            .headers(headers);
+                        match self.js.send_publish(subject.to_string(), msg).await {
+                            Ok(fut) => {
+                                if let Err(mpsc::error::SendError((_, ticket, _))) =
+                                    self.acks.send((fut, o.ticket, subject))
+                                {
+                                    ticket.nack(PublishError::retryable(
+                                        "nats: the acknowledgement collector has stopped",
+                                    ));
+                                }
+                            }
+                            Err(e) => {
+                                // The message never left: a timeout here is the client's queue.
+                                away |= e.kind() == PublishErrorKind::TimedOut;
+                                o.ticket.nack(error::classify(&subject, &e))
+                            }
+                        }
+                    }
+                }
+            }
+            if !flushed.is_empty() {
+                // Core NATS has no acknowledgement; a flushed write is as far as it goes. The
+                // flush waits for a reconnect while disconnected, so it runs off the relay's
+                // loop; the publish timeout bounds it.
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    match client.flush().await {
+                        Ok(()) => flushed.into_iter().for_each(AckTicket::ack),
+                        Err(e) => {
+                            for t in flushed {
+                                t.nack(PublishError::retryable(format!("nats: flush: {e}")));
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        .boxed()
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        async move {
+            match self.client.connection_state() {
+                State::Connected => {}
+                other => return Health::Down(format!("not connected to NATS ({other})")),
+            }
+            let wants_jetstream = self.cfg.default_persistence() == Persistence::Persistent
+                || self
+                    .cfg
+                    .topics
+                    .values()
+                    .any(|t| t.persistence == Persistence::Persistent);
+            if wants_jetstream {
+                // Any answer from the JetStream API (here: "stream not found") shows it is up;
+                // no responders or a timeout shows it is not. Cheap, and works across server
+                // versions, unlike parsing the account info.
+                use async_nats::jetstream::context::GetStreamErrorKind;
+                match self.js.get_stream("outbox-relay-health-probe").await {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(_)) => {}
+                    Err(e) => return Health::Down(format!("JetStream is not available: {e}")),
+                }
+            }
+            Health::Up
+        }
+        .boxed()
+    }
+
+    fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        async move {
+            // PubAcks still outstanding resolve in the collector (or time out into retryable
+            // results); a final flush sends what core NATS still buffers.
+            let _ = tokio::time::timeout(timeout, self.client.flush()).await;
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,289 @@
+//! Kafka test support: topics of the test's own on the shared broker (tansu on 127.0.0.1:9092,
+//! or TEST_KAFKA_BROKERS), a separate consumer in a consumer group reading them, and private
+//! broker instances for tests that stop the broker.
+
+use super::conformance::{BackendUnderTest, Received};
+use super::free_port;
+use outbox_relay::config::Dur;
+use outbox_relay::publisher::kafka::{KafkaConfig, KafkaPublisher};
+use outbox_relay::publisher::Publisher;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub fn brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn unique_topic() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub fn config(brokers: &str) -> KafkaConfig {
+    KafkaConfig {
+        bootstrap_servers: brokers.into(),
+        ..KafkaConfig::default()
+    }
+}
+
+pub fn publisher(brokers: &str) -> Arc<KafkaPublisher> {
+    Arc::new(KafkaPublisher::new(&config(brokers), Dur::secs(30)).expect("a producer"))
+}
+
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let res = admin
+        .create_topics([&t], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    for r in res {
+        r.expect("topic created");
+    }
+}
+
+/// A consumer in a consumer group of its own, polling on a thread until dropped, collecting
+/// every message of `topic`.
+pub struct GroupReader {
+    pub got: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+    done: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+/// How long dropping a reader waits for its consumer to leave the group. librdkafka's close
+/// (leave the group, commit offsets) waits on the broker without a deadline of its own, and a
+/// broker that was paused or replaced may never answer: past this the thread is left behind
+/// to finish with the process instead of holding the test.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+impl GroupReader {
+    pub fn start(brokers: &str, topic: &str) -> GroupReader {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("g-{}", uuid::Uuid::new_v4().simple()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "true")
+            // tansu waits half of this on every fetch, data or not.
+            .set("fetch.wait.max.ms", "50")
+            .set("session.timeout.ms", "30000")
+            .create()
+            .expect("a consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sink, halt) = (got.clone(), stop.clone());
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                // Errors (transport, while a broker restarts) are skipped: the consumer
+                // reconnects by itself.
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    let headers = m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|hd| {
+                                    (
+                                        hd.key.to_string(),
+                                        String::from_utf8_lossy(hd.value.unwrap_or_default())
+                                            .into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    sink.lock().unwrap().push(Received {
+                        topic: m.topic().to_string(),
+                        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                        headers,
+                        body: m.payload().unwrap_or_default().to_vec(),
+                    });
+                }
+            }
+            drop(consumer);
+            let _ = done_tx.send(());
+        });
+        GroupReader {
+            got,
+            stop,
+            done: Some(done),
+        }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for GroupReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(done) = self.done.take() {
+            if done.recv_timeout(CLOSE_WAIT).is_err() {
+                eprintln!("kafka test consumer: no clean close within {CLOSE_WAIT:?}; left behind");
+            }
+        }
+    }
+}
+
+/// Kafka as a backend under the conformance suite: its own topic, read by a consumer group.
+pub struct KafkaUnderTest {
+    pub publisher: Arc<KafkaPublisher>,
+    pub topic: String,
+    pub reader: GroupReader,
+}
+
+impl KafkaUnderTest {
+    pub async fn new() -> KafkaUnderTest {
+        let topic = unique_topic();
+        create_topic(&brokers(), &topic, 3).await;
+        KafkaUnderTest {
+            publisher: publisher(&brokers()),
+            reader: GroupReader::start(&brokers(), &topic),
+            topic,
+        }
+    }
+}
+
+impl BackendUnderTest for KafkaUnderTest {
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+    fn topic(&self) -> String {
+        self.topic.clone()
+    }
+    async fn received(&self) -> Vec<Received> {
+        self.reader.received()
+    }
+}
+
+/// The tansu binary the test script built (see scripts/services.sh); `TANSU_BIN` overrides.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+    let built = std::env::var("OUTBOX_RELAY_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache.join("outbox-relay"))
+        .join("tansu-0.6.0/bin/tansu");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("tansu")
+    }
+}
+
+/// A tansu broker of the test's own on a free port, for tests that stop it. It stores in
+/// memory: tansu 0.6's SQLite engine panics on its own data after a restart ("more or less
+/// than one row", lite.rs:503), so a restart here is a fresh, empty broker.
+pub struct PrivateKafka {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateKafka {
+    pub fn start() -> PrivateKafka {
+        let mut k = PrivateKafka {
+            dir: tempfile::Builder::new()
+                .prefix("outbox-relay-kafka-")
+                .tempdir()
+                .unwrap(),
+            port: free_port(),
+            child: None,
+        };
+        k.start_server();
+        k
+    }
+
+    /// The broker's log (both runs), in its directory while the test runs.
+    fn log(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .unwrap()
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_server(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(tansu_bin())
+            .current_dir(self.dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(self.log())
+            .spawn()
+            .expect("start tansu (built by scripts/test.sh)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tansu did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open and nothing answers.
+    pub fn pause(&self) {
+        assert!(self.signal("-STOP"), "SIGSTOP to the broker");
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        assert!(self.signal("-CONT"), "SIGCONT to the broker");
+    }
+
+    fn signal(&self, sig: &str) -> bool {
+        let Some(child) = self.child.as_ref() else {
+            return false;
+        };
+        Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Kills the broker at once, as a crash would.
+    pub fn stop_server(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        // A paused broker must go on before it can be killed cleanly.
+        self.signal("-CONT");
+        self.stop_server();
+    }
+}

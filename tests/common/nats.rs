@@ -1,0 +1,233 @@
+//! NATS test support: a stream of the test's own on the shared server (subjects under a
+//! unique prefix), an independent pull-consumer reader, and private nats-server instances for
+//! tests that stop the server.
+
+use super::conformance::{BackendUnderTest, Received};
+use super::free_port;
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use outbox_relay::publisher::nats::{NatsConfig, NatsPublisher};
+use outbox_relay::publisher::Publisher;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The shared server; `TEST_NATS_URL` overrides.
+pub fn nats_url() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A unique subject prefix and stream name for one test.
+pub fn unique() -> (String, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+    (format!("t{id}"), format!("T{id}"))
+}
+
+pub fn config(url: &str) -> NatsConfig {
+    NatsConfig {
+        servers: vec![url.to_string()],
+        ack_timeout: outbox_relay::config::Dur::secs(5),
+        reconnect_delay_max: outbox_relay::config::Dur::ms(500),
+        ..NatsConfig::default()
+    }
+}
+
+/// Creates a stream `name` over `<prefix>.>` on `url`.
+pub async fn create_stream(url: &str, name: &str, prefix: &str) -> jetstream::Context {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let js = jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{prefix}.>")],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .expect("create the test stream");
+    js
+}
+
+/// Reads a stream from its start with a pull consumer, independent of the relay.
+pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received> {
+    let s = js.get_stream(stream).await.expect("the stream");
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("a pull consumer");
+    let mut info = s.clone();
+    let total = info.info().await.unwrap().state.messages as usize;
+    let mut out = Vec::with_capacity(total);
+    if total == 0 {
+        return out;
+    }
+    let mut msgs = c.messages().await.expect("consume");
+    while out.len() < total {
+        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
+            .await
+            .expect("the stream's messages within 10 s")
+            .expect("a message")
+            .expect("no consume error");
+        out.push(received(&m.message));
+    }
+    out
+}
+
+pub fn received(m: &async_nats::Message) -> Received {
+    let headers = m
+        .headers
+        .as_ref()
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| (k.to_string(), v[0].to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut r = Received {
+        topic: m.subject.to_string(),
+        key: String::new(),
+        headers,
+        body: m.payload.to_vec(),
+    };
+    r.key = r.headers.get("X-Aggregate-ID").cloned().unwrap_or_default();
+    r
+}
+
+/// JetStream as a backend under the conformance suite: its own stream, read by a pull consumer.
+pub struct JetStream {
+    pub publisher: Arc<NatsPublisher>,
+    pub js: jetstream::Context,
+    pub prefix: String,
+    pub stream: String,
+}
+
+impl JetStream {
+    pub async fn new() -> JetStream {
+        let (prefix, stream) = unique();
+        let js = create_stream(&nats_url(), &stream, &prefix).await;
+        let publisher = NatsPublisher::connect(&config(&nats_url()))
+            .await
+            .expect("connect the publisher");
+        JetStream {
+            publisher: Arc::new(publisher),
+            js,
+            prefix,
+            stream,
+        }
+    }
+
+    pub async fn delete(self) {
+        let _ = self.js.delete_stream(&self.stream).await;
+    }
+}
+
+impl BackendUnderTest for JetStream {
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+    fn topic(&self) -> String {
+        format!("{}.conformance", self.prefix)
+    }
+    async fn received(&self) -> Vec<Received> {
+        read_stream(&self.js, &self.stream).await
+    }
+}
+
+/// Collects what a core NATS subscription receives.
+pub async fn subscribe(url: &str, subject: &str) -> Arc<Mutex<Vec<Received>>> {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
+    client.flush().await.unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        while let Some(m) = sub.next().await {
+            sink.lock().unwrap().push(received(&m));
+        }
+    });
+    got
+}
+
+/// A nats-server with JetStream of the test's own, on a free port, for tests that stop it.
+pub struct PrivateNats {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn nats_server_bin() -> PathBuf {
+    [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+impl PrivateNats {
+    pub fn start() -> PrivateNats {
+        let mut n = PrivateNats {
+            dir: tempfile::Builder::new()
+                .prefix("outbox-relay-nats-")
+                .tempdir()
+                .unwrap(),
+            port: free_port(),
+            child: None,
+        };
+        n.start_server();
+        n
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_server(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server at once (no shutdown), as a crash would.
+    pub fn stop_server(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop_server();
+    }
+}

@@ -1,0 +1,351 @@
+//! The Kafka backend against a real Kafka-protocol broker (tansu on 127.0.0.1:9092, or
+//! TEST_KAFKA_BROKERS), read back by a separate consumer in a consumer group. Each test has its
+//! own topic; the restart test runs a broker of its own.
+
+mod common;
+
+use common::conformance;
+use common::kafka::{self as k, GroupReader, KafkaUnderTest, PrivateKafka};
+use common::{numbered_on, spawn, wait_for, watchdog, TestDb};
+use outbox_relay::config::{BackendConfig, Config, Dur, Provisioning, RouteConfig};
+use outbox_relay::publisher::kafka::config::{CleanupPolicy, Compression, TopicSettings};
+use outbox_relay::publisher::kafka::{provision, KafkaPublisher};
+use outbox_relay::relay::open_backend;
+use outbox_relay::store::NewEvent;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn routes() -> Vec<RouteConfig> {
+    vec![common::route("*", "kafka")]
+}
+
+#[tokio::test]
+async fn kafka_delivers_every_event_in_order_with_key_and_headers() {
+    conformance::delivers_every_event_in_order_with_key_and_headers(&KafkaUnderTest::new().await)
+        .await;
+}
+
+#[tokio::test]
+async fn kafka_envelope_body_decodes_to_the_original_payload() {
+    conformance::envelope_body_decodes_to_the_original_payload(&KafkaUnderTest::new().await).await;
+}
+
+#[tokio::test]
+async fn kafka_gives_one_result_per_message() {
+    conformance::one_result_per_message(&KafkaUnderTest::new().await).await;
+}
+
+#[tokio::test]
+async fn ten_thousand_events_arrive_once_keyed_in_order_and_end_published() {
+    let b = KafkaUnderTest::new().await;
+    let db = TestDb::new().await;
+    let events: Vec<NewEvent> = (0..50)
+        .flat_map(|seq| (0..200).map(move |a| (a, seq)))
+        .map(|(a, seq)| numbered_on(&b.topic, &format!("a{a}"), seq))
+        .collect();
+    for chunk in events.chunks(1000) {
+        db.enqueue(chunk).await;
+    }
+    let relay = db
+        .relay_with(
+            &db.config(),
+            vec![("kafka", b.publisher.clone())],
+            &routes(),
+        )
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "every row published", || async {
+        db.total().await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    wait_for(
+        DEADLINE,
+        "the consumer group to read all 10 000",
+        || async { b.reader.received().len() >= events.len() },
+    )
+    .await;
+    let got = b.reader.received();
+    assert_eq!(got.len(), events.len(), "each event once");
+    let ids: HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["X-Event-ID"].as_str())
+        .collect();
+    assert_eq!(ids.len(), events.len());
+    for r in &got {
+        assert_eq!(r.key, r.headers["X-Aggregate-ID"]);
+        assert_eq!(r.headers["X-Event-Type"], "OrderCreated");
+        assert_eq!(r.headers["X-Event-Version"], "1");
+        assert_eq!(r.topic, b.topic);
+    }
+    conformance::assert_in_order(&got);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn provisioning_creates_topics_with_partitions_and_retention_and_validates_drift() {
+    let topic = k::unique_topic();
+    let mut cfg = k::config(&k::brokers());
+    cfg.topics.insert(
+        topic.clone(),
+        TopicSettings {
+            partitions: Some(3),
+            retention: Some(Dur::secs(2 * 86_400)),
+            cleanup_policy: Some(CleanupPolicy::Delete),
+            compression: Some(Compression::Zstd),
+            compression_level: Some(5),
+            ..TopicSettings::default()
+        },
+    );
+    let mut full = Config::default();
+    full.backends
+        .insert("kafka".into(), BackendConfig::Kafka(cfg.clone()));
+
+    // validate_only first: it does not exist, and stays so.
+    let (_, report) = open_backend(
+        "kafka",
+        &full.backends["kafka"],
+        &full,
+        Some(Provisioning::ValidateOnly),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.drift, vec![format!("{topic}: does not exist")]);
+    assert!(provision::describe_topic(&cfg, &topic, Dur::secs(30))
+        .await
+        .is_err());
+
+    let (_, report) = open_backend(
+        "kafka",
+        &full.backends["kafka"],
+        &full,
+        Some(Provisioning::CreateOnly),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.created, vec![topic.clone()]);
+    let (partitions, configs) = provision::describe_topic(&cfg, &topic, Dur::secs(30))
+        .await
+        .unwrap();
+    assert_eq!(partitions, 3, "partitions in the metadata");
+    assert_eq!(configs["retention.ms"], "172800000", "{configs:?}");
+    assert_eq!(configs["cleanup.policy"], "delete");
+    assert_eq!(configs["compression.type"], "zstd");
+    assert_eq!(configs["compression.zstd.level"], "5");
+
+    // The same settings again: nothing to do.
+    let (_, report) = open_backend(
+        "kafka",
+        &full.backends["kafka"],
+        &full,
+        Some(Provisioning::ValidateOnly),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report, Default::default(), "no drift");
+
+    // A changed setting: reported by validate_only, left alone.
+    cfg.topics.get_mut(&topic).unwrap().retention = Some(Dur::secs(86_400));
+    cfg.topics.get_mut(&topic).unwrap().partitions = Some(6);
+    full.backends
+        .insert("kafka".into(), BackendConfig::Kafka(cfg.clone()));
+    let (_, report) = open_backend(
+        "kafka",
+        &full.backends["kafka"],
+        &full,
+        Some(Provisioning::ValidateOnly),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.drift.len(), 1, "{report:?}");
+    assert!(
+        report.drift[0].contains("partitions 3, configured 6")
+            && report.drift[0].contains("retention.ms 172800000, configured 86400000"),
+        "{report:?}"
+    );
+    let (partitions, configs) = provision::describe_topic(&cfg, &topic, Dur::secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        (partitions, configs["retention.ms"].as_str()),
+        (3, "172800000")
+    );
+}
+
+#[tokio::test]
+async fn invalid_topic_settings_stop_the_start_naming_topic_and_key() {
+    let topic = "orders.events";
+    let mut cfg = k::config(&k::brokers());
+    cfg.topics.insert(
+        topic.into(),
+        TopicSettings {
+            compression: Some(Compression::Gzip),
+            compression_level: Some(20),
+            ..TopicSettings::default()
+        },
+    );
+    let mut full = Config::default();
+    full.backends
+        .insert("kafka".into(), BackendConfig::Kafka(cfg));
+    full.apply_defaults();
+    let err = full.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("backends.kafka.topics.\"orders.events\".compression_level")
+            && err.contains("20 is not allowed for gzip, must be 1 to 9"),
+        "{err}"
+    );
+}
+
+/// tansu enforces no message size, so the limit here is the producer's own
+/// `message.max.bytes`: the row fails at once with librdkafka's reason, the others flow.
+#[tokio::test]
+async fn an_oversized_message_fails_with_the_reason_while_the_others_flow() {
+    let topic = k::unique_topic();
+    k::create_topic(&k::brokers(), &topic, 1).await;
+    let reader = GroupReader::start(&k::brokers(), &topic);
+    let mut cfg = k::config(&k::brokers());
+    cfg.properties
+        .insert("message.max.bytes".into(), "10000".into());
+    let publisher = Arc::new(KafkaPublisher::new(&cfg, Dur::secs(30)).unwrap());
+    let db = TestDb::new().await;
+    let ok: Vec<NewEvent> = (0..20)
+        .map(|i| numbered_on(&topic, &format!("a{i}"), 0))
+        .collect();
+    let big = NewEvent::new(topic.clone(), "big", "Big", vec![b'x'; 20_000]);
+    let bad_name = numbered_on("orders/created", "slash", 0);
+    db.enqueue(&ok).await;
+    db.enqueue(&[big.clone(), bad_name.clone()]).await;
+    let relay = db
+        .relay_with(&db.config(), vec![("kafka", publisher)], &routes())
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "only the two bad rows left, failed", || async {
+        db.count("status = 'failed'").await == 2 && db.total().await == 2
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let (_, attempts, reason) = db.row(big.event_id).await.unwrap();
+    let reason = reason.unwrap();
+    assert_eq!(attempts, 1, "a permanent error is not retried");
+    assert!(reason.contains("MessageSizeTooLarge"), "{reason}");
+    let (_, _, reason) = db.row(bad_name.event_id).await.unwrap();
+    assert!(reason.unwrap().contains("'/'"));
+    wait_for(DEADLINE, "the 20 good events at the consumer", || async {
+        reader.received().len() >= 20
+    })
+    .await;
+    db.drop_schema().await;
+}
+
+/// The broker stopped for a while mid-stream, then going on; and later killed and replaced by
+/// a fresh one on the same port. Rows wait, retries back off, the same relay catches up by
+/// itself (replacing its producer where the new broker does not know its producer id), and a
+/// consumer group has every event. Events the killed broker had acknowledged are gone with its
+/// memory (tansu's only engine that survives nothing); everything after is checked.
+#[tokio::test]
+async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
+    let _watchdog = watchdog("the_broker_stopped_and_restarted_mid_stream_loses_nothing", Duration::from_secs(300));
+    let mut broker = PrivateKafka::start();
+    let topic = k::unique_topic();
+    k::create_topic(&broker.brokers(), &topic, 3).await;
+    let reader = GroupReader::start(&broker.brokers(), &topic);
+    let db = TestDb::new().await;
+    let mut cfg = db.config();
+    cfg.relay.publish_timeout = Dur::secs(5);
+    cfg.relay.backoff_initial = Dur::ms(100);
+    cfg.relay.backoff_max = Dur::secs(1);
+    cfg.relay.max_attempts = 1000;
+    let publisher = Arc::new(
+        KafkaPublisher::new(&k::config(&broker.brokers()), cfg.relay.publish_timeout).unwrap(),
+    );
+    let relay = db
+        .relay_with(&cfg, vec![("kafka", publisher.clone())], &routes())
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
+    let batch = |round: usize| -> Vec<NewEvent> {
+        (0..300)
+            .map(|i| numbered_on(&topic, &format!("a{}", i % 30), round * 10 + i / 30))
+            .collect()
+    };
+    let all_arrived = |reader: &GroupReader, events: &[NewEvent]| {
+        let ids: HashSet<String> = reader
+            .received()
+            .iter()
+            .map(|r| r.headers["X-Event-ID"].clone())
+            .collect();
+        events.iter().all(|e| ids.contains(&e.event_id.to_string()))
+    };
+
+    // Stopped for a while mid-stream (SIGSTOP), then going on.
+    let mut paused = Vec::new();
+    for round in 0..4 {
+        let b = batch(round);
+        db.enqueue(&b).await;
+        paused.extend(b);
+        if round == 1 {
+            wait_for(DEADLINE, "some events through", || async {
+                db.total().await < paused.len() as i64
+            })
+            .await;
+            broker.pause();
+            let before = retried();
+            wait_for(DEADLINE, "retries while the broker is stopped", || async {
+                retried() > before
+            })
+            .await;
+        }
+    }
+    broker.resume();
+    wait_for(DEADLINE, "every row published after the pause", || async {
+        db.total().await == 0
+    })
+    .await;
+    wait_for(
+        DEADLINE,
+        "the consumer group to have every event",
+        || async { all_arrived(&reader, &paused) },
+    )
+    .await;
+    drop(reader);
+
+    // Killed; events keep coming; a fresh broker on the same port.
+    broker.stop_server();
+    let mut after = Vec::new();
+    for round in 4..7 {
+        let b = batch(round);
+        db.enqueue(&b).await;
+        after.extend(b);
+        if round == 4 {
+            let before = retried();
+            wait_for(DEADLINE, "retries while the broker is gone", || async {
+                retried() > before
+            })
+            .await;
+        }
+    }
+    broker.start_server();
+    k::create_topic(&broker.brokers(), &topic, 3).await;
+    let reader = GroupReader::start(&broker.brokers(), &topic);
+    wait_for(
+        DEADLINE,
+        "every row published after the restart",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    wait_for(
+        DEADLINE,
+        "the new broker's consumer group to have every event",
+        || async { all_arrived(&reader, &after) },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    db.drop_schema().await;
+}

@@ -1,0 +1,440 @@
+//! The NATS backend against the real nats-server with JetStream (127.0.0.1:4222, or
+//! TEST_NATS_URL), read back by an independent pull consumer or core subscriber. Each test has
+//! its own stream and subject prefix; the restart test runs a server of its own.
+
+mod common;
+
+use common::conformance;
+use common::nats::{self as n, JetStream, PrivateNats};
+use common::{numbered_on, spawn, wait_for, watchdog, TestDb};
+use outbox_relay::config::{BackendConfig, Dur, Provisioning, RouteConfig};
+use outbox_relay::envelope::BodyFormat;
+use outbox_relay::publisher::nats::config::{Persistence, StreamSettings, TopicSettings};
+use outbox_relay::publisher::nats::{provision, NatsPublisher};
+use outbox_relay::publisher::{AckTicket, Outgoing, Publisher};
+use outbox_relay::relay::open_backend;
+use outbox_relay::store::NewEvent;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+fn routes() -> Vec<RouteConfig> {
+    vec![common::route("*", "nats")]
+}
+
+#[tokio::test]
+async fn jetstream_delivers_every_event_in_order_with_key_and_headers() {
+    let b = JetStream::new().await;
+    conformance::delivers_every_event_in_order_with_key_and_headers(&b).await;
+    b.delete().await;
+}
+
+#[tokio::test]
+async fn jetstream_envelope_body_decodes_to_the_original_payload() {
+    let b = JetStream::new().await;
+    conformance::envelope_body_decodes_to_the_original_payload(&b).await;
+    b.delete().await;
+}
+
+#[tokio::test]
+async fn jetstream_gives_one_result_per_message() {
+    let b = JetStream::new().await;
+    conformance::one_result_per_message(&b).await;
+    b.delete().await;
+}
+
+#[tokio::test]
+async fn ten_thousand_events_arrive_once_in_order_and_end_published() {
+    let b = JetStream::new().await;
+    let db = TestDb::new().await;
+    let topic = format!("{}.orders", b.prefix);
+    let events: Vec<NewEvent> = (0..50)
+        .flat_map(|seq| (0..200).map(move |a| (a, seq)))
+        .map(|(a, seq)| numbered_on(&topic, &format!("a{a}"), seq))
+        .collect();
+    for chunk in events.chunks(1000) {
+        db.enqueue(chunk).await;
+    }
+    let relay = db
+        .relay_with(&db.config(), vec![("nats", b.publisher.clone())], &routes())
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "every row published", || async {
+        db.total().await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let got = n::read_stream(&b.js, &b.stream).await;
+    assert_eq!(got.len(), events.len(), "each event once in the stream");
+    let ids: HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["X-Event-ID"].as_str())
+        .collect();
+    assert_eq!(ids.len(), events.len());
+    for r in &got {
+        assert_eq!(r.headers["Nats-Msg-Id"], r.headers["X-Event-ID"]);
+        assert_eq!(r.headers["X-Event-Type"], "OrderCreated");
+        assert_eq!(r.topic, topic);
+    }
+    conformance::assert_in_order(&got);
+    db.drop_schema().await;
+    b.delete().await;
+}
+
+/// As after a crash between publish and mark: the events went out once already, the rows are
+/// still pending, and the relay publishes them again. The stream keeps one copy of each (the
+/// server drops the re-publish by Nats-Msg-Id) and the rows still end published.
+#[tokio::test]
+async fn a_republish_is_deduplicated_and_the_rows_still_end_published() {
+    let b = JetStream::new().await;
+    let db = TestDb::new().await;
+    let topic = format!("{}.orders", b.prefix);
+    let events: Vec<NewEvent> = (0..100)
+        .map(|i| numbered_on(&topic, &format!("a{}", i % 10), i / 10))
+        .collect();
+    db.enqueue(&events).await;
+
+    // The first round, straight through the publisher: delivered, never marked.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut burst = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let ev = Arc::new(outbox_relay::envelope::Event {
+            id: i as i64,
+            event_id: e.event_id,
+            topic: e.topic.clone(),
+            aggregate_id: e.aggregate_id.clone(),
+            aggregate_type: None,
+            event_type: e.event_type.clone(),
+            event_version: 1,
+            payload: e.payload.clone(),
+            headers: vec![],
+            content_type: None,
+            traceparent: None,
+            correlation_id: None,
+            occurred_at: chrono::Utc::now(),
+            attempts: 0,
+        });
+        let ticket = AckTicket::new(i as i64, 0, ev.event_id, topic.as_str().into(), tx.clone());
+        burst.push(Outgoing {
+            event: ev,
+            format: BodyFormat::Raw,
+            ticket,
+        });
+    }
+    b.publisher.publish(burst).await;
+    for _ in 0..events.len() {
+        let r = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(r.outcome.is_ok(), "{:?}", r.outcome);
+    }
+    assert_eq!(db.count("status = 'pending'").await, 100);
+
+    // The second round, by the relay: every PubAck says duplicate, which is a success.
+    let relay = db
+        .relay_with(&db.config(), vec![("nats", b.publisher.clone())], &routes())
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "every row published", || async {
+        db.total().await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(stats.published(), 100);
+    let got = n::read_stream(&b.js, &b.stream).await;
+    assert_eq!(got.len(), 100, "one copy of each event in the stream");
+    db.drop_schema().await;
+    b.delete().await;
+}
+
+#[tokio::test]
+async fn an_ephemeral_topic_goes_through_core_nats_to_a_subscriber() {
+    let (prefix, _) = n::unique();
+    let db = TestDb::new().await;
+    let mut cfg = n::config(&n::nats_url());
+    cfg.topics.insert(
+        format!("{prefix}.live.*"),
+        TopicSettings {
+            persistence: Persistence::Ephemeral,
+        },
+    );
+    assert_eq!(
+        cfg.persistence_for(&format!("{prefix}.live.prices")),
+        Persistence::Ephemeral
+    );
+    let got = n::subscribe(&n::nats_url(), &format!("{prefix}.live.>")).await;
+    let publisher = Arc::new(NatsPublisher::connect(&cfg).await.unwrap());
+    let events: Vec<NewEvent> = (0..50)
+        .map(|i| {
+            numbered_on(
+                &format!("{prefix}.live.prices"),
+                &format!("a{}", i % 5),
+                i / 5,
+            )
+        })
+        .collect();
+    db.enqueue(&events).await;
+    let relay = db
+        .relay_with(&db.config(), vec![("nats", publisher)], &routes())
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "every row published", || async {
+        db.total().await == 0
+    })
+    .await;
+    wait_for(DEADLINE, "the subscriber to get all 50", || async {
+        got.lock().unwrap().len() >= 50
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 50);
+    assert!(got.iter().all(|r| r.headers.contains_key("X-Event-ID")));
+    conformance::assert_in_order(&got);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn bad_subjects_and_oversized_messages_fail_with_the_reason_while_others_flow() {
+    let (prefix, stream) = n::unique();
+    let mut cfg = n::config(&n::nats_url());
+    cfg.provisioning = Provisioning::CreateOnly;
+    cfg.streams.insert(
+        stream.clone(),
+        StreamSettings {
+            subjects: vec![format!("{prefix}.>")],
+            max_message_size: 1000,
+            ..StreamSettings::default()
+        },
+    );
+    let publisher = NatsPublisher::connect(&cfg).await.unwrap();
+    provision::provision(publisher.jetstream(), &cfg, cfg.provisioning)
+        .await
+        .unwrap();
+    let db = TestDb::new().await;
+    let ok: Vec<NewEvent> = (0..20)
+        .map(|i| numbered_on(&format!("{prefix}.ok"), &format!("a{i}"), 0))
+        .collect();
+    let big = NewEvent::new(format!("{prefix}.ok"), "big", "Big", vec![b'x'; 4000]);
+    let bad_subject = numbered_on(&format!("{prefix}..double"), "bad", 0);
+    let nowhere = numbered_on("nostream.anywhere", "lost", 0);
+    db.enqueue(&ok).await;
+    db.enqueue(&[big.clone(), bad_subject.clone(), nowhere.clone()])
+        .await;
+    let relay = db
+        .relay_with(&db.config(), vec![("nats", Arc::new(publisher))], &routes())
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "only the three bad rows left, failed", || async {
+        db.count("status = 'failed'").await == 3 && db.total().await == 3
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let (_, attempts, reason) = db.row(big.event_id).await.unwrap();
+    let reason = reason.unwrap();
+    assert_eq!(attempts, 1, "a permanent error is not retried");
+    assert!(reason.contains("maximum"), "{reason}");
+    let (_, _, reason) = db.row(bad_subject.event_id).await.unwrap();
+    assert!(reason.unwrap().contains("token 2 is empty"));
+    let (_, _, reason) = db.row(nowhere.event_id).await.unwrap();
+    assert!(reason
+        .unwrap()
+        .contains("no JetStream stream covers subject \"nostream.anywhere\""),);
+    let client = async_nats::connect(n::nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let got = n::read_stream(&js, &stream).await;
+    assert_eq!(got.len(), 20);
+    let _ = js.delete_stream(&stream).await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn provisioning_creates_streams_with_limits_validates_drift_and_updates() {
+    let (prefix, stream) = n::unique();
+    let mut cfg = n::config(&n::nats_url());
+    let settings = StreamSettings {
+        subjects: vec![format!("{prefix}.>")],
+        storage: outbox_relay::publisher::nats::config::Storage::Memory,
+        retention: outbox_relay::publisher::nats::config::Retention::Limits,
+        max_age: Dur::secs(3600),
+        max_bytes: 10_000_000,
+        max_messages: 50_000,
+        max_message_size: 4096,
+        replicas: 1,
+        discard: outbox_relay::publisher::nats::config::Discard::New,
+        duplicate_window: Dur::secs(300),
+    };
+    cfg.streams.insert(stream.clone(), settings.clone());
+    cfg.topics.insert(
+        format!("{prefix}.orders"),
+        TopicSettings {
+            persistence: Persistence::Persistent,
+        },
+    );
+    let mut full = outbox_relay::config::Config::default();
+    full.backends
+        .insert("nats".into(), BackendConfig::Nats(cfg.clone()));
+
+    // validate_only before it exists: the named persistent topic has no stream, which stops
+    // the start naming the topic; nothing is created.
+    let err = open_backend(
+        "nats",
+        &full.backends["nats"],
+        &full,
+        Some(Provisioning::ValidateOnly),
+    )
+    .await
+    .err()
+    .expect("a start-up error")
+    .to_string();
+    assert!(err.contains(&format!("topic {prefix}.orders")), "{err}");
+    let client = async_nats::connect(n::nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    assert!(js.get_stream(&stream).await.is_err());
+
+    // create_only: the stream, as configured.
+    let (_, report) = open_backend(
+        "nats",
+        &full.backends["nats"],
+        &full,
+        Some(Provisioning::CreateOnly),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.created, vec![stream.clone()]);
+    let mut s = js.get_stream(&stream).await.unwrap();
+    let c = s.info().await.unwrap().config.clone();
+    assert_eq!(c.subjects, vec![format!("{prefix}.>")]);
+    assert_eq!(
+        c.storage,
+        async_nats::jetstream::stream::StorageType::Memory
+    );
+    assert_eq!(c.max_age, Duration::from_secs(3600));
+    assert_eq!(c.max_bytes, 10_000_000);
+    assert_eq!(c.max_messages, 50_000);
+    assert_eq!(c.max_message_size, 4096);
+    assert_eq!(c.discard, async_nats::jetstream::stream::DiscardPolicy::New);
+    assert_eq!(c.duplicate_window, Duration::from_secs(300));
+
+    // validate_only with a changed setting: reported, not changed.
+    let mut changed = cfg.clone();
+    changed.streams.get_mut(&stream).unwrap().max_messages = 70_000;
+    full.backends
+        .insert("nats".into(), BackendConfig::Nats(changed));
+    let (_, report) = open_backend(
+        "nats",
+        &full.backends["nats"],
+        &full,
+        Some(Provisioning::ValidateOnly),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.drift.len(), 1, "{report:?}");
+    assert!(
+        report.drift[0].contains("max_messages 50000, configured 70000"),
+        "{report:?}"
+    );
+    assert_eq!(s.info().await.unwrap().config.max_messages, 50_000);
+
+    // create_or_update: changed.
+    let (_, report) = open_backend(
+        "nats",
+        &full.backends["nats"],
+        &full,
+        Some(Provisioning::CreateOrUpdate),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.updated.len(), 1, "{report:?}");
+    assert_eq!(s.info().await.unwrap().config.max_messages, 70_000);
+    let _ = js.delete_stream(&stream).await;
+}
+
+/// The server killed mid-stream and started again a while later on the same port and store:
+/// nothing is lost, and the same relay catches up by itself.
+#[tokio::test]
+async fn the_server_restarted_mid_stream_loses_nothing() {
+    let _watchdog = watchdog("the_server_restarted_mid_stream_loses_nothing", Duration::from_secs(300));
+    let mut server = PrivateNats::start();
+    let (prefix, stream) = n::unique();
+    let js = n::create_stream(&server.url(), &stream, &prefix).await;
+    let db = TestDb::new().await;
+    let publisher = Arc::new(
+        NatsPublisher::connect(&n::config(&server.url()))
+            .await
+            .unwrap(),
+    );
+    let mut cfg = db.config();
+    cfg.relay.publish_timeout = Dur::secs(3);
+    cfg.relay.backoff_initial = Dur::ms(100);
+    cfg.relay.backoff_max = Dur::ms(500);
+    cfg.relay.max_attempts = 1000;
+    let relay = db
+        .relay_with(&cfg, vec![("nats", publisher.clone())], &routes())
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    let topic = format!("{prefix}.orders");
+    let mut all = Vec::new();
+    for round in 0..6 {
+        let batch: Vec<NewEvent> = (0..500)
+            .map(|i| numbered_on(&topic, &format!("a{}", i % 50), round * 10 + i / 50))
+            .collect();
+        db.enqueue(&batch).await;
+        all.extend(batch);
+        if round == 2 {
+            wait_for(DEADLINE, "some events through", || async {
+                db.total().await < all.len() as i64
+            })
+            .await;
+            server.stop_server();
+            // Events keep arriving while the server is away, and fail into retries.
+            let retried = stats.retried.load(std::sync::atomic::Ordering::Relaxed);
+            wait_for(DEADLINE, "retries while the server is away", || async {
+                stats.retried.load(std::sync::atomic::Ordering::Relaxed) > retried
+            })
+            .await;
+        }
+        if round == 4 {
+            server.start_server();
+        }
+    }
+    wait_for(
+        DEADLINE,
+        "every row published after the restart",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert!(publisher.reconnects() >= 1, "the client saw the disconnect");
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js2 = async_nats::jetstream::new(client);
+    let got = n::read_stream(&js2, &stream).await;
+    let ids: HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["X-Event-ID"].as_str())
+        .collect();
+    for e in &all {
+        assert!(
+            ids.contains(e.event_id.to_string().as_str()),
+            "event {} lost",
+            e.event_id
+        );
+    }
+    assert_eq!(
+        got.len(),
+        all.len(),
+        "the duplicate window dropped re-publishes"
+    );
+    drop(js);
+    db.drop_schema().await;
+}
