@@ -106,6 +106,9 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub relay: RelayConfig,
     pub log: LogConfig,
+    pub http: HttpConfig,
+    pub monitor: MonitorConfig,
+    pub tracing: TracingConfig,
     /// Named backends. None configured: one `stdout` backend named "stdout".
     pub backends: BTreeMap<String, BackendConfig>,
     /// Topic pattern -> backend, first match wins. None configured with exactly one backend:
@@ -154,6 +157,10 @@ pub struct RelayConfig {
     pub max_payload_bytes: usize,
     pub summary_interval: Dur,
     pub instance_id: Option<String>,
+    /// Published rows are deleted at once (0) or kept this long, then pruned in batches.
+    pub published_retention: Dur,
+    pub prune_interval: Dur,
+    pub prune_batch: u32,
 }
 
 impl Default for RelayConfig {
@@ -173,6 +180,9 @@ impl Default for RelayConfig {
             max_payload_bytes: 1024 * 1024,
             summary_interval: Dur::secs(10),
             instance_id: None,
+            published_retention: Dur::secs(0),
+            prune_interval: Dur::secs(10),
+            prune_batch: 10_000,
         }
     }
 }
@@ -197,6 +207,66 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Text,
             level: "info".into(),
+        }
+    }
+}
+
+/// The HTTP endpoints: /metrics, /livez, /readyz, /health.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port` to listen on; empty: no HTTP server.
+    pub address: String,
+}
+
+/// The relay's view of itself and the backlog: how often it is refreshed and when it alarms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// Probe Postgres and every backend (readiness, connection gauges) this often.
+    pub health_interval: Dur,
+    /// Count the backlog (pending, failed, oldest pending age) this often. One index-only scan
+    /// of the backlog: cheap on a small backlog, a noticeable read on tens of millions.
+    pub backlog_interval: Dur,
+    /// Backlog thresholds; 0 turns one off. Crossing one logs once and sets
+    /// `outbox_relay_backlog_state`.
+    pub pending_warning: u64,
+    pub pending_critical: u64,
+    pub age_warning: Dur,
+    pub age_critical: Dur,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            health_interval: Dur::secs(5),
+            backlog_interval: Dur::secs(15),
+            pending_warning: 0,
+            pending_critical: 0,
+            age_warning: Dur::secs(0),
+            age_critical: Dur::secs(0),
+        }
+    }
+}
+
+/// OpenTelemetry traces over OTLP/HTTP; off while `otlp_endpoint` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The collector's traces URL, e.g. `http://127.0.0.1:4318/v1/traces`; empty: no tracing.
+    pub otlp_endpoint: String,
+    pub service_name: String,
+    /// Share of traces started here (rows without a traceparent) that are sampled, 0.0 to 1.0.
+    /// Rows with a traceparent follow its sampled flag.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: String::new(),
+            service_name: "outbox-relay".into(),
+            sample_ratio: 1.0,
         }
     }
 }
@@ -406,6 +476,9 @@ impl Config {
             ("relay.publish_timeout", r.publish_timeout),
             ("relay.summary_interval", r.summary_interval),
             ("relay.blocked_retry", r.blocked_retry),
+            ("relay.prune_interval", r.prune_interval),
+            ("monitor.health_interval", self.monitor.health_interval),
+            ("monitor.backlog_interval", self.monitor.backlog_interval),
             (
                 "database.statement_timeout",
                 self.database.statement_timeout,
@@ -415,6 +488,63 @@ impl Config {
             if d.0.is_zero() {
                 return Err(invalid(key, "must be more than 0"));
             }
+        }
+        range("relay.prune_batch", r.prune_batch as u64, 1, 1_000_000)?;
+        let m = &self.monitor;
+        if m.pending_warning > 0 && m.pending_critical > 0 && m.pending_critical < m.pending_warning
+        {
+            return Err(invalid(
+                "monitor.pending_critical",
+                format!(
+                    "{} is less than monitor.pending_warning ({})",
+                    m.pending_critical, m.pending_warning
+                ),
+            ));
+        }
+        if !m.age_warning.0.is_zero()
+            && !m.age_critical.0.is_zero()
+            && m.age_critical < m.age_warning
+        {
+            return Err(invalid(
+                "monitor.age_critical",
+                format!(
+                    "{:?} is less than monitor.age_warning ({:?})",
+                    m.age_critical.0, m.age_warning.0
+                ),
+            ));
+        }
+        if !self.http.address.is_empty()
+            && self.http.address.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "http.address",
+                format!(
+                    "{:?} is not a listen address like 127.0.0.1:9464 or 0.0.0.0:9464 (empty: no HTTP server)",
+                    self.http.address
+                ),
+            ));
+        }
+        let t = &self.tracing;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(invalid(
+                "tracing.sample_ratio",
+                format!("{} is not allowed, must be 0.0 to 1.0", t.sample_ratio),
+            ));
+        }
+        let is_url = ["http://", "https://"]
+            .iter()
+            .any(|p| t.otlp_endpoint.starts_with(p));
+        if !t.otlp_endpoint.is_empty() && !is_url {
+            return Err(invalid(
+                "tracing.otlp_endpoint",
+                format!(
+                    "{:?} is not an http:// or https:// URL (empty: tracing off)",
+                    t.otlp_endpoint
+                ),
+            ));
+        }
+        if t.service_name.is_empty() {
+            return Err(invalid("tracing.service_name", "must not be empty"));
         }
         if let Some(id) = &r.instance_id {
             if id.is_empty() || id.len() > 40 || !id.chars().all(|c| c.is_ascii_graphic()) {
@@ -649,6 +779,9 @@ mod tests {
         assert_eq!(c.database.url.expose(), d.database.url.expose());
         assert_eq!(format!("{:?}", c.relay), format!("{:?}", d.relay));
         assert_eq!(format!("{:?}", c.log), format!("{:?}", d.log));
+        assert_eq!(format!("{:?}", c.http), format!("{:?}", d.http));
+        assert_eq!(format!("{:?}", c.monitor), format!("{:?}", d.monitor));
+        assert_eq!(format!("{:?}", c.tracing), format!("{:?}", d.tracing));
         assert_eq!(format!("{:?}", c.backends), format!("{:?}", d.backends));
         assert_eq!(format!("{:?}", c.routes), format!("{:?}", d.routes));
     }

@@ -6,7 +6,8 @@
 //! * [`envelope`]: the event envelope, its validation and wire encodings.
 //! * [`store`]: every SQL statement: migrations, claim, mark, enqueue, counts.
 //! * [`relay`]: the pipeline: claim, dispatch (ordering), publish, ACK channel, mark, retry.
-//! * [`publisher`]: the backend seam and its backends (`memory`, `stdout`).
+//! * [`publisher`]: the backend seam and its backends (`memory`, `stdout`, `kafka`, `nats`).
+//! * [`metrics`]: the Prometheus metrics; [`http`]: /metrics, /livez, /readyz, /health.
 //! * [`routing`]: topic patterns to backends.
 //! * [`cli`]: the `outbox-relay` commands.
 //! * [`telemetry`]: logging setup.
@@ -16,6 +17,8 @@
 pub mod cli;
 pub mod config;
 pub mod envelope;
+pub mod http;
+pub mod metrics;
 pub mod publisher;
 pub mod relay;
 pub mod routing;

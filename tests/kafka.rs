@@ -249,7 +249,10 @@ async fn an_oversized_message_fails_with_the_reason_while_the_others_flow() {
 /// memory (tansu's only engine that survives nothing); everything after is checked.
 #[tokio::test]
 async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
-    let _watchdog = watchdog("the_broker_stopped_and_restarted_mid_stream_loses_nothing", Duration::from_secs(300));
+    let _watchdog = watchdog(
+        "the_broker_stopped_and_restarted_mid_stream_loses_nothing",
+        Duration::from_secs(300),
+    );
     let mut broker = PrivateKafka::start();
     let topic = k::unique_topic();
     k::create_topic(&broker.brokers(), &topic, 3).await;

@@ -362,7 +362,10 @@ async fn provisioning_creates_streams_with_limits_validates_drift_and_updates() 
 /// nothing is lost, and the same relay catches up by itself.
 #[tokio::test]
 async fn the_server_restarted_mid_stream_loses_nothing() {
-    let _watchdog = watchdog("the_server_restarted_mid_stream_loses_nothing", Duration::from_secs(300));
+    let _watchdog = watchdog(
+        "the_server_restarted_mid_stream_loses_nothing",
+        Duration::from_secs(300),
+    );
     let mut server = PrivateNats::start();
     let (prefix, stream) = n::unique();
     let js = n::create_stream(&server.url(), &stream, &prefix).await;

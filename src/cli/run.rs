@@ -24,6 +24,22 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("the outbox is not ready")?;
     let shutdown = CancellationToken::new();
+    let http = if cfg.http.address.is_empty() {
+        None
+    } else {
+        let state = crate::http::AppState {
+            metrics: relay.metrics(),
+            observed: relay.observed(),
+            stats: relay.stats(),
+            instance: relay.instance().to_string(),
+        };
+        let stop = CancellationToken::new();
+        let (addr, task) = crate::http::serve(&cfg.http.address, state, stop.clone())
+            .await
+            .with_context(|| format!("http.address {}: cannot listen", cfg.http.address))?;
+        tracing::info!(address = %addr, "HTTP endpoints: /metrics /livez /readyz /health");
+        Some((stop, task))
+    };
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -33,6 +49,10 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         relay.run_until_drained(shutdown).await?;
     } else {
         relay.run(shutdown).await?;
+    }
+    if let Some((stop, task)) = http {
+        stop.cancel();
+        let _ = task.await;
     }
     Ok(ExitCode::SUCCESS)
 }

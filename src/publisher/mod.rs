@@ -23,6 +23,8 @@
 //!   every outstanding ticket before it returns.
 //! * [`Publisher::health`] reports whether the backend can currently reach its broker, for
 //!   `check` and readiness; it must not publish anything.
+//! * [`Publisher::reconnects`] counts how often the backend had to re-establish its connection
+//!   (or replace its client) since start, for the metrics; backends without one report 0.
 
 pub mod kafka;
 pub mod memory;
@@ -86,6 +88,10 @@ pub struct AckResult {
     pub at: DateTime<Utc>,
     /// When the relay handed the message over; `at - handed_at` is the publish latency.
     pub handed_at: Instant,
+    /// The backend it was handed to (the relay's index) and the event's occurred_at, for the
+    /// latency metrics; see [`AckTicket::with_origin`].
+    pub backend: usize,
+    pub occurred_at: Option<DateTime<Utc>>,
 }
 
 /// The sending half of the ACK channel.
@@ -99,6 +105,8 @@ pub struct AckTicket {
     event_id: Uuid,
     topic: Arc<str>,
     handed_at: Instant,
+    backend: usize,
+    occurred_at: Option<DateTime<Utc>>,
     tx: Option<AckSender>,
 }
 
@@ -110,8 +118,17 @@ impl AckTicket {
             event_id,
             topic,
             handed_at: Instant::now(),
+            backend: 0,
+            occurred_at: None,
             tx: Some(tx),
         }
+    }
+
+    /// Records where the message went and when its event happened; the result carries both.
+    pub fn with_origin(mut self, backend: usize, occurred_at: DateTime<Utc>) -> Self {
+        self.backend = backend;
+        self.occurred_at = Some(occurred_at);
+        self
     }
 
     pub fn event_id(&self) -> Uuid {
@@ -144,6 +161,8 @@ impl AckTicket {
                 outcome,
                 at: Utc::now(),
                 handed_at: self.handed_at,
+                backend: self.backend,
+                occurred_at: self.occurred_at,
             });
         }
     }
@@ -196,6 +215,11 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Flush and resolve everything outstanding, waiting at most `timeout`.
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()>;
+
+    /// Reconnections (or client replacements) since start.
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }
 
 /// What start-up provisioning (Kafka topics, JetStream streams) did or found, one line per

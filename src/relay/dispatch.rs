@@ -88,12 +88,48 @@ pub struct Tally {
     pub released: u64,
 }
 
+/// A completed batch's verdicts for one topic and backend, for the per-topic counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTally {
+    pub topic: String,
+    /// The route's backend; `None` for rows that had none (unrouted topics).
+    pub backend: Option<usize>,
+    pub published: u64,
+    pub failed: u64,
+    pub retried: u64,
+}
+
 /// Everything a completed batch must write.
 #[derive(Debug, Default)]
 pub struct Completed {
     pub batch: u64,
     pub marks: Marks,
     pub tally: Tally,
+    pub by_topic: Vec<TopicTally>,
+}
+
+impl Completed {
+    fn count(&mut self, event: &Event, backend: Option<usize>) -> &mut TopicTally {
+        // A batch holds few topics: a linear search beats hashing here.
+        let i = match self
+            .by_topic
+            .iter()
+            .position(|t| t.backend == backend && t.topic == event.topic)
+        {
+            Some(i) => i,
+            None => {
+                self.by_topic.push(TopicTally {
+                    topic: event.topic.clone(),
+                    backend,
+                    published: 0,
+                    failed: 0,
+                    retried: 0,
+                });
+                self.by_topic.len() - 1
+            }
+        };
+        &mut self.by_topic[i]
+    }
 }
 
 pub struct Dispatcher {
@@ -359,20 +395,24 @@ impl Dispatcher {
         for id in &state.rows {
             let r = &self.rows[id];
             let State::Done(v) = &r.state else { continue };
+            let backend = r.route.as_ref().map(|(b, _)| *b);
             match v {
                 Verdict::Published => {
                     c.marks.published.push(*id);
                     c.tally.published += 1;
+                    c.count(&r.event, backend).published += 1;
                 }
                 Verdict::Retry { delay, reason } => {
                     c.marks
                         .retry
                         .push((*id, delay.as_secs_f64(), reason.clone()));
                     c.tally.retried += 1;
+                    c.count(&r.event, backend).retried += 1;
                 }
                 Verdict::Failed { attempted, reason } => {
                     c.marks.failed.push((*id, *attempted, reason.clone()));
                     c.tally.failed += 1;
+                    c.count(&r.event, backend).failed += 1;
                 }
                 Verdict::Deferred(d) => {
                     c.marks.deferred.push((*id, d.clone()));
@@ -549,6 +589,8 @@ mod tests {
             outcome,
             at: Utc::now(),
             handed_at: Instant::now(),
+            backend: h.backend,
+            occurred_at: Some(h.event.occurred_at),
         }
     }
 
@@ -573,6 +615,46 @@ mod tests {
         let (_, done) = d.on_result(ack(&out2[0], Ok(())));
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].marks.published.len(), 3);
+    }
+
+    #[test]
+    fn a_completed_batch_counts_its_verdicts_per_topic_and_backend() {
+        let mut d = dispatcher(5);
+        let mut other = row(3, "c", None);
+        other.event.topic = "orders.paid".into();
+        let mut unrouted = row(4, "d", None);
+        unrouted.event.topic = "nowhere".into();
+        let (out, _) = d.add_batch(
+            1,
+            1,
+            vec![row(1, "a", None), row(2, "b", None), other, unrouted],
+        );
+        d.on_result(ack(&out[0], Ok(())));
+        d.on_result(ack(&out[1], Err(PublishError::retryable("slow"))));
+        let (_, done) = d.on_result(ack(&out[2], Err(PublishError::permanent("no"))));
+        let mut by: Vec<_> = done[0]
+            .by_topic
+            .iter()
+            .map(|t| {
+                (
+                    t.topic.as_str(),
+                    t.backend,
+                    t.published,
+                    t.retried,
+                    t.failed,
+                )
+            })
+            .collect();
+        by.sort();
+        let first = out[0].event.topic.as_str();
+        assert_eq!(
+            by,
+            vec![
+                ("nowhere", None, 0, 0, 1),
+                (first, Some(0), 1, 1, 0),
+                ("orders.paid", Some(0), 0, 0, 1),
+            ]
+        );
     }
 
     #[test]

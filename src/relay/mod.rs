@@ -11,10 +11,12 @@
 //! notification (LISTEN/NOTIFY, see [`wake`]) or the poll interval.
 
 pub mod dispatch;
+pub mod monitor;
 pub mod retry;
 pub mod wake;
 
-use crate::config::{BackendConfig, Config, Provisioning, RelayConfig, RouteConfig};
+use crate::config::{BackendConfig, Config, MonitorConfig, Provisioning, RelayConfig, RouteConfig};
+use crate::metrics::{BackendLabels, Metrics};
 use crate::publisher::kafka::{self, KafkaPublisher};
 use crate::publisher::memory::MemoryPublisher;
 use crate::publisher::nats::{self, NatsPublisher};
@@ -23,10 +25,12 @@ use crate::publisher::ProvisionReport;
 use crate::publisher::{AckSender, AckTicket, Outgoing, Publisher};
 use crate::routing::Router;
 use crate::store::{ClaimTx, Claimed, Cursor, Session, Store, StoreError};
-use dispatch::{Completed, Dispatcher, Handoff, Tally};
+use dispatch::{Completed, Dispatcher, Handoff, Tally, TopicTally};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use monitor::{Monitor, Observed};
+use prometheus_client::metrics::histogram::Histogram;
 use retry::Backoff;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +59,8 @@ pub struct Stats {
     pub deferred: AtomicU64,
     pub released: AtomicU64,
     pub lost_claims: AtomicU64,
+    /// Handed to a backend and not yet answered, now.
+    pub in_flight: AtomicU64,
 }
 
 impl Stats {
@@ -140,10 +146,17 @@ pub struct Relay {
     router: Arc<Router>,
     cfg: RelayConfig,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+    observed: Arc<Observed>,
+    monitor: MonitorConfig,
+    instance: String,
+    /// Per backend (by index): publish and end-to-end latency histograms, resolved once so an
+    /// acknowledgement costs no label lookup.
+    latency: Vec<(Histogram, Histogram)>,
 }
 
 /// A claim opened and not yet finished.
-type Finishing = BoxFuture<'static, (u64, Result<(), StoreError>, Tally)>;
+type Finishing = BoxFuture<'static, (u64, Result<(), StoreError>, Tally, Vec<TopicTally>)>;
 
 impl Relay {
     pub fn new(
@@ -153,24 +166,107 @@ impl Relay {
         cfg: RelayConfig,
     ) -> Relay {
         let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+        let metrics = Arc::new(Metrics::new());
+        let latency = names
+            .iter()
+            .map(|n| {
+                let l = BackendLabels { backend: n.clone() };
+                (
+                    metrics.publish_latency.get_or_create(&l).clone(),
+                    metrics.end_to_end_latency.get_or_create(&l).clone(),
+                )
+            })
+            .collect();
+        let keep = !cfg.published_retention.0.is_zero();
         Relay {
-            store: Arc::new(store),
+            store: Arc::new(store.keeping_published(keep)),
             router: Arc::new(Router::new(routes, &names)),
             backends,
             cfg,
             stats: Arc::new(Stats::default()),
+            metrics,
+            observed: Arc::new(Observed::default()),
+            monitor: MonitorConfig::default(),
+            instance: format!("relay-{}", uuid::Uuid::new_v4().simple()),
+            latency,
         }
+    }
+
+    /// Sets the monitor's settings and the name this relay's heartbeat row goes by.
+    pub fn with_monitor(mut self, monitor: MonitorConfig, instance: String) -> Relay {
+        self.monitor = monitor;
+        self.instance = instance;
+        self
     }
 
     /// Connects to Postgres and builds every configured backend.
     pub async fn from_config(cfg: &Config) -> Result<Relay, RelayError> {
         let store = Store::connect(&cfg.database, &session(cfg)).await?;
         let backends = build_backends(cfg).await?;
-        Ok(Relay::new(store, backends, &cfg.routes, cfg.relay.clone()))
+        Ok(Relay::new(store, backends, &cfg.routes, cfg.relay.clone())
+            .with_monitor(cfg.monitor.clone(), cfg.instance_id()))
     }
 
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    pub fn observed(&self) -> Arc<Observed> {
+        self.observed.clone()
+    }
+
+    /// The name of this relay's heartbeat row (`outbox-relay status`).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Adds a committed batch to the counters.
+    fn record(&self, tally: &Tally, by_topic: &[TopicTally]) {
+        self.stats.add(tally);
+        if tally.published > 0 {
+            self.observed.published_now();
+        }
+        for t in by_topic {
+            let backend = t
+                .backend
+                .and_then(|b| self.backends.get(b))
+                .map(|b| b.name.as_str())
+                .unwrap_or("none");
+            let labels = self.metrics.topic_labels(&t.topic, backend);
+            if t.published > 0 {
+                self.metrics
+                    .published
+                    .get_or_create(&labels)
+                    .inc_by(t.published);
+            }
+            if t.failed > 0 {
+                self.metrics.failed.get_or_create(&labels).inc_by(t.failed);
+            }
+            if t.retried > 0 {
+                self.metrics
+                    .retried
+                    .get_or_create(&labels)
+                    .inc_by(t.retried);
+            }
+        }
+    }
+
+    /// Observes one acknowledgement's latencies.
+    fn observe(&self, ack: &crate::publisher::AckResult) {
+        if ack.outcome.is_err() {
+            return;
+        }
+        if let Some((publish, end_to_end)) = self.latency.get(ack.backend) {
+            publish.observe(ack.handed_at.elapsed().as_secs_f64());
+            if let Some(at) = ack.occurred_at {
+                let ms = (ack.at - at).num_microseconds().unwrap_or(i64::MAX).max(0);
+                end_to_end.observe(ms as f64 / 1e6);
+            }
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -198,7 +294,8 @@ impl Relay {
                 h.event.event_id,
                 Arc::from(h.event.topic.as_str()),
                 acks.clone(),
-            );
+            )
+            .with_origin(h.backend, h.event.occurred_at);
             bursts[h.backend].push(Outgoing {
                 event: h.event,
                 format: h.format,
@@ -216,11 +313,11 @@ impl Relay {
     fn finishing(&self, tx: ClaimTx, c: Completed) -> Finishing {
         let store = self.store.clone();
         let blocked_retry = self.cfg.blocked_retry.0;
-        let (batch, tally) = (c.batch, c.tally);
+        let (batch, tally, by_topic) = (c.batch, c.tally, c.by_topic);
         let task = on_task("recording a batch", async move {
             store.finish(tx, &c.marks, blocked_retry).await
         });
-        async move { (batch, task.await, tally) }.boxed()
+        async move { (batch, task.await, tally, by_topic) }.boxed()
     }
 
     /// One step, for tests and tools: claims one batch, publishes it, waits for every result
@@ -260,7 +357,7 @@ impl Relay {
             .finish(tx, &c.marks, self.cfg.blocked_retry.0)
             .await?;
         d.finished(1, true, 1);
-        self.stats.add(&tally);
+        self.record(&tally, &c.by_topic);
         Ok(tally)
     }
 
@@ -289,6 +386,24 @@ impl Relay {
         } else {
             None
         };
+        let monitor_stop = CancellationToken::new();
+        let monitor = tokio::spawn(
+            Monitor {
+                store: self.store.clone(),
+                backends: self
+                    .backends
+                    .iter()
+                    .map(|b| (b.name.clone(), b.publisher.clone()))
+                    .collect(),
+                stats: self.stats.clone(),
+                metrics: self.metrics.clone(),
+                observed: self.observed.clone(),
+                cfg: self.monitor.clone(),
+                relay: self.cfg.clone(),
+                heartbeat: monitor::heartbeat(self.instance.clone()),
+            }
+            .run(monitor_stop.clone()),
+        );
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         let mut d = self.dispatcher();
         let mut txs: HashMap<u64, ClaimTx> = HashMap::new();
@@ -376,6 +491,7 @@ impl Relay {
                                 drop(tx);
                             } else {
                                 self.stats.claimed.fetch_add(n as u64, Ordering::Relaxed);
+                                self.metrics.claim_batch_size.observe(n as f64);
                                 next_batch += 1;
                                 txs.insert(next_batch, tx);
                                 let (h, c) = d.add_batch(next_batch, claims_started, rows);
@@ -404,6 +520,7 @@ impl Relay {
                     let mut next = Some(ack);
                     while let Some(ack) = next {
                         summary.latency(ack.handed_at.elapsed());
+                        self.observe(&ack);
                         let (h, c) = d.on_result(ack);
                         handoffs.extend(h);
                         completed.extend(c);
@@ -415,7 +532,7 @@ impl Relay {
                         finishing.push(self.finishing(tx, c));
                     }
                 }
-                Some((batch, res, tally)) = finishing.next(), if !finishing.is_empty() => {
+                Some((batch, res, tally, by_topic)) = finishing.next(), if !finishing.is_empty() => {
                     d.finished(batch, res.is_ok(), claims_started);
                     if drain {
                         // Look again at once: the drain ends on an empty claim with nothing open.
@@ -423,11 +540,12 @@ impl Relay {
                     }
                     match res {
                         Ok(()) => {
-                            self.stats.add(&tally);
+                            self.record(&tally, &by_topic);
                             summary.add(&tally);
                         }
                         Err(e) => {
                             self.stats.lost_claims.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.lost_claims.inc();
                             tracing::warn!(error = %e, published = tally.published,
                                 "could not record a batch's results; its rows stay pending and \
                                  will be published again (same event ids)");
@@ -443,6 +561,9 @@ impl Relay {
                 _ = poll.tick(), if !stopping => want_claim = true,
                 _ = tokio::time::sleep_until(claim_not_before), if claim_backoff && !stopping => {}
                 _ = tick.tick() => {
+                    let in_flight = d.in_flight();
+                    self.stats.in_flight.store(in_flight as u64, Ordering::Relaxed);
+                    self.metrics.in_flight.set(in_flight as i64);
                     let (h, c) = d.expire(self.cfg.publish_timeout.0);
                     self.publish(h, &ack_tx).await;
                     for c in c {
@@ -476,6 +597,11 @@ impl Relay {
         for b in &self.backends {
             b.publisher.close(self.cfg.shutdown_timeout.0).await;
         }
+        self.stats.in_flight.store(0, Ordering::Relaxed);
+        monitor_stop.cancel();
+        // The monitor removes this relay's heartbeat row on its way out; a database that is
+        // gone must not hold up the exit.
+        let _ = tokio::time::timeout(Duration::from_secs(5), monitor).await;
         summary.log_final(&self.stats);
         Ok(())
     }

@@ -230,6 +230,8 @@ struct Statements {
     claim: String,
     claim_after: String,
     delete: String,
+    keep_published: String,
+    prune: String,
     fail: String,
     retry: String,
     defer: String,
@@ -247,6 +249,18 @@ impl Statements {
             claim: claim_sql(&t, false),
             claim_after: claim_sql(&t, true),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
+            // With a retention: the row stays, out of the claim and ordering indexes (both are
+            // partial on unfinished rows) and into the published index, which pruning walks.
+            keep_published: format!(
+                "UPDATE {t} SET status = 'published', published_at = now() WHERE id = ANY($1)"
+            ),
+            // Oldest first on the published index, a batch at a time; SKIP LOCKED so relays
+            // pruning at once split the work instead of queueing on each other.
+            prune: format!(
+                "DELETE FROM {t} WHERE id IN ( \
+                   SELECT id FROM {t} WHERE status = 'published' AND published_at < $1 \
+                   ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            ),
             fail: format!(
                 "UPDATE {t} SET status = 'failed', attempts = attempts + d.inc, \
                    last_error = d.err, next_attempt_at = now() \
@@ -285,6 +299,31 @@ pub struct Store {
     pool: PgPool,
     names: Names,
     stmts: Statements,
+    /// Mark published rows instead of deleting them (`relay.published_retention` > 0).
+    keep_published: bool,
+}
+
+/// One relay's row in `<table>_relays`, written every few seconds while it runs.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub instance: String,
+    pub host: String,
+    pub pid: i32,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub in_flight: i32,
+    pub published: i64,
+    pub failed: i64,
+}
+
+/// The backlog in figures, as the monitor samples it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Backlog {
+    pub pending: i64,
+    /// Pending and due now (the rest wait for a retry or behind a failed predecessor).
+    pub due: i64,
+    pub failed: i64,
+    pub oldest_pending: Option<DateTime<Utc>>,
 }
 
 /// An open claim: the transaction holding the row locks.
@@ -333,7 +372,19 @@ impl Store {
 
     pub fn with_pool(pool: PgPool, names: Names) -> Store {
         let stmts = Statements::new(&names);
-        Store { pool, names, stmts }
+        Store {
+            pool,
+            names,
+            stmts,
+            keep_published: false,
+        }
+    }
+
+    /// Keeps published rows (marked, with `published_at`) instead of deleting them; they are
+    /// removed later by [`Store::prune_published`].
+    pub fn keeping_published(mut self, keep: bool) -> Store {
+        self.keep_published = keep;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -406,7 +457,12 @@ impl Store {
         blocked_retry: Duration,
     ) -> Result<(), StoreError> {
         if !marks.published.is_empty() {
-            sqlx::query(&self.stmts.delete)
+            let sql = if self.keep_published {
+                &self.stmts.keep_published
+            } else {
+                &self.stmts.delete
+            };
+            sqlx::query(sql)
                 .bind(&marks.published)
                 .execute(&mut *tx)
                 .await
@@ -473,6 +529,101 @@ impl Store {
                 .map_err(StoreError::sql("defer blocked rows"))?;
         }
         tx.commit().await.map_err(StoreError::sql("commit"))
+    }
+
+    /// Deletes kept published rows older than `older_than`, `batch` at a time, until none is
+    /// left; returns how many went.
+    pub async fn prune_published(
+        &self,
+        older_than: Duration,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        let cutoff =
+            Utc::now() - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(&self.stmts.prune)
+                .bind(cutoff)
+                .bind(batch as i64)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::sql("prune published rows"))?
+                .rows_affected();
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// The backlog's figures: pending (and due) with the oldest pending event from one
+    /// index-only scan of the claim index, failed from the failed index.
+    pub async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let t = self.names.qualified();
+        let (pending, due, oldest): (i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(&format!(
+            "SELECT count(*), count(*) FILTER (WHERE next_attempt_at <= now()), min(occurred_at) \
+             FROM {t} WHERE status = 'pending'"
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::sql("count the backlog"))?;
+        let failed: i64 =
+            sqlx::query_scalar(&format!("SELECT count(*) FROM {t} WHERE status = 'failed'"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::sql("count failed events"))?;
+        Ok(Backlog {
+            pending,
+            due,
+            failed,
+            oldest_pending: oldest,
+        })
+    }
+
+    /// Writes this relay's row in `<table>_relays` (see `outbox-relay status`).
+    pub async fn heartbeat(&self, h: &Heartbeat) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO {}_relays AS r \
+               (instance, host, pid, version, started_at, seen_at, in_flight, published, failed) \
+             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8) \
+             ON CONFLICT (instance) DO UPDATE SET host = $2, pid = $3, version = $4, \
+               started_at = $5, seen_at = now(), in_flight = $6, published = $7, failed = $8",
+            self.names.qualified()
+        ))
+        .bind(&h.instance)
+        .bind(&h.host)
+        .bind(h.pid)
+        .bind(&h.version)
+        .bind(h.started_at)
+        .bind(h.in_flight)
+        .bind(h.published)
+        .bind(h.failed)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(StoreError::sql("write the relay heartbeat"))
+    }
+
+    /// Removes this relay's row when it stops.
+    pub async fn leave(&self, instance: &str) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "DELETE FROM {}_relays WHERE instance = $1",
+            self.names.qualified()
+        ))
+        .bind(instance)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(StoreError::sql("remove the relay heartbeat"))
+    }
+
+    /// Is the database answering?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(StoreError::sql("ping"))
     }
 
     /// Pending rows, counted up to `cap` so the count stays cheap on any backlog.

@@ -56,7 +56,7 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
 pub struct GroupReader {
     pub got: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
-    done: Option<std::sync::mpsc::Receiver<()>>,
+    done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 /// How long dropping a reader waits for its consumer to leave the group. librdkafka's close
@@ -115,7 +115,7 @@ impl GroupReader {
         GroupReader {
             got,
             stop,
-            done: Some(done),
+            done: Mutex::new(Some(done)),
         }
     }
 
@@ -127,7 +127,7 @@ impl GroupReader {
 impl Drop for GroupReader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(done) = self.done.take() {
+        if let Some(done) = self.done.get_mut().unwrap().take() {
             if done.recv_timeout(CLOSE_WAIT).is_err() {
                 eprintln!("kafka test consumer: no clean close within {CLOSE_WAIT:?}; left behind");
             }

@@ -292,6 +292,10 @@ impl KafkaPublisher {
 }
 
 impl Publisher for KafkaPublisher {
+    fn reconnects(&self) -> u64 {
+        Self::rebuilds(self)
+    }
+
     fn kind(&self) -> &'static str {
         "kafka"
     }

@@ -200,6 +200,10 @@ fn resolve(
 }
 
 impl Publisher for NatsPublisher {
+    fn reconnects(&self) -> u64 {
+        Self::reconnects(self)
+    }
+
     fn kind(&self) -> &'static str {
         "nats"
     }
