@@ -240,6 +240,8 @@ pub struct PrivatePostgres {
     pub dir: tempfile::TempDir,
     pub port: u16,
     bin: PathBuf,
+    /// Extra server settings, as `-c name=value` options.
+    settings: String,
 }
 
 fn pg_bin() -> PathBuf {
@@ -291,6 +293,11 @@ pub fn free_port() -> u16 {
 
 impl PrivatePostgres {
     pub fn start() -> PrivatePostgres {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with server settings of its own (`("autovacuum_naptime", "1")`, say).
+    pub fn start_with(settings: &[(&str, &str)]) -> PrivatePostgres {
         let bin = pg_bin();
         let dir = tempfile::Builder::new()
             .prefix("outbox-relay-pg-")
@@ -324,6 +331,10 @@ impl PrivatePostgres {
             dir,
             port: free_port(),
             bin,
+            settings: settings
+                .iter()
+                .map(|(k, v)| format!(" -c {k}={v}"))
+                .collect(),
         };
         pg.start_server();
         pg
@@ -337,9 +348,10 @@ impl PrivatePostgres {
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("log");
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings
         );
         let out = pg_cmd(
             &self.bin.join("pg_ctl"),
