@@ -19,6 +19,7 @@ pub mod config;
 pub mod envelope;
 pub mod http;
 pub mod metrics;
+pub mod otel;
 pub mod publisher;
 pub mod relay;
 pub mod routing;

@@ -35,6 +35,8 @@ pub struct Handoff {
     pub format: BodyFormat,
     pub event: Arc<Event>,
     pub token: u64,
+    /// The claim the row came with.
+    pub batch: u64,
 }
 
 /// A row's final verdict within its claim.
@@ -323,6 +325,7 @@ impl Dispatcher {
             backend,
             format,
             event: r.event.clone(),
+            batch: r.batch,
             token,
         }
     }

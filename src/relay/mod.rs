@@ -17,6 +17,7 @@ pub mod wake;
 
 use crate::config::{BackendConfig, Config, MonitorConfig, Provisioning, RelayConfig, RouteConfig};
 use crate::metrics::{BackendLabels, Metrics};
+use crate::otel::Tracer;
 use crate::publisher::kafka::{self, KafkaPublisher};
 use crate::publisher::memory::MemoryPublisher;
 use crate::publisher::nats::{self, NatsPublisher};
@@ -30,11 +31,13 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use monitor::{Monitor, Observed};
+use opentelemetry::trace::{Span as _, Status};
+use opentelemetry_sdk::trace::Span;
 use prometheus_client::metrics::histogram::Histogram;
 use retry::Backoff;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +49,8 @@ pub enum RelayError {
     Store(#[from] StoreError),
     #[error("backend {name}: {message}")]
     Backend { name: String, message: String },
+    #[error("{0}")]
+    Tracing(String),
 }
 
 /// Running totals, readable while the relay runs.
@@ -153,6 +158,16 @@ pub struct Relay {
     /// Per backend (by index): publish and end-to-end latency histograms, resolved once so an
     /// acknowledgement costs no label lookup.
     latency: Vec<(Histogram, Histogram)>,
+    tracer: Tracer,
+    /// Open spans while tracing is on (never touched when off): per claim, and per hand-off
+    /// (row, token).
+    spans: Mutex<SpanBook>,
+}
+
+#[derive(Default)]
+struct SpanBook {
+    claims: HashMap<u64, Span>,
+    events: HashMap<(i64, u64), Span>,
 }
 
 /// A claim opened and not yet finished.
@@ -189,7 +204,19 @@ impl Relay {
             monitor: MonitorConfig::default(),
             instance: format!("relay-{}", uuid::Uuid::new_v4().simple()),
             latency,
+            tracer: Tracer::off(),
+            spans: Mutex::new(SpanBook::default()),
         }
+    }
+
+    /// Traces claims and publications through `tracer` (see [`crate::otel`]).
+    pub fn with_tracer(mut self, tracer: Tracer) -> Relay {
+        self.tracer = tracer;
+        self
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, SpanBook> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sets the monitor's settings and the name this relay's heartbeat row goes by.
@@ -203,8 +230,10 @@ impl Relay {
     pub async fn from_config(cfg: &Config) -> Result<Relay, RelayError> {
         let store = Store::connect(&cfg.database, &session(cfg)).await?;
         let backends = build_backends(cfg).await?;
+        let tracer = Tracer::from_config(&cfg.tracing).map_err(RelayError::Tracing)?;
         Ok(Relay::new(store, backends, &cfg.routes, cfg.relay.clone())
-            .with_monitor(cfg.monitor.clone(), cfg.instance_id()))
+            .with_monitor(cfg.monitor.clone(), cfg.instance_id())
+            .with_tracer(tracer))
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -257,6 +286,17 @@ impl Relay {
 
     /// Observes one acknowledgement's latencies.
     fn observe(&self, ack: &crate::publisher::AckResult) {
+        if self.tracer.is_on() {
+            if let Some(span) = self.book().events.remove(&(ack.row_id, ack.token)) {
+                Tracer::end_publish(
+                    span,
+                    ack.outcome
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| e.reason.as_str()),
+                );
+            }
+        }
         if ack.outcome.is_err() {
             return;
         }
@@ -287,7 +327,18 @@ impl Relay {
             return;
         }
         let mut bursts: Vec<Vec<Outgoing>> = (0..self.backends.len()).map(|_| Vec::new()).collect();
-        for h in handoffs {
+        for mut h in handoffs {
+            if self.tracer.is_on() {
+                let mut book = self.book();
+                let kind = self.backends[h.backend].publisher.kind();
+                if let Some((span, wire)) =
+                    self.tracer
+                        .publish_span(&h.event, kind, book.claims.get(&h.batch))
+                {
+                    book.events.insert((h.event.id, h.token), span);
+                    h.event = Arc::new(wire);
+                }
+            }
             let ticket = AckTicket::new(
                 h.event.id,
                 h.token,
@@ -339,6 +390,7 @@ impl Relay {
         while completed.is_empty() {
             match tokio::time::timeout_at(deadline, ack_rx.recv()).await {
                 Ok(Some(ack)) => {
+                    self.observe(&ack);
                     let (h, c) = d.on_result(ack);
                     completed.extend(c);
                     self.publish(h, &ack_tx).await;
@@ -493,6 +545,9 @@ impl Relay {
                                 self.stats.claimed.fetch_add(n as u64, Ordering::Relaxed);
                                 self.metrics.claim_batch_size.observe(n as f64);
                                 next_batch += 1;
+                                if let Some(span) = self.tracer.claim_span(n) {
+                                    self.book().claims.insert(next_batch, span);
+                                }
                                 txs.insert(next_batch, tx);
                                 let (h, c) = d.add_batch(next_batch, claims_started, rows);
                                 self.publish(h, &ack_tx).await;
@@ -534,6 +589,14 @@ impl Relay {
                 }
                 Some((batch, res, tally, by_topic)) = finishing.next(), if !finishing.is_empty() => {
                     d.finished(batch, res.is_ok(), claims_started);
+                    if self.tracer.is_on() {
+                        if let Some(mut span) = self.book().claims.remove(&batch) {
+                            if let Err(e) = &res {
+                                span.set_status(Status::error(e.to_string()));
+                            }
+                            span.end();
+                        }
+                    }
                     if drain {
                         // Look again at once: the drain ends on an empty claim with nothing open.
                         want_claim = true;
@@ -602,6 +665,10 @@ impl Relay {
         // The monitor removes this relay's heartbeat row on its way out; a database that is
         // gone must not hold up the exit.
         let _ = tokio::time::timeout(Duration::from_secs(5), monitor).await;
+        if self.tracer.is_on() {
+            *self.book() = SpanBook::default();
+            self.tracer.flush(Duration::from_secs(5)).await;
+        }
         summary.log_final(&self.stats);
         Ok(())
     }
