@@ -1,11 +1,16 @@
-//! The command line: `run`, `migrate`, `check`. One file per command.
+//! The command line: `run`, `migrate`, `check`, and the operator commands `status`, `failed`,
+//! `inspect`, `replay`, `purge`. One file per command (or pair of commands).
 //!
 //! Exit codes: 0 success, 1 a failure at run time (database, backend), 2 a configuration or
 //! usage error.
 
 mod check;
+mod failed;
+mod filter;
 mod migrate;
+mod replay;
 mod run;
+mod status;
 
 use crate::config::{Config, LogFormat, Overrides};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -50,6 +55,16 @@ pub enum Command {
     Migrate,
     /// Validate the configuration and connect to Postgres and every backend; exit 1 on problems
     Check,
+    /// The backlog per topic, the oldest pending event, held aggregates, running relays; exit 3 past --max-pending/--max-age
+    Status(status::StatusArgs),
+    /// List failed events (filterable)
+    Failed(failed::FailedArgs),
+    /// Show one event in full
+    Inspect(failed::InspectArgs),
+    /// Put failed events (or kept published ones) back to pending, in order per aggregate
+    Replay(replay::ReplayArgs),
+    /// Delete failed events, releasing the events held behind them
+    Purge(replay::PurgeArgs),
 }
 
 pub async fn main() -> ExitCode {
@@ -74,6 +89,11 @@ pub async fn main() -> ExitCode {
         Command::Run(args) => run::run(&cfg, args).await,
         Command::Migrate => migrate::migrate(&cfg).await,
         Command::Check => check::check(&cfg, cli.config.as_deref()).await,
+        Command::Status(args) => status::status(&cfg, args).await,
+        Command::Failed(args) => failed::failed(&cfg, args).await,
+        Command::Inspect(args) => failed::inspect(&cfg, args).await,
+        Command::Replay(args) => replay::replay(&cfg, args).await,
+        Command::Purge(args) => replay::purge(&cfg, args).await,
     };
     match result {
         Ok(code) => code,

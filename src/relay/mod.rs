@@ -697,6 +697,7 @@ pub fn session(cfg: &Config) -> Session {
         idle_in_transaction_timeout: Some(
             cfg.relay.publish_timeout.0 * 2 + cfg.database.statement_timeout.0,
         ),
+        operator: false,
     }
 }
 

@@ -15,6 +15,7 @@
 
 pub mod enqueue;
 pub mod migrate;
+pub mod ops;
 
 use crate::config::{redact_url, DatabaseConfig};
 use crate::envelope::{parse_headers, Event};
@@ -188,6 +189,9 @@ pub struct Session {
     pub application_name: String,
     /// Ends a claim whose relay stopped talking to Postgres without dying.
     pub idle_in_transaction_timeout: Option<Duration>,
+    /// Operator commands (`status`, `failed`, `replay`, ...): sequential scans stay off, but
+    /// sorting a few failed rows for a listing is allowed.
+    pub operator: bool,
 }
 
 /// The claim. The CTE walks the due index in (next_attempt_at, id) order and stops after $1
@@ -350,7 +354,12 @@ impl Store {
         // With statistics from a near-empty table (the steady state) the planner prefers a
         // bitmap scan and a sort for the claim, which is cheap then and ruinous on a backlog
         // that built up before the next analyze. Plans must not depend on that.
-        for knob in ["enable_seqscan", "enable_bitmapscan", "enable_sort"] {
+        let knobs: &[&str] = if session.operator {
+            &["enable_seqscan"]
+        } else {
+            &["enable_seqscan", "enable_bitmapscan", "enable_sort"]
+        };
+        for knob in knobs {
             params.push((knob, "off".to_string()));
         }
         if let Some(t) = session.idle_in_transaction_timeout {
@@ -666,7 +675,7 @@ impl Store {
     }
 
     /// Releases events held behind a failed predecessor in the given aggregates.
-    async fn release_held(
+    pub(crate) async fn release_held(
         &self,
         tx: &mut ClaimTx,
         aggregates: &[String],

@@ -1,0 +1,168 @@
+//! `outbox-relay replay`: failed events (or, with `--status published`, kept published ones)
+//! back to pending; `outbox-relay purge`: failed events deleted. Both release the events held
+//! behind the failures they touch, work in chunks, and keep ids, so each aggregate's events go
+//! out again in their order.
+//!
+//! Without a filter they touch every event of the status, which needs `--all --yes`; otherwise
+//! they exit 2 saying how many events that would be. `--dry-run` lists what would change and
+//! changes nothing. `--json` prints `{"dry_run": bool, "matched": N, "events": [...]}` for a dry
+//! run (the first 100 in id order, as `failed --json` lists them) and
+//! `{"replayed" | "purged": N, "released": N}` otherwise.
+
+use super::filter::{operator_store, table, when, FilterArgs};
+use crate::config::Config;
+use crate::store::ops::Target;
+use std::process::ExitCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusArg {
+    Failed,
+    Published,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Which events: failed ones, or published ones kept by relay.published_retention (republish)
+    #[arg(long, value_enum, default_value = "failed")]
+    pub status: StatusArg,
+    /// Every event of the status (with --yes)
+    #[arg(long)]
+    pub all: bool,
+    /// Show what would be replayed; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Confirm a replay of every event (--all)
+    #[arg(long)]
+    pub yes: bool,
+    /// Print one JSON document
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Every failed event (with --yes)
+    #[arg(long)]
+    pub all: bool,
+    /// Show what would be deleted; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Confirm a purge of every failed event (--all)
+    #[arg(long)]
+    pub yes: bool,
+    /// Print one JSON document
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn replay(cfg: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let target = match args.status {
+        StatusArg::Failed => Target::Failed,
+        StatusArg::Published => Target::Published,
+    };
+    run(
+        cfg,
+        "replay",
+        target,
+        &args.filter,
+        (args.all, args.dry_run, args.yes, args.json),
+    )
+    .await
+}
+
+pub async fn purge(cfg: &Config, args: PurgeArgs) -> anyhow::Result<ExitCode> {
+    run(
+        cfg,
+        "purge",
+        Target::Failed,
+        &args.filter,
+        (args.all, args.dry_run, args.yes, args.json),
+    )
+    .await
+}
+
+async fn run(
+    cfg: &Config,
+    verb: &str,
+    target: Target,
+    filter: &FilterArgs,
+    (all, dry_run, yes, json): (bool, bool, bool, bool),
+) -> anyhow::Result<ExitCode> {
+    let f = filter.filter();
+    let what = match target {
+        Target::Failed => "failed",
+        Target::Published => "published",
+    };
+    if all && !f.is_empty() {
+        eprintln!("outbox-relay: {verb}: --all selects every {what} event; drop it or the filters");
+        return Ok(ExitCode::from(2));
+    }
+    let store = operator_store(cfg, verb).await?;
+    let matched = store.count_matching(target, &f).await?;
+    if f.is_empty() && !dry_run && !(all && yes) {
+        eprintln!(
+            "outbox-relay: {verb} without a filter touches every {what} event ({matched}); \
+             narrow it (--event-id, --topic, --aggregate, --since, --until, --error) or confirm \
+             with --all --yes"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    if dry_run {
+        let events = store.list(target, &f, 100).await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "dry_run": true, "matched": matched, "events": events
+                }))?
+            );
+        } else {
+            let rows: Vec<Vec<String>> = events
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.event_id.to_string(),
+                        e.topic.clone(),
+                        e.aggregate_id.clone(),
+                        when(e.occurred_at),
+                    ]
+                })
+                .collect();
+            if !rows.is_empty() {
+                print!(
+                    "{}",
+                    table(&["EVENT ID", "TOPIC", "AGGREGATE", "OCCURRED AT"], &rows)
+                );
+            }
+            println!("dry run: {verb} would touch {matched} {what} events; nothing changed");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let done = match verb {
+        "purge" => store.purge(&f).await?,
+        _ => store.replay(target, &f).await?,
+    };
+    let key = if verb == "purge" {
+        "purged"
+    } else {
+        "replayed"
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                key: done.events, "released": done.released
+            }))?
+        );
+    } else {
+        println!(
+            "{key} {} {what} events; released {} events held behind them",
+            done.events, done.released
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
