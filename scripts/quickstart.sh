@@ -40,5 +40,6 @@ SQL
 echo "== outbox-relay run --drain (stdout backend)" >&2
 "$RELAY" --database-url "$DB_URL" run --drain
 
-echo "== what is left in the outbox (failed rows keep their reason)" >&2
-psql "$DB_URL" -c "SELECT id, topic, status, attempts, last_error FROM outbox.outbox ORDER BY id"
+echo "== outbox-relay status, then failed (failed rows keep their reason)" >&2
+"$RELAY" --database-url "$DB_URL" status
+"$RELAY" --database-url "$DB_URL" failed

@@ -343,6 +343,39 @@ async fn backlog_thresholds_log_once_per_crossing_and_set_the_state_gauge() {
 }
 
 #[tokio::test]
+async fn the_oldest_pending_age_has_thresholds_of_its_own() {
+    let db = TestDb::new().await;
+    let config = "[monitor]\nage_warning = \"10m\"\nage_critical = \"1h\"\n";
+    let relay = RelayProcess::start(&db.url, db.schema(), config, &[]);
+    let state = r#"outbox_relay_backlog_state{kind="age"}"#;
+    scheduled_later(&db, 1, "recent").await;
+    wait_for(DEADLINE, "a recent backlog is ok", || async {
+        relay.metric(state) == Some(0.0) && relay.metric("outbox_relay_pending_events") == Some(1.0)
+    })
+    .await;
+    db.sql("UPDATE {t} SET occurred_at = now() - interval '20 minutes'")
+        .await;
+    wait_for(DEADLINE, "20 minutes old: warning", || async {
+        relay.metric(state) == Some(1.0)
+    })
+    .await;
+    db.sql("UPDATE {t} SET occurred_at = now() - interval '2 hours'")
+        .await;
+    wait_for(DEADLINE, "2 hours old: critical", || async {
+        relay.metric(state) == Some(2.0)
+    })
+    .await;
+    let age = relay
+        .metric("outbox_relay_oldest_pending_age_seconds")
+        .unwrap();
+    assert!((7200.0..7300.0).contains(&age), "{age}");
+    assert_eq!(relay.health()["backlog"]["age_state"], "critical");
+    assert_eq!(relay.log_lines_with("past its critical threshold"), 1);
+    relay.stop();
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn a_taken_http_port_stops_start_up_naming_the_key() {
     let db = TestDb::new().await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -613,3 +613,42 @@ async fn every_operator_statement_stays_on_an_index() {
     }
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn status_watch_refreshes_until_interrupted() {
+    use std::io::Read;
+    let db = TestDb::new().await;
+    db.enqueue(&sequence("w", 2)).await;
+    let mut child = Command::new(relay_bin())
+        .args(["--database-url", &db.url, "--schema", db.schema()])
+        .args(["status", "--watch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while seen.matches("pending 2 (due 2").count() < 3 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let chunk = rx
+            .recv_timeout(left)
+            .expect("three refreshes within the deadline");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("\x1b[2J"), "each refresh clears the screen");
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success(), "exits 0 on SIGINT");
+    db.drop_schema().await;
+}
