@@ -3,6 +3,10 @@
 //! table. The claim walks a partial index and stops after its batch, so the figures should not
 //! grow with the table.
 //!
+//! Beside it, the operators' queries at each size: `status` counts the whole backlog (one
+//! index-only scan of the claim index, so it grows with the backlog, not with the table), and
+//! listing failed events (none here) stays on the failed index whatever the backlog.
+//!
 //!   cargo bench --bench claim                            # 10k, 1M, 10M rows
 //!   BENCH_CLAIM_SIZES=10000,1000000 cargo bench --bench claim
 //!
@@ -11,7 +15,8 @@
 mod common;
 
 use common::{percentile_ms, BenchDb};
-use outbox_relay::store::Store;
+use outbox_relay::store::ops::{Filter, Target};
+use outbox_relay::store::{Session, Store};
 use std::time::Instant;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -20,6 +25,21 @@ async fn main() {
     let rounds = if common::is_bench() { 300 } else { 5 };
     let db = BenchDb::open("bench_claim", 2).await;
     let store = Store::with_pool(db.pool.clone(), db.names.clone());
+    let mut database = outbox_relay::config::DatabaseConfig::default();
+    database.url = outbox_relay::config::Secret::new(common::url());
+    database.schema = db.names.schema.clone();
+    database.table = db.names.table.clone();
+    database.max_connections = 2;
+    let operator = Store::connect(
+        &database,
+        &Session {
+            application_name: "bench operator".into(),
+            idle_in_transaction_timeout: None,
+            operator: true,
+        },
+    )
+    .await
+    .unwrap();
     println!("claim benchmark: 1000-row claim + rollback, {rounds} rounds per size");
     let mut have = 0;
     for n in sizes {
@@ -39,6 +59,28 @@ async fn main() {
             percentile_ms(&times, 0.5),
             percentile_ms(&times, 0.9),
             percentile_ms(&times, 0.99),
+        );
+        let mut status = Vec::new();
+        let mut listing = Vec::new();
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let s = operator.status().await.unwrap();
+            status.push(t0.elapsed());
+            assert_eq!(s.totals.pending as u64, n);
+            let t0 = Instant::now();
+            let failed = operator
+                .list(Target::Failed, &Filter::default(), 100)
+                .await
+                .unwrap();
+            listing.push(t0.elapsed());
+            assert!(failed.is_empty());
+        }
+        status.sort();
+        listing.sort();
+        println!(
+            "{n:>9} pending rows: status p50 {:>8.1} ms   failed list p50 {:>6.2} ms",
+            percentile_ms(&status, 0.5),
+            percentile_ms(&listing, 0.5),
         );
     }
     db.drop().await;
