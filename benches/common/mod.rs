@@ -9,6 +9,10 @@ use outbox_relay::store::{migrate, Names, Store};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// As in the binary (src/main.rs), so the benchmarks measure what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub fn url() -> String {
     std::env::var("BENCH_DATABASE_URL")
         .or_else(|_| std::env::var("TEST_DATABASE_URL"))
