@@ -25,11 +25,13 @@ async fn main() {
     let rounds = if common::is_bench() { 300 } else { 5 };
     let db = BenchDb::open("bench_claim", 2).await;
     let store = Store::with_pool(db.pool.clone(), db.names.clone());
-    let mut database = outbox_relay::config::DatabaseConfig::default();
-    database.url = outbox_relay::config::Secret::new(common::url());
-    database.schema = db.names.schema.clone();
-    database.table = db.names.table.clone();
-    database.max_connections = 2;
+    let database = outbox_relay::config::DatabaseConfig {
+        url: outbox_relay::config::Secret::new(common::url()),
+        schema: db.names.schema.clone(),
+        table: db.names.table.clone(),
+        max_connections: 2,
+        ..Default::default()
+    };
     let operator = Store::connect(
         &database,
         &Session {
