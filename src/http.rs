@@ -86,7 +86,12 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 async fn health(State(s): State<AppState>) -> Response {
     let snap = s.observed.snapshot();
-    let ready = s.observed.ready();
+    let ready = snap.ready();
+    let code = if ready.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let st = &s.stats;
     let body = serde_json::json!({
         "status": if ready.is_ok() { "ready" } else { "not_ready" },
@@ -104,10 +109,5 @@ async fn health(State(s): State<AppState>) -> Response {
             "lost_claims": st.lost_claims.load(Ordering::Relaxed),
         },
     });
-    let code = if body["status"] == "ready" {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     (code, Json(body)).into_response()
 }

@@ -20,6 +20,23 @@ pub enum StatusArg {
     Published,
 }
 
+/// The flags replay and purge share beside the filter.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct BulkArgs {
+    /// Every event of the status (with --yes)
+    #[arg(long)]
+    pub all: bool,
+    /// Show what would change; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Confirm a change of every event (--all)
+    #[arg(long)]
+    pub yes: bool,
+    /// Print one JSON document
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
     #[command(flatten)]
@@ -27,36 +44,16 @@ pub struct ReplayArgs {
     /// Which events: failed ones, or published ones kept by relay.published_retention (republish)
     #[arg(long, value_enum, default_value = "failed")]
     pub status: StatusArg,
-    /// Every event of the status (with --yes)
-    #[arg(long)]
-    pub all: bool,
-    /// Show what would be replayed; change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Confirm a replay of every event (--all)
-    #[arg(long)]
-    pub yes: bool,
-    /// Print one JSON document
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub bulk: BulkArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct PurgeArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// Every failed event (with --yes)
-    #[arg(long)]
-    pub all: bool,
-    /// Show what would be deleted; change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Confirm a purge of every failed event (--all)
-    #[arg(long)]
-    pub yes: bool,
-    /// Print one JSON document
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub bulk: BulkArgs,
 }
 
 pub async fn replay(cfg: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
@@ -64,25 +61,11 @@ pub async fn replay(cfg: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> 
         StatusArg::Failed => Target::Failed,
         StatusArg::Published => Target::Published,
     };
-    run(
-        cfg,
-        "replay",
-        target,
-        &args.filter,
-        (args.all, args.dry_run, args.yes, args.json),
-    )
-    .await
+    run(cfg, "replay", target, &args.filter, &args.bulk).await
 }
 
 pub async fn purge(cfg: &Config, args: PurgeArgs) -> anyhow::Result<ExitCode> {
-    run(
-        cfg,
-        "purge",
-        Target::Failed,
-        &args.filter,
-        (args.all, args.dry_run, args.yes, args.json),
-    )
-    .await
+    run(cfg, "purge", Target::Failed, &args.filter, &args.bulk).await
 }
 
 async fn run(
@@ -90,8 +73,14 @@ async fn run(
     verb: &str,
     target: Target,
     filter: &FilterArgs,
-    (all, dry_run, yes, json): (bool, bool, bool, bool),
+    bulk: &BulkArgs,
 ) -> anyhow::Result<ExitCode> {
+    let BulkArgs {
+        all,
+        dry_run,
+        yes,
+        json,
+    } = *bulk;
     let f = filter.filter();
     let what = match target {
         Target::Failed => "failed",

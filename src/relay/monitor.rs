@@ -11,6 +11,7 @@ use super::Stats;
 use crate::config::{MonitorConfig, RelayConfig};
 use crate::metrics::{BackendLabels, KindLabels, Metrics};
 use crate::publisher::Health;
+use crate::store::ops::HEARTBEAT_EVERY;
 use crate::store::{Backlog, Heartbeat, Store};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -18,10 +19,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// How often a relay writes its row in `<table>_relays`; `status` shows rows seen within three
-/// of these.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
 /// One component's state as last probed.
 #[derive(Debug, Clone, Serialize)]
@@ -92,21 +89,30 @@ impl Observed {
 
     /// Ready: Postgres and every backend answered their last probe.
     pub fn ready(&self) -> Result<(), String> {
-        let s = self.snapshot();
-        if !s.probed {
+        self.snapshot().ready()
+    }
+}
+
+impl Snapshot {
+    /// Ready: Postgres and every backend answered their last probe.
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.probed {
             return Err("not probed yet".into());
         }
-        let mut down = Vec::new();
-        for c in s.database.iter().chain(&s.backends) {
-            if !c.up {
-                down.push(format!(
+        let down: Vec<String> = self
+            .database
+            .iter()
+            .chain(&self.backends)
+            .filter(|c| !c.up)
+            .map(|c| {
+                format!(
                     "{} ({}) down: {}",
                     c.name,
                     c.kind,
                     c.error.as_deref().unwrap_or("no answer")
-                ));
-            }
-        }
+                )
+            })
+            .collect();
         if down.is_empty() {
             Ok(())
         } else {

@@ -649,29 +649,14 @@ impl Store {
     }
 
     /// Puts failed events back to pending (attempts reset) and releases the events of their
-    /// aggregates that were held behind them; returns how many events were replayed.
-    ///
-    /// Two statements in one transaction, in this order: the second sees the first's change
-    /// and every hold committed before it (see the `defer` statement), so no held event is
-    /// left behind.
+    /// aggregates that were held behind them; returns how many events were replayed. The
+    /// by-id case of [`Store::replay`].
     pub async fn replay_failed(&self, event_ids: &[uuid::Uuid]) -> Result<u64, StoreError> {
-        let t = self.names.qualified();
-        let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
-        let aggregates: Vec<String> = sqlx::query_scalar(&format!(
-            "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = now(), \
-               last_error = NULL \
-             WHERE event_id = ANY($1) AND status = 'failed' RETURNING aggregate_id"
-        ))
-        .bind(event_ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::sql("replay"))?;
-        self.release_held(&mut tx, &aggregates).await?;
-        tx.commit()
-            .await
-            .map_err(StoreError::sql("commit replay"))?;
-        self.notify().await?;
-        Ok(aggregates.len() as u64)
+        let filter = ops::Filter {
+            event_ids: event_ids.to_vec(),
+            ..Default::default()
+        };
+        Ok(self.replay(ops::Target::Failed, &filter).await?.events)
     }
 
     /// Releases events held behind a failed predecessor in the given aggregates.

@@ -16,8 +16,12 @@ use uuid::Uuid;
 /// Rows per replay or purge transaction.
 pub const CHUNK: i64 = 10_000;
 
-/// How recently a relay must have written its heartbeat row to count as running.
-pub const RELAY_SEEN_WITHIN_SECS: i64 = 15;
+/// How often a running relay writes its row in `<table>_relays`.
+pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A relay counts as running while its heartbeat row is younger than three heartbeats.
+pub const RELAY_SEEN_WITHIN: std::time::Duration =
+    std::time::Duration::from_secs(3 * HEARTBEAT_EVERY.as_secs());
 
 /// Which rows an operator command is about. Empty: every row of the status.
 #[derive(Debug, Clone, Default)]
@@ -289,7 +293,7 @@ impl Store {
             .await
             .map_err(StoreError::sql("status: held aggregates"))?;
         let relays = sqlx::query(&status_relays_sql(&t))
-            .bind(RELAY_SEEN_WITHIN_SECS as f64)
+            .bind(RELAY_SEEN_WITHIN.as_secs_f64())
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::sql("status: relays"))?
@@ -416,14 +420,17 @@ impl Store {
             Target::Failed => "",
             Target::Published => ", published_at = NULL",
         };
+        let t = self.sql_t();
         let done = self
-            .in_chunks(target, filter, |t, chosen| {
-                format!(
+            .in_chunks(
+                target,
+                filter,
+                &format!(
                     "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = now(), \
-                       last_error = NULL{extra} \
-                     FROM ({chosen}) c WHERE {t}.id = c.id RETURNING {t}.aggregate_id"
-                )
-            })
+                       last_error = NULL{extra} FROM ("
+                ),
+                &format!(") c WHERE {t}.id = c.id RETURNING {t}.aggregate_id"),
+            )
             .await?;
         if done.events > 0 {
             self.notify().await?;
@@ -434,13 +441,14 @@ impl Store {
     /// Deletes matching failed rows, releasing the rows held behind them, a chunk per
     /// transaction.
     pub async fn purge(&self, filter: &Filter) -> Result<Changed, StoreError> {
+        let t = self.sql_t();
         let done = self
-            .in_chunks(Target::Failed, filter, |t, chosen| {
-                format!(
-                    "DELETE FROM {t} USING ({chosen}) c WHERE {t}.id = c.id \
-                     RETURNING {t}.aggregate_id"
-                )
-            })
+            .in_chunks(
+                Target::Failed,
+                filter,
+                &format!("DELETE FROM {t} USING ("),
+                &format!(") c WHERE {t}.id = c.id RETURNING {t}.aggregate_id"),
+            )
             .await?;
         if done.released > 0 {
             self.notify().await?;
@@ -448,23 +456,19 @@ impl Store {
         Ok(done)
     }
 
-    /// Runs `statement` (given the table and a sub-select choosing a chunk of matching rows,
-    /// returning the aggregates it touched) until no row matches; releases held rows of failed
-    /// targets in the same transaction, after the change (see the `defer` statement).
+    /// Runs `head (SELECT id ... one chunk of matching rows) tail`, a statement returning the
+    /// aggregates it touched, until no row matches; releases held rows of failed targets in the
+    /// same transaction, after the change (see the `defer` statement).
     async fn in_chunks(
         &self,
         target: Target,
         filter: &Filter,
-        statement: impl Fn(&str, &str) -> String,
+        head: &str,
+        tail: &str,
     ) -> Result<Changed, StoreError> {
         let t = self.sql_t();
         let mut done = Changed::default();
         loop {
-            // The statement around the chunk's sub-select, which carries the filter's binds.
-            let text = statement(&t, "\u{1}");
-            let (head, tail) = text
-                .split_once('\u{1}')
-                .expect("the statement embeds the chunk");
             let mut full = QueryBuilder::new(head);
             full.push(format!("SELECT id FROM {t}"));
             push_where(&mut full, target, filter);
