@@ -56,10 +56,11 @@ pub enum BodyFormat {
     Envelope,
 }
 
-/// Why a row cannot be published. Each is permanent: the row is marked failed with this text.
+/// Why a row cannot be published. Each is permanent: the row is marked failed with this text,
+/// which names the field, the value (shortened when long, see [`shown`]) and what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidEvent {
-    #[error("topic {topic:?}: {reason}")]
+    #[error("topic {topic}: {reason}")]
     Topic { topic: String, reason: TopicError },
     #[error("field {field}: must not be empty")]
     Empty { field: &'static str },
@@ -69,10 +70,170 @@ pub enum InvalidEvent {
     PayloadTooLarge { size: usize, limit: usize },
     #[error("field headers: {0}")]
     Headers(String),
+    #[error("field headers: {count} headers, at most {limit} are allowed")]
+    TooManyHeaders { count: usize, limit: usize },
     #[error(
-        "field traceparent: {value:?} is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
+        "field headers: {size} bytes of names and values, at most {limit} are allowed \
+         (put large data in the payload)"
     )]
+    HeadersTooLarge { size: usize, limit: usize },
+    /// A row header's name or value that the wire cannot carry; `name` is already [`shown`].
+    #[error("field headers: header {name}: {problem}")]
+    Header { name: String, problem: String },
+    /// A row header that would stand in for one the relay or the broker sets.
+    #[error("field headers: header {name} is reserved for {owner}; use another name")]
+    ReservedHeader { name: String, owner: &'static str },
+    /// A row field the relay sends as a header, with a character that header cannot carry.
+    #[error("field {field}: {value} {problem} (sent as header {header})")]
+    HeaderField {
+        field: &'static str,
+        header: &'static str,
+        value: String,
+        problem: String,
+    },
+    #[error("field traceparent: {value} is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")]
     Traceparent { value: String },
+    /// The message as the backend would send it is larger than the broker takes.
+    #[error(
+        "field payload: the {backend} message would be {size} bytes (payload {payload}, \
+         headers and key {overhead}), more than the {limit_name} of {limit} bytes"
+    )]
+    MessageTooLarge {
+        backend: &'static str,
+        size: usize,
+        payload: usize,
+        overhead: usize,
+        limit_name: &'static str,
+        limit: usize,
+    },
+    /// The topic breaks the backend's own naming rules (a NATS subject, a Kafka topic name).
+    #[error("field topic: {0}")]
+    BackendTopic(String),
+    /// The body could not be made in the route's format.
+    #[error("field payload: cannot be encoded as {format}: {reason}")]
+    Body {
+        format: &'static str,
+        reason: String,
+    },
+}
+
+/// How many headers a row may carry, and how many bytes of names and values in all. Headers are
+/// metadata: brokers count them against the same per-message limit as the payload, and a
+/// consumer holds them all in memory before it reads the body.
+pub const MAX_HEADERS: usize = 256;
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// A value for an error text: quoted and escaped like Rust's `{:?}` (so a CR, a LF or any other
+/// control character is visible), and at most 64 characters of it, with the full length, so
+/// that a reason stays short whatever a row holds.
+pub fn shown(value: &str) -> String {
+    const MAX: usize = 64;
+    match value.char_indices().nth(MAX) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => {
+            let head = value.get(..cut).unwrap_or_default();
+            format!("{head:?}... ({} bytes)", value.len())
+        }
+    }
+}
+
+/// Which wire format's rules a row must follow, beyond [`Event::validate`]'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// NATS headers (HPUB): names printable ASCII without ':' and values without CR or LF;
+    /// `Nats-*` names are the server's control headers.
+    Nats,
+    /// Kafka record headers: names are strings, values any bytes; librdkafka takes names as C
+    /// strings, so no NUL.
+    Kafka,
+}
+
+/// Header names the relay sets on every message; a row's own header may not use them (compared
+/// without regard to case, as HTTP-minded consumers read them).
+pub const RELAY_HEADERS: [&str; 9] = [
+    headers::EVENT_ID,
+    headers::AGGREGATE_ID,
+    headers::AGGREGATE_TYPE,
+    headers::EVENT_TYPE,
+    headers::EVENT_VERSION,
+    headers::OCCURRED_AT,
+    headers::CORRELATION_ID,
+    headers::CONTENT_TYPE,
+    headers::TRACEPARENT,
+];
+
+/// Is `name` one of the relay's own headers?
+pub fn is_relay_header(name: &str) -> bool {
+    RELAY_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Is `name` a NATS control header (`Nats-Msg-Id`, `Nats-Expected-Stream`, ...)? The server
+/// acts on these, whatever their case.
+pub fn is_nats_control_header(name: &str) -> bool {
+    name.get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+}
+
+/// Why `name` cannot be a NATS header name: printable ASCII, no space, no ':'.
+pub fn nats_header_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("an empty name is not allowed".into());
+    }
+    let (i, ch) = name
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !c.is_ascii_graphic() || *c == ':')?;
+    Some(format!(
+        "character {ch:?} (U+{:04X}) at position {} is {}; NATS header names are printable \
+         ASCII without spaces or ':'",
+        ch as u32,
+        i + 1,
+        char_kind(ch)
+    ))
+}
+
+/// Why `value` cannot be a NATS header value: a CR or LF would end the header line.
+pub fn nats_header_value_problem(value: &str) -> Option<String> {
+    let (i, ch) = value
+        .chars()
+        .enumerate()
+        .find(|(_, c)| *c == '\r' || *c == '\n')?;
+    let what = if ch == '\r' {
+        "a carriage return"
+    } else {
+        "a line feed"
+    };
+    Some(format!(
+        "contains {what} (U+{:04X}) at position {}; NATS header values cannot contain CR or LF",
+        ch as u32,
+        i + 1
+    ))
+}
+
+/// Why `name` cannot be a Kafka header name.
+pub fn kafka_header_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("an empty name is not allowed".into());
+    }
+    let i = name.chars().position(|c| c == '\0')?;
+    Some(format!(
+        "character '\\0' (U+0000) at position {}; librdkafka reads header names as C strings",
+        i + 1
+    ))
+}
+
+fn char_kind(ch: char) -> &'static str {
+    if ch == ' ' {
+        "a space"
+    } else if ch == ':' {
+        "a colon"
+    } else if ch.is_control() {
+        "a control character"
+    } else if !ch.is_ascii() {
+        "not ASCII"
+    } else {
+        "not allowed"
+    }
 }
 
 /// What is wrong with a topic name.
@@ -132,6 +293,7 @@ pub fn validate_topic(topic: &str) -> Result<(), TopicError> {
 }
 
 /// Parses a JSON headers column into string pairs, naming the key whose value is not a string.
+/// SQL NULL and JSON null both mean no headers.
 pub fn parse_headers(value: Option<&serde_json::Value>) -> Result<Vec<(String, String)>, String> {
     match value {
         None | Some(serde_json::Value::Null) => Ok(Vec::new()),
@@ -140,7 +302,8 @@ pub fn parse_headers(value: Option<&serde_json::Value>) -> Result<Vec<(String, S
             .map(|(k, v)| match v {
                 serde_json::Value::String(s) => Ok((k.clone(), s.clone())),
                 other => Err(format!(
-                    "value of {k:?} is {}, header values must be strings",
+                    "value of {} is {}, header values must be strings",
+                    shown(k),
                     json_kind(other)
                 )),
             })
@@ -165,26 +328,24 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 
 /// The trace id of a W3C traceparent (`00-<trace id>-<parent id>-<flags>`), if well formed.
 pub fn trace_id_of(traceparent: &str) -> Option<&str> {
-    let parts: Vec<&str> = traceparent.split('-').collect();
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    if parts.len() == 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && parts[1] != "00000000000000000000000000000000"
-    {
-        Some(parts[1])
-    } else {
-        None
-    }
+    let mut parts = traceparent.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    (parts.next().is_none()
+        && hex(version, 2)
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace != "00000000000000000000000000000000")
+        .then_some(trace)
 }
 
 impl Event {
     /// Checks everything about the row that does not depend on a backend.
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), InvalidEvent> {
         validate_topic(&self.topic).map_err(|reason| InvalidEvent::Topic {
-            topic: self.topic.clone(),
+            topic: shown(&self.topic),
             reason,
         })?;
         if self.aggregate_id.is_empty() {
@@ -210,16 +371,133 @@ impl Event {
         }
         if let Some(tp) = &self.traceparent {
             if trace_id_of(tp).is_none() {
-                return Err(InvalidEvent::Traceparent { value: tp.clone() });
+                return Err(InvalidEvent::Traceparent { value: shown(tp) });
+            }
+        }
+        self.validate_headers()
+    }
+
+    /// The row's own headers, on any backend: a bounded number and size, named, and none
+    /// standing in for the relay's metadata. Reserved names fail the row rather than being
+    /// dropped or renamed: a producer that sets `X-Event-ID` expects consumers to see it, and
+    /// a failed row with the reason tells it why they would not.
+    fn validate_headers(&self) -> Result<(), InvalidEvent> {
+        if self.headers.len() > MAX_HEADERS {
+            return Err(InvalidEvent::TooManyHeaders {
+                count: self.headers.len(),
+                limit: MAX_HEADERS,
+            });
+        }
+        let size: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > MAX_HEADER_BYTES {
+            return Err(InvalidEvent::HeadersTooLarge {
+                size,
+                limit: MAX_HEADER_BYTES,
+            });
+        }
+        for (k, _) in &self.headers {
+            if k.is_empty() {
+                return Err(InvalidEvent::Header {
+                    name: shown(k),
+                    problem: "an empty name is not allowed".into(),
+                });
+            }
+            if is_relay_header(k) {
+                return Err(InvalidEvent::ReservedHeader {
+                    name: shown(k),
+                    owner: "the relay's metadata",
+                });
             }
         }
         Ok(())
     }
 
+    /// Checks what `wire` cannot carry, in the row's own headers and in the fields the relay
+    /// sends as headers. Backends call it before sending (after [`Event::validate`]) and fail
+    /// the row with its reason.
+    pub fn validate_for(&self, wire: Wire) -> Result<(), InvalidEvent> {
+        match wire {
+            Wire::Nats => {
+                for (field, header, value) in self.header_fields() {
+                    if let Some(problem) = nats_header_value_problem(value) {
+                        return Err(InvalidEvent::HeaderField {
+                            field,
+                            header,
+                            value: shown(value),
+                            problem,
+                        });
+                    }
+                }
+                for (k, v) in &self.headers {
+                    if is_nats_control_header(k) {
+                        return Err(InvalidEvent::ReservedHeader {
+                            name: shown(k),
+                            owner: "the NATS server (Nats-* headers)",
+                        });
+                    }
+                    let problem = nats_header_name_problem(k)
+                        .or_else(|| nats_header_value_problem(v).map(|p| format!("its value {p}")));
+                    if let Some(problem) = problem {
+                        return Err(InvalidEvent::Header {
+                            name: shown(k),
+                            problem,
+                        });
+                    }
+                }
+            }
+            Wire::Kafka => {
+                for (k, _) in &self.headers {
+                    if let Some(problem) = kafka_header_name_problem(k) {
+                        return Err(InvalidEvent::Header {
+                            name: shown(k),
+                            problem,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The row's fields that travel as headers: (column, header name, value).
+    fn header_fields(&self) -> impl Iterator<Item = (&'static str, &'static str, &str)> {
+        [
+            (
+                "aggregate_id",
+                headers::AGGREGATE_ID,
+                Some(&self.aggregate_id),
+            ),
+            (
+                "aggregate_type",
+                headers::AGGREGATE_TYPE,
+                self.aggregate_type.as_ref(),
+            ),
+            ("event_type", headers::EVENT_TYPE, Some(&self.event_type)),
+            (
+                "content_type",
+                headers::CONTENT_TYPE,
+                self.content_type.as_ref(),
+            ),
+            (
+                "traceparent",
+                headers::TRACEPARENT,
+                self.traceparent.as_ref(),
+            ),
+            (
+                "correlation_id",
+                headers::CORRELATION_ID,
+                self.correlation_id.as_ref(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(f, h, v)| v.map(|v| (f, h, v.as_str())))
+    }
+
     /// The metadata headers every backend puts on the wire, then the row's own headers.
-    /// The row's headers cannot replace the relay's: a clashing name is skipped.
+    /// The row's headers cannot replace the relay's: [`Event::validate`] fails a row that
+    /// tries, and a clashing name is skipped here all the same.
     pub fn wire_headers(&self) -> Vec<(&str, String)> {
-        let mut out: Vec<(&str, String)> = Vec::with_capacity(8 + self.headers.len());
+        let mut out: Vec<(&str, String)> = Vec::with_capacity(9 + self.headers.len());
         out.push((headers::EVENT_ID, self.event_id.to_string()));
         out.push((headers::AGGREGATE_ID, self.aggregate_id.clone()));
         if let Some(t) = &self.aggregate_type {
@@ -241,9 +519,8 @@ impl Event {
         if let Some(c) = &self.correlation_id {
             out.push((headers::CORRELATION_ID, c.clone()));
         }
-        let fixed = out.len();
         for (k, v) in &self.headers {
-            if !out[..fixed].iter().any(|(n, _)| n.eq_ignore_ascii_case(k)) {
+            if !is_relay_header(k) {
                 out.push((k.as_str(), v.clone()));
             }
         }
@@ -251,12 +528,22 @@ impl Event {
     }
 
     /// The message body in the given format.
-    pub fn body(&self, format: BodyFormat) -> Vec<u8> {
+    pub fn try_body(&self, format: BodyFormat) -> Result<Vec<u8>, InvalidEvent> {
         match format {
-            BodyFormat::Raw => self.payload.clone(),
-            BodyFormat::Envelope => serde_json::to_vec(&EnvelopeJson::from(self))
-                .expect("serialising a struct of strings cannot fail"),
+            BodyFormat::Raw => Ok(self.payload.clone()),
+            BodyFormat::Envelope => {
+                serde_json::to_vec(&EnvelopeJson::from(self)).map_err(|e| InvalidEvent::Body {
+                    format: "envelope",
+                    reason: e.to_string(),
+                })
+            }
         }
+    }
+
+    /// As [`Event::try_body`]; the envelope holds only strings and integers, so it always
+    /// serialises, and an empty body stands in rather than a panic if it ever did not.
+    pub fn body(&self, format: BodyFormat) -> Vec<u8> {
+        self.try_body(format).unwrap_or_default()
     }
 }
 
@@ -441,5 +728,145 @@ mod tests {
         assert_eq!(v["correlation_id"], "corr-1");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
         assert_eq!(e.body(BodyFormat::Raw), e.payload);
+    }
+
+    #[test]
+    fn row_headers_may_not_stand_in_for_the_relays_own() {
+        for name in [
+            "X-Event-ID",
+            "x-event-id",
+            "content-type",
+            "TRACEPARENT",
+            "X-Aggregate-Type",
+        ] {
+            let mut e = sample_event(1, "a");
+            e.headers.push((name.into(), "v".into()));
+            let err = e.validate(1024).unwrap_err().to_string();
+            assert!(
+                err.starts_with("field headers: header") && err.contains("reserved"),
+                "{err}"
+            );
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn nats_refuses_control_headers_and_what_hpub_cannot_carry() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("Nats-Msg-Id", "x", "reserved"),
+            ("nats-expected-stream", "x", "reserved"),
+            ("has space", "x", "a space"),
+            ("a:b", "x", "a colon"),
+            ("caf\u{e9}", "x", "not ASCII"),
+            ("tab\there", "x", "a control character"),
+            ("ok", "line\nbreak", "a line feed"),
+            ("ok", "cr\rhere", "a carriage return"),
+        ];
+        for (k, v, want) in cases {
+            let mut e = sample_event(1, "a");
+            e.headers = vec![((*k).into(), (*v).into())];
+            assert_eq!(e.validate(1024), Ok(()), "{k:?} is fine for any backend");
+            let err = e.validate_for(Wire::Nats).unwrap_err().to_string();
+            assert!(err.starts_with("field headers: header"), "{err}");
+            assert!(err.contains(want), "{k:?}={v:?}: {err}");
+            // Kafka carries all of these.
+            assert_eq!(e.validate_for(Wire::Kafka), Ok(()), "{k:?}");
+        }
+    }
+
+    #[test]
+    fn fields_sent_as_nats_headers_may_not_hold_cr_or_lf() {
+        type Set = fn(&mut Event);
+        let cases: &[(&str, &str, Set)] = &[
+            ("aggregate_id", "X-Aggregate-ID", |e| {
+                e.aggregate_id = "a\nb".into()
+            }),
+            ("aggregate_type", "X-Aggregate-Type", |e| {
+                e.aggregate_type = Some("t\r".into())
+            }),
+            ("event_type", "X-Event-Type", |e| {
+                e.event_type = "A\r\nB".into()
+            }),
+            ("content_type", "content-type", |e| {
+                e.content_type = Some("text/plain\n".into())
+            }),
+            ("correlation_id", "X-Correlation-ID", |e| {
+                e.correlation_id = Some("\nc".into())
+            }),
+        ];
+        for (field, header, set) in cases {
+            let mut e = sample_event(1, "a");
+            set(&mut e);
+            let err = e.validate_for(Wire::Nats).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("field {field}: ")), "{err}");
+            assert!(err.contains(header) && err.contains("CR or LF"), "{err}");
+            assert_eq!(e.validate_for(Wire::Kafka), Ok(()));
+        }
+        // A traceparent with a line break is no traceparent at all, on any backend.
+        let mut e = sample_event(1, "a");
+        e.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n".into());
+        assert!(e
+            .validate(1024)
+            .unwrap_err()
+            .to_string()
+            .contains("field traceparent"));
+    }
+
+    #[test]
+    fn many_or_large_headers_are_refused_with_the_limit() {
+        let mut e = sample_event(1, "a");
+        e.headers = (0..=MAX_HEADERS)
+            .map(|i| (format!("h{i}"), "v".into()))
+            .collect();
+        let err = e.validate(1024).unwrap_err().to_string();
+        assert!(
+            err.contains("257 headers") && err.contains("at most 256"),
+            "{err}"
+        );
+        e.headers = vec![("big".into(), "x".repeat(MAX_HEADER_BYTES))];
+        let err = e.validate(1024).unwrap_err().to_string();
+        assert!(
+            err.contains("field headers") && err.contains("65536"),
+            "{err}"
+        );
+        e.headers = vec![(String::new(), "v".into())];
+        assert!(e
+            .validate(1024)
+            .unwrap_err()
+            .to_string()
+            .contains("empty name"));
+    }
+
+    #[test]
+    fn long_values_are_shortened_in_reasons() {
+        let mut e = sample_event(1, "a");
+        e.topic = format!("{}\u{e9}", "x".repeat(10_000));
+        let err = e.validate(1024).unwrap_err().to_string();
+        assert!(err.len() < 400, "{err}");
+        assert!(err.contains("(10002 bytes)"), "{err}");
+        assert_eq!(shown("a\nb"), "\"a\\nb\"");
+    }
+
+    #[test]
+    fn an_empty_payload_is_a_valid_event() {
+        let mut e = sample_event(1, "a");
+        e.payload.clear();
+        assert_eq!(e.validate(1024), Ok(()));
+        assert_eq!(e.body(BodyFormat::Raw), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn malformed_traceparents_never_panic() {
+        for tp in [
+            "",
+            "-",
+            "---",
+            "----",
+            "00-",
+            "00-x-y-z-w",
+            "\u{e9}-\u{e9}-\u{e9}-\u{e9}",
+        ] {
+            assert_eq!(trace_id_of(tp), None, "{tp:?}");
+        }
     }
 }

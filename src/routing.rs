@@ -35,7 +35,7 @@ impl Router {
     }
 
     pub fn backend_name(&self, idx: usize) -> &str {
-        &self.backends[idx]
+        self.backends.get(idx).map_or("?", String::as_str)
     }
 
     /// The text a row without a route is failed with.
@@ -52,23 +52,30 @@ impl Router {
 pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let (mut star, mut mark) = (None, 0);
-    while t < text.len() {
-        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pattern.len() && pattern[p] == b'*' {
-            star = Some(p);
-            mark = t;
-            p += 1;
-        } else if let Some(s) = star {
-            p = s + 1;
-            mark += 1;
-            t = mark;
-        } else {
-            return false;
+    while let Some(&c) = text.get(t) {
+        match pattern.get(p) {
+            // A star first: taken as a literal it would match a '*' in the topic and lose
+            // its place to backtrack to ("*" did not match "*x").
+            Some(b'*') => {
+                star = Some(p);
+                mark = t;
+                p += 1;
+            }
+            Some(&pc) if pc == b'?' || pc == c => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some(s) => {
+                    p = s + 1;
+                    mark += 1;
+                    t = mark;
+                }
+                None => return false,
+            },
         }
     }
-    while p < pattern.len() && pattern[p] == b'*' {
+    while pattern.get(p) == Some(&b'*') {
         p += 1;
     }
     p == pattern.len()
@@ -88,6 +95,10 @@ mod tests {
         assert!(m("o?ders", "orders"));
         assert!(!m("orders", "orders.created"));
         assert!(m("a*b*c", "axxbyyc"));
+        // A star in the topic is a literal character like any other.
+        assert!(m("*", "*x"));
+        assert!(m("orders.*", "orders.*x"));
+        assert!(m("orders.cr\u{e9}\u{e9}d", "orders.cr\u{e9}\u{e9}d"));
     }
 
     #[test]

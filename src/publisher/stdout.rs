@@ -71,9 +71,21 @@ pub fn render_line(o: &Outgoing) -> Vec<u8> {
                 .into()
         }
     }
-    let mut out = serde_json::to_vec(&line).expect("a JSON value always serialises");
+    // A Value of strings and objects always serialises; should it ever not, the line says so
+    // instead of taking the relay down.
+    let mut out = serde_json::to_vec(&line).unwrap_or_else(|e| {
+        format!(
+            r#"{{"event_id":"{}","error":"cannot render: {e}"}}"#,
+            e_id(o)
+        )
+        .into_bytes()
+    });
     out.push(b'\n');
     out
+}
+
+fn e_id(o: &Outgoing) -> String {
+    o.event.event_id.to_string()
 }
 
 async fn writer<W: AsyncWrite + Unpin>(mut out: W, mut rx: mpsc::Receiver<Cmd>) {
@@ -119,6 +131,11 @@ async fn writer<W: AsyncWrite + Unpin>(mut out: W, mut rx: mpsc::Receiver<Cmd>) 
 impl Publisher for StdoutPublisher {
     fn kind(&self) -> &'static str {
         "stdout"
+    }
+
+    /// Lines are written in the order taken.
+    fn keeps_order(&self) -> bool {
+        true
     }
 
     fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {

@@ -1,0 +1,336 @@
+//! Decoding a claimed row into the envelope. Per row and leniently: only the row id must decode
+//! (a bigint identity, always fine). Any other column that cannot become part of an event gets
+//! a placeholder and marks that row invalid ("field <column>: <problem>"), so the dispatcher
+//! fails it in its aggregate's order; the claim itself never fails on a value.
+//!
+//! Timestamps are read from their wire bytes rather than through sqlx's chrono decoding, which
+//! panics on `infinity` and `-infinity` (and on finite values past chrono's range, year
+//! 262 143, which Postgres accepts up to 294 276).
+
+use super::{Claimed, Cursor, Prev};
+use crate::envelope::{parse_headers, Event};
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::postgres::{PgRow, PgValueFormat, PgValueRef};
+use sqlx::{Row, ValueRef};
+
+/// Decodes one claim row by column position (the claim's select list, in order).
+pub(super) fn decode_claimed(row: &PgRow) -> Result<(Claimed, Cursor), sqlx::Error> {
+    let id: i64 = row.try_get(0)?;
+    let mut bad = Problems::default();
+    let headers = match jsonb(row, 8) {
+        Ok(json) => match parse_headers(json.as_ref()) {
+            Ok(h) => h,
+            Err(e) => {
+                bad.add("headers", e);
+                Vec::new()
+            }
+        },
+        Err(e) => {
+            bad.add("headers", e);
+            Vec::new()
+        }
+    };
+    let occurred_at = match timestamp(row, 12) {
+        Ok(Some(Ts::At(at))) => at,
+        Ok(Some(other)) => {
+            bad.add("occurred_at", other.problem());
+            DateTime::UNIX_EPOCH
+        }
+        Ok(None) => {
+            bad.add("occurred_at", "is null".into());
+            DateTime::UNIX_EPOCH
+        }
+        Err(e) => {
+            bad.add("occurred_at", e);
+            DateTime::UNIX_EPOCH
+        }
+    };
+    let event = Event {
+        id,
+        event_id: bad.required(row, 1, "event_id"),
+        topic: bad.required(row, 2, "topic"),
+        aggregate_id: bad.required(row, 3, "aggregate_id"),
+        aggregate_type: bad.optional(row, 4, "aggregate_type"),
+        event_type: bad.required(row, 5, "event_type"),
+        event_version: bad.required(row, 6, "event_version"),
+        payload: bad.required(row, 7, "payload"),
+        headers,
+        content_type: bad.optional(row, 9, "content_type"),
+        traceparent: bad.optional(row, 10, "traceparent"),
+        correlation_id: bad.optional(row, 11, "correlation_id"),
+        occurred_at,
+        attempts: bad.required(row, 13, "attempts"),
+    };
+    // The claim's own key: only where the next claim starts. A row due at -infinity is
+    // claimed like any other; its key becomes the earliest instant Postgres can take back.
+    let key: Cursor = (cursor_time(timestamp(row, 14)), id);
+    let prev = match row.try_get::<Option<i64>, _>(15) {
+        Ok(Some(prev_id)) => Some(Prev {
+            id: prev_id,
+            status: bad.required(row, 16, "prev_status"),
+            next_attempt_at: cursor_time(timestamp(row, 17)),
+        }),
+        Ok(None) => None,
+        // Without it this row's order cannot be known; it stays unpublished (failed, with the
+        // reason) rather than risk overtaking its predecessor.
+        Err(e) => {
+            bad.add("prev_id", e.to_string());
+            None
+        }
+    };
+    Ok((
+        Claimed {
+            event,
+            invalid: bad.reason(),
+            prev,
+        },
+        key,
+    ))
+}
+
+/// What could not be decoded, column by column.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, column: &str, problem: String) {
+        self.0.push(format!("field {column}: {problem}"));
+    }
+
+    fn reason(self) -> Option<String> {
+        (!self.0.is_empty()).then(|| self.0.join("; "))
+    }
+
+    /// A NOT NULL column: its value, or a placeholder and a problem.
+    fn required<'r, T>(&mut self, row: &'r PgRow, i: usize, column: &str) -> T
+    where
+        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Default,
+    {
+        match row.try_get::<Option<T>, _>(i) {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                self.add(column, "is null".into());
+                T::default()
+            }
+            Err(e) => {
+                self.add(column, undecodable(e));
+                T::default()
+            }
+        }
+    }
+
+    fn optional<'r, T>(&mut self, row: &'r PgRow, i: usize, column: &str) -> Option<T>
+    where
+        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        row.try_get::<Option<T>, _>(i).unwrap_or_else(|e| {
+            self.add(column, undecodable(e));
+            None
+        })
+    }
+}
+
+/// sqlx's text for a column decode error, without its "error occurred while decoding column
+/// N:" prefix (the reason names the column itself).
+fn undecodable(e: sqlx::Error) -> String {
+    match e {
+        sqlx::Error::ColumnDecode { source, .. } => format!("cannot be decoded: {source}"),
+        other => format!("cannot be decoded: {other}"),
+    }
+}
+
+/// A `jsonb` (or `json`) column as JSON. serde_json refuses what Postgres accepts in two ways:
+/// numbers beyond f64 (`1e400`) and nesting deeper than 128 levels; both are reported.
+fn jsonb(row: &PgRow, i: usize) -> Result<Option<serde_json::Value>, String> {
+    let raw = row
+        .try_get_raw(i)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if raw.is_null() {
+        return Ok(None);
+    }
+    let format = raw.format();
+    let bytes = raw.as_bytes().map_err(|e| format!("cannot be read: {e}"))?;
+    json_from_wire(format, bytes).map(Some)
+}
+
+/// The JSON text of a jsonb value as sent by Postgres: in binary, a version byte (1) first.
+pub(crate) fn json_from_wire(
+    format: PgValueFormat,
+    bytes: &[u8],
+) -> Result<serde_json::Value, String> {
+    let text = match (format, bytes.split_first()) {
+        (PgValueFormat::Binary, Some((1, rest))) => rest,
+        (PgValueFormat::Binary, Some((v, _))) => {
+            return Err(format!("jsonb wire format version {v} is not supported"))
+        }
+        (PgValueFormat::Binary, None) => return Err("an empty jsonb value".into()),
+        (PgValueFormat::Text, _) => bytes,
+    };
+    serde_json::from_slice(text).map_err(|e| {
+        format!(
+            "is JSON the relay cannot read ({e}); numbers must fit a 64-bit float and nesting \
+             may be at most 128 levels deep"
+        )
+    })
+}
+
+/// A timestamptz as Postgres has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ts {
+    At(DateTime<Utc>),
+    Infinity,
+    NegInfinity,
+    /// Finite, but past what chrono represents (Postgres goes to 294276 AD).
+    Beyond(i64),
+}
+
+impl Ts {
+    fn problem(self) -> String {
+        match self {
+            Ts::At(_) => "is fine".into(),
+            Ts::Infinity => "infinity is not a point in time; write a real timestamp".into(),
+            Ts::NegInfinity => "-infinity is not a point in time; write a real timestamp".into(),
+            Ts::Beyond(us) => format!(
+                "{us} microseconds after 2000-01-01 is past the year 262142, the latest the \
+                 relay can represent"
+            ),
+        }
+    }
+}
+
+/// Microseconds from the Unix epoch to Postgres' epoch, 2000-01-01.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// The earliest timestamptz Postgres accepts (4714-11-24 BC): `-infinity` stands for it where
+/// a time goes back to Postgres as a parameter (chrono's own minimum is out of its range).
+pub(crate) fn pg_min_time() -> DateTime<Utc> {
+    NaiveDate::from_ymd_opt(-4713, 11, 24)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// A time for the claim cursor or a predecessor's retry time: infinities become the extremes
+/// Postgres still accepts as a parameter, so a claim or a deferral never fails on them.
+fn cursor_time(ts: Result<Option<Ts>, String>) -> DateTime<Utc> {
+    match ts {
+        Ok(Some(Ts::At(at))) => at.max(pg_min_time()),
+        Ok(Some(Ts::NegInfinity)) => pg_min_time(),
+        Ok(Some(Ts::Infinity | Ts::Beyond(_))) | Ok(None) | Err(_) => DateTime::<Utc>::MAX_UTC,
+    }
+}
+
+fn timestamp(row: &PgRow, i: usize) -> Result<Option<Ts>, String> {
+    let raw = row
+        .try_get_raw(i)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if raw.is_null() {
+        return Ok(None);
+    }
+    ts_from_wire(raw).map(Some)
+}
+
+fn ts_from_wire(raw: PgValueRef<'_>) -> Result<Ts, String> {
+    let format = raw.format();
+    match format {
+        PgValueFormat::Binary => {
+            let bytes = raw.as_bytes().map_err(|e| format!("cannot be read: {e}"))?;
+            ts_from_binary(bytes)
+        }
+        PgValueFormat::Text => {
+            let text = raw.as_str().map_err(|e| format!("cannot be read: {e}"))?;
+            match text {
+                "infinity" => Ok(Ts::Infinity),
+                "-infinity" => Ok(Ts::NegInfinity),
+                _ => <DateTime<Utc> as sqlx::Decode<sqlx::Postgres>>::decode(raw)
+                    .map(Ts::At)
+                    .map_err(|e| format!("cannot be decoded: {e}")),
+            }
+        }
+    }
+}
+
+/// A binary timestamptz: microseconds since 2000-01-01 UTC, `i64::MAX` and `i64::MIN` being
+/// infinity and -infinity.
+pub(crate) fn ts_from_binary(bytes: &[u8]) -> Result<Ts, String> {
+    let micros = <[u8; 8]>::try_from(bytes)
+        .map(i64::from_be_bytes)
+        .map_err(|_| format!("a timestamp of {} bytes, expected 8", bytes.len()))?;
+    Ok(match micros {
+        i64::MAX => Ts::Infinity,
+        i64::MIN => Ts::NegInfinity,
+        us => us
+            .checked_add(PG_EPOCH_UNIX_MICROS)
+            .and_then(DateTime::<Utc>::from_timestamp_micros)
+            .map_or(Ts::Beyond(us), Ts::At),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn infinities_and_the_extremes_decode_without_panicking() {
+        assert_eq!(ts_from_binary(&i64::MAX.to_be_bytes()), Ok(Ts::Infinity));
+        assert_eq!(ts_from_binary(&i64::MIN.to_be_bytes()), Ok(Ts::NegInfinity));
+        assert_eq!(
+            ts_from_binary(&0i64.to_be_bytes()),
+            Ok(Ts::At("2000-01-01T00:00:00Z".parse().unwrap()))
+        );
+        // 294276-12-31, the last day Postgres takes, is past chrono.
+        let late: i64 = 9_223_371_331_199_999_999;
+        assert!(matches!(
+            ts_from_binary(&late.to_be_bytes()),
+            Ok(Ts::Beyond(_))
+        ));
+        assert!(ts_from_binary(&[1, 2, 3]).is_err());
+        assert!(Ts::Infinity.problem().contains("infinity"));
+    }
+
+    #[test]
+    fn the_cursor_stands_in_for_infinities_with_times_postgres_accepts() {
+        assert_eq!(cursor_time(Ok(Some(Ts::NegInfinity))), pg_min_time());
+        assert_eq!(
+            cursor_time(Ok(Some(Ts::Infinity))),
+            DateTime::<Utc>::MAX_UTC
+        );
+        assert_eq!(pg_min_time().to_rfc3339(), "-4713-11-24T00:00:00+00:00");
+    }
+
+    #[test]
+    fn jsonb_that_serde_refuses_is_a_reason() {
+        let bin = |s: &str| [&[1u8][..], s.as_bytes()].concat();
+        let e = json_from_wire(PgValueFormat::Binary, &bin(r#"{"a": 1e400}"#)).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let e = json_from_wire(PgValueFormat::Binary, &bin(&deep)).unwrap_err();
+        assert!(e.contains("recursion limit"), "{e}");
+        assert!(json_from_wire(PgValueFormat::Binary, &[2, b'1']).is_err());
+        assert!(json_from_wire(PgValueFormat::Binary, &[]).is_err());
+        assert_eq!(
+            json_from_wire(PgValueFormat::Text, b"{}").unwrap(),
+            serde_json::json!({})
+        );
+    }
+
+    proptest! {
+        // 2000 cases each: every 8-byte value and any bytes decode to a value or a reason.
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_timestamp_bytes_decode_or_give_a_reason(us in any::<i64>(), junk in proptest::collection::vec(any::<u8>(), 0..12)) {
+            let ts = ts_from_binary(&us.to_be_bytes()).unwrap();
+            let t = cursor_time(Ok(Some(ts)));
+            prop_assert!(t >= pg_min_time());
+            let _ = ts_from_binary(&junk);
+        }
+
+        #[test]
+        fn any_jsonb_bytes_decode_or_give_a_reason(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = json_from_wire(PgValueFormat::Binary, &bytes);
+            let _ = json_from_wire(PgValueFormat::Text, &bytes);
+        }
+    }
+}

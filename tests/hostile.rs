@@ -1,0 +1,453 @@
+//! Bad rows never crash or stall the relay, against the real Postgres and the real brokers.
+//! Each class of malformed row is written with plain SQL, as any producer could, next to 200
+//! good events over 10 aggregates; a relay runs in process. Afterwards the relay is still up,
+//! every good event is on the broker (read back independently, in order per aggregate), and
+//! every bad row is `failed` with a `last_error` naming the field, or published where the
+//! backend's wire format carries it.
+
+mod common;
+
+use common::conformance::{assert_in_order, Received};
+use common::kafka::{
+    brokers, create_topic, publisher as kafka_publisher, unique_topic, GroupReader,
+};
+use common::nats::{self as n, JetStream};
+use common::{numbered_on, spawn, wait_for, watchdog, TestDb};
+use outbox_relay::config::Config;
+use outbox_relay::publisher::Publisher;
+use outbox_relay::store::NewEvent;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Nats,
+    Kafka,
+}
+
+/// What must become of a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expect {
+    /// Failed, with a last_error containing this (the field it names).
+    Fails(&'static str),
+    /// On the broker, row gone.
+    Published,
+}
+
+/// Column -> SQL expression.
+type Columns = Vec<(&'static str, String)>;
+
+struct Case {
+    what: &'static str,
+    event_id: Uuid,
+    /// Column -> SQL expression, over the defaults of a good row.
+    columns: Vec<(&'static str, String)>,
+    expect: Expect,
+}
+
+/// Every class of hostile row, with what `wire` must do with it. `topic` is the test's good
+/// topic; each row has an aggregate of its own unless the case is about the aggregate id.
+fn cases(wire: Wire, topic: &str) -> Vec<Case> {
+    use Expect::*;
+    let nats_only = |field| {
+        if wire == Wire::Nats {
+            Fails(field)
+        } else {
+            Published
+        }
+    };
+    let nested = format!("{}\"x\"{}", "{\"a\": ".repeat(200), "}".repeat(200));
+    let many: String = (0..300)
+        .map(|i| format!("\"h{i}\": \"v\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (wildcard, sep) = match wire {
+        Wire::Nats => (format!("{topic}.>"), "."),
+        Wire::Kafka => (format!("{topic}>"), ""),
+    };
+    let q = |s: &str| format!("'{s}'");
+    let raw: Vec<(&'static str, Columns, Expect)> = vec![
+        (
+            "header name with a space",
+            vec![("headers", q(r#"{"a b": "1"}"#))],
+            nats_only("field headers"),
+        ),
+        (
+            "header name with a colon",
+            vec![("headers", q(r#"{"a:b": "1"}"#))],
+            nats_only("field headers"),
+        ),
+        (
+            "header name not ASCII",
+            vec![("headers", q(r#"{"café": "1"}"#))],
+            nats_only("field headers"),
+        ),
+        (
+            "CR/LF in a header value",
+            vec![("headers", q(r#"{"h": "x\r\nNats-Msg-Id: 1"}"#))],
+            nats_only("field headers"),
+        ),
+        (
+            "CR/LF in aggregate_id",
+            vec![("aggregate_id", "E'bad\\r\\nagg'".into())],
+            nats_only("field aggregate_id"),
+        ),
+        (
+            "LF in event_type",
+            vec![("event_type", "E'Order\\nCreated'".into())],
+            nats_only("field event_type"),
+        ),
+        (
+            "CR/LF in content_type",
+            vec![("content_type", "E'text/plain\\r\\nX-Evil: 1'".into())],
+            nats_only("field content_type"),
+        ),
+        (
+            "LF in correlation_id",
+            vec![("correlation_id", "E'c\\n1'".into())],
+            nats_only("field correlation_id"),
+        ),
+        (
+            "CR in aggregate_type",
+            vec![("aggregate_type", "E'order\\r'".into())],
+            nats_only("field aggregate_type"),
+        ),
+        (
+            "CR/LF in traceparent",
+            vec![("traceparent", format!("E'{tp}\\r\\n'"))],
+            Fails("field traceparent"),
+        ),
+        (
+            "headers not an object",
+            vec![("headers", q(r#"["a"]"#))],
+            Fails("field headers"),
+        ),
+        (
+            "header value a number",
+            vec![("headers", q(r#"{"a": 1}"#))],
+            Fails("field headers"),
+        ),
+        (
+            "header value null",
+            vec![("headers", q(r#"{"a": null}"#))],
+            Fails("field headers"),
+        ),
+        (
+            "header value an object",
+            vec![("headers", q(r#"{"a": {"b": "c"}}"#))],
+            Fails("field headers"),
+        ),
+        (
+            "headers number beyond f64",
+            vec![("headers", q(r#"{"a": 1e400}"#))],
+            Fails("field headers"),
+        ),
+        (
+            "headers nested 200 deep",
+            vec![("headers", q(&nested))],
+            Fails("field headers"),
+        ),
+        (
+            "300 headers",
+            vec![("headers", q(&format!("{{{many}}}")))],
+            Fails("field headers"),
+        ),
+        (
+            "a relay header in headers",
+            vec![("headers", q(r#"{"x-event-id": "spoofed"}"#))],
+            Fails("field headers"),
+        ),
+        (
+            "a NATS control header in headers",
+            vec![("headers", q(r#"{"Nats-Msg-Id": "spoofed"}"#))],
+            nats_only("field headers"),
+        ),
+        (
+            "occurred_at infinity",
+            vec![("occurred_at", q("infinity"))],
+            Fails("field occurred_at"),
+        ),
+        (
+            "occurred_at -infinity",
+            vec![("occurred_at", q("-infinity"))],
+            Fails("field occurred_at"),
+        ),
+        (
+            "occurred_at past chrono's range",
+            vec![("occurred_at", q("290000-01-01 00:00:00+00"))],
+            Fails("field occurred_at"),
+        ),
+        (
+            "occurred_at far ahead but representable",
+            vec![("occurred_at", q("200000-01-01 00:00:00+00"))],
+            Published,
+        ),
+        (
+            "next_attempt_at -infinity (due, a good row)",
+            vec![("next_attempt_at", q("-infinity"))],
+            Published,
+        ),
+        (
+            "topic not ASCII",
+            vec![("topic", q(&format!("{topic}{sep}ordérs")))],
+            Fails("topic"),
+        ),
+        (
+            "topic with a space",
+            vec![("topic", q(&format!("{topic}{sep}a b")))],
+            Fails("topic"),
+        ),
+        (
+            "topic too long",
+            vec![("topic", q(&format!("{topic}{sep}{}", "x".repeat(300))))],
+            Fails("topic"),
+        ),
+        (
+            "topic with a wildcard",
+            vec![("topic", q(&wildcard))],
+            Fails("field topic"),
+        ),
+        (
+            "payload over relay.max_payload_bytes",
+            vec![("payload", "decode(repeat('ab', 5000000), 'hex')".into())],
+            Fails("field payload"),
+        ),
+        (
+            "payload over the broker's limit",
+            vec![("payload", "decode(repeat('ab', 2000000), 'hex')".into())],
+            Fails("field payload"),
+        ),
+        (
+            "empty payload",
+            vec![("payload", "''::bytea".into())],
+            Published,
+        ),
+        (
+            "event_version 0",
+            vec![("event_version", "0".into())],
+            Fails("field event_version"),
+        ),
+        (
+            "event_version negative",
+            vec![("event_version", "-5".into())],
+            Fails("field event_version"),
+        ),
+        (
+            "empty aggregate_id",
+            vec![("aggregate_id", q(""))],
+            Fails("field aggregate_id"),
+        ),
+        (
+            "empty event_type",
+            vec![("event_type", q(""))],
+            Fails("field event_type"),
+        ),
+    ];
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, (what, overrides, expect))| {
+            let event_id = Uuid::new_v4();
+            let agg = format!("bad-{i}");
+            let mut columns: Vec<(&'static str, String)> = vec![
+                ("event_id", q(&event_id.to_string())),
+                ("topic", q(topic)),
+                ("aggregate_id", q(&agg)),
+                ("event_type", q("OrderCreated")),
+                (
+                    "payload",
+                    format!("convert_to('{{\"agg\": \"{agg}\", \"seq\": 0}}', 'UTF8')"),
+                ),
+            ];
+            for (col, expr) in overrides {
+                match columns.iter_mut().find(|(c, _)| *c == col) {
+                    Some(slot) => slot.1 = expr,
+                    None => columns.push((col, expr)),
+                }
+            }
+            Case {
+                what,
+                event_id,
+                columns,
+                expect,
+            }
+        })
+        .collect()
+}
+
+async fn insert(db: &TestDb, case: &Case) {
+    let names: Vec<&str> = case.columns.iter().map(|(c, _)| *c).collect();
+    let values: Vec<&str> = case.columns.iter().map(|(_, v)| v.as_str()).collect();
+    db.sql(&format!(
+        "INSERT INTO {{t}} ({}) VALUES ({})",
+        names.join(", "),
+        values.join(", ")
+    ))
+    .await;
+}
+
+/// 200 good events over 10 aggregates, half before and half after the hostile rows, so that
+/// claims mix both.
+async fn write_rows(db: &TestDb, topic: &str, cases: &[Case]) -> Vec<NewEvent> {
+    let good: Vec<NewEvent> = (0..20)
+        .flat_map(|seq| (0..10).map(move |a| (a, seq)))
+        .map(|(a, seq)| numbered_on(topic, &format!("a{a}"), seq))
+        .collect();
+    db.enqueue(&good[..100]).await;
+    for c in cases {
+        insert(db, c).await;
+    }
+    db.enqueue(&good[100..]).await;
+    good
+}
+
+fn config(db: &TestDb) -> Config {
+    let mut cfg = db.config();
+    // Above the brokers' 1 MB limits, so the backends' own size checks are exercised too.
+    cfg.relay.max_payload_bytes = 4 << 20;
+    cfg
+}
+
+/// Runs a relay until no row is pending, checks it is still running, and checks every
+/// hostile row's fate in the table. Returns the event ids that must be on the broker.
+async fn relay_all(
+    db: &TestDb,
+    backend: &str,
+    publisher: Arc<dyn Publisher>,
+    good: &[NewEvent],
+    cases: &[Case],
+) -> HashSet<Uuid> {
+    let relay = db
+        .relay_with(
+            &config(db),
+            vec![(backend, publisher)],
+            &[common::route("*", backend)],
+        )
+        .await;
+    let (h, stop) = spawn(relay);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while db.count("status = 'pending'").await > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "{backend}: rows still pending after {DEADLINE:?} (relay finished: {}):\n{}",
+                h.is_finished(),
+                pending(db).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!h.is_finished(), "the relay stopped on its own");
+    let mut problems = Vec::new();
+    let mut published: HashSet<Uuid> = good.iter().map(|e| e.event_id).collect();
+    for c in cases {
+        let row = db.row(c.event_id).await;
+        match (&c.expect, &row) {
+            (Expect::Published, None) => {
+                published.insert(c.event_id);
+            }
+            (Expect::Fails(field), Some((status, _, Some(err))))
+                if status == "failed" && err.contains(field) => {}
+            _ => problems.push(format!(
+                "{}: expected {:?}, row is {row:?}",
+                c.what, c.expect
+            )),
+        }
+    }
+    assert!(problems.is_empty(), "{backend}:\n{}", problems.join("\n"));
+    for e in good {
+        assert_eq!(
+            db.row(e.event_id).await,
+            None,
+            "good event {} left",
+            e.event_id
+        );
+    }
+    stop.cancel();
+    h.await.expect("the relay ends without a panic");
+    published
+}
+
+/// The rows still pending, for a failure message.
+async fn pending(db: &TestDb) -> String {
+    let rows: Vec<(i64, String, String, i32, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT id, left(aggregate_id, 20), next_attempt_at::text, attempts, last_error \
+         FROM {} WHERE status = 'pending' ORDER BY id LIMIT 20",
+        db.names.qualified()
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap_or_default();
+    rows.iter()
+        .map(|r| format!("{r:?}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn event_id(r: &Received) -> Uuid {
+    r.headers
+        .get("X-Event-ID")
+        .and_then(|v| v.parse().ok())
+        .expect("an X-Event-ID header")
+}
+
+/// Every expected event arrived (none of the failed ones), and the good ones in order.
+fn check_received(got: &[Received], expected: &HashSet<Uuid>, good: &[NewEvent], cases: &[Case]) {
+    let ids: HashSet<Uuid> = got.iter().map(event_id).collect();
+    let missing: Vec<&Uuid> = expected.difference(&ids).collect();
+    assert!(missing.is_empty(), "not on the broker: {missing:?}");
+    for c in cases {
+        if c.expect != Expect::Published {
+            assert!(!ids.contains(&c.event_id), "{} was sent", c.what);
+        }
+        if c.what == "empty payload" {
+            let r = got.iter().find(|r| event_id(r) == c.event_id).unwrap();
+            assert!(r.body.is_empty(), "an empty payload arrives empty");
+        }
+    }
+    let good_ids: HashSet<Uuid> = good.iter().map(|e| e.event_id).collect();
+    let in_order: Vec<Received> = got
+        .iter()
+        .filter(|r| good_ids.contains(&event_id(r)))
+        .cloned()
+        .collect();
+    assert_eq!(in_order.len(), good.len(), "each good event once");
+    assert_in_order(&in_order);
+}
+
+#[tokio::test]
+async fn hostile_rows_never_crash_or_stall_a_relay_on_jetstream() {
+    let _w = watchdog("hostile jetstream", Duration::from_secs(300));
+    let b = JetStream::new().await;
+    let db = TestDb::new().await;
+    let topic = format!("{}.orders", b.prefix);
+    let cases = cases(Wire::Nats, &topic);
+    let good = write_rows(&db, &topic, &cases).await;
+    let expected = relay_all(&db, "nats", b.publisher.clone(), &good, &cases).await;
+    let got = n::read_stream(&b.js, &b.stream).await;
+    check_received(&got, &expected, &good, &cases);
+    db.drop_schema().await;
+    b.delete().await;
+}
+
+#[tokio::test]
+async fn hostile_rows_never_crash_or_stall_a_relay_on_kafka() {
+    let _w = watchdog("hostile kafka", Duration::from_secs(300));
+    let topic = unique_topic();
+    create_topic(&brokers(), &topic, 3).await;
+    let reader = GroupReader::start(&brokers(), &topic);
+    let db = TestDb::new().await;
+    let cases = cases(Wire::Kafka, &topic);
+    let good = write_rows(&db, &topic, &cases).await;
+    let expected = relay_all(&db, "kafka", kafka_publisher(&brokers()), &good, &cases).await;
+    wait_for(DEADLINE, "every published event read back", || async {
+        let ids: HashSet<Uuid> = reader.received().iter().map(event_id).collect();
+        expected.is_subset(&ids)
+    })
+    .await;
+    check_received(&reader.received(), &expected, &good, &cases);
+    db.drop_schema().await;
+}
