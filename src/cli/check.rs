@@ -1,4 +1,4 @@
-use crate::config::{redact_url, Config};
+use crate::config::{connection_hint, redact_secrets, redact_url, Config};
 use crate::config::{BackendConfig, Provisioning};
 use crate::publisher::nats::config::Persistence;
 use crate::publisher::Health;
@@ -18,14 +18,31 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
     println!("ok       config     {source}");
     let url = redact_url(cfg.database.url.expose());
     let store = Store::connect(&cfg.database, &session(cfg)).await?;
-    match sqlx::query_scalar::<_, String>("SHOW server_version")
-        .fetch_one(store.pool())
-        .await
+    // Whether the session is encrypted, as the server sees it: what an operator checking a
+    // TLS set-up wants confirmed.
+    match sqlx::query_as::<_, (String, bool, Option<String>)>(
+        "SELECT current_setting('server_version'), s.ssl, s.version \
+         FROM pg_stat_ssl s WHERE s.pid = pg_backend_pid()",
+    )
+    .fetch_one(store.pool())
+    .await
     {
-        Ok(v) => println!("ok       database   {url} (PostgreSQL {v})"),
+        Ok((v, ssl, tls)) => {
+            let mode = cfg.database.tls().mode.unwrap_or_else(|| "prefer".into());
+            let tls = match (ssl, tls) {
+                (true, Some(t)) => format!("{t}, sslmode {mode}"),
+                (true, None) => format!("TLS, sslmode {mode}"),
+                (false, _) => format!("no TLS, sslmode {mode}"),
+            };
+            println!("ok       database   {url} (PostgreSQL {v}; {tls})")
+        }
         Err(e) => {
             problems += 1;
-            println!("PROBLEM  database   {url}: {e}");
+            let e = redact_secrets(&e.to_string());
+            match connection_hint(&e) {
+                Some(hint) => println!("PROBLEM  database   {url}: {e} ({hint})"),
+                None => println!("PROBLEM  database   {url}: {e}"),
+            }
         }
     }
     if problems == 0 {
@@ -44,7 +61,7 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
                 Ok(opened) => opened,
                 Err(e) => {
                     problems += 1;
-                    println!("PROBLEM  backend    {e}");
+                    println!("PROBLEM  backend    {}", redact_secrets(&e.to_string()));
                     continue;
                 }
             };
@@ -52,6 +69,7 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
             Health::Up => println!("ok       backend    {name} ({})", publisher.kind()),
             Health::Down(why) => {
                 problems += 1;
+                let why = redact_secrets(&why);
                 println!("PROBLEM  backend    {name} ({}): {why}", publisher.kind());
             }
         }
@@ -61,6 +79,7 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
             _ => Provisioning::Skip,
         };
         for line in &report.drift {
+            let line = redact_secrets(line);
             if strategy == Provisioning::ValidateOnly {
                 problems += 1;
                 println!("PROBLEM  drift      {name}: {line}");

@@ -80,7 +80,11 @@ pub async fn main() -> ExitCode {
     let cfg = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("outbox-relay: {e}");
+            // The loader keeps secrets out of its messages; this catches what it cannot know.
+            eprintln!(
+                "outbox-relay: {}",
+                crate::config::redact_secrets(&e.to_string())
+            );
             return ExitCode::from(2);
         }
     };
@@ -100,8 +104,12 @@ pub async fn main() -> ExitCode {
         Err(e) => {
             // The whole cause chain, on one line.
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            tracing::error!(error = %chain.join(": "), "failed");
-            eprintln!("outbox-relay: {}", chain.join(": "));
+            let mut text = crate::config::redact_secrets(&chain.join(": "));
+            if let Some(hint) = crate::config::connection_hint(&text) {
+                text.push_str(&format!(" ({hint})"));
+            }
+            tracing::error!(error = %text, "failed");
+            eprintln!("outbox-relay: {text}");
             ExitCode::from(1)
         }
     }

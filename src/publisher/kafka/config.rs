@@ -23,8 +23,13 @@ pub struct KafkaConfig {
     pub ssl_certificate_location: Option<String>,
     pub ssl_key_location: Option<String>,
     pub ssl_key_password: Option<Secret>,
-    /// Any librdkafka producer property; wins over everything above.
+    /// Any librdkafka producer property; wins over everything above. Values may be written as
+    /// strings, numbers or booleans.
+    #[serde(deserialize_with = "crate::config::scalar_map")]
     pub properties: BTreeMap<String, String>,
+    /// Lets `properties` and `idempotence` weaken delivery (acks other than all, idempotence
+    /// off). Off: such settings stop the start, naming the key.
+    pub allow_weak_delivery: bool,
     /// How long `check` and readiness wait for the broker's metadata.
     pub health_timeout: Dur,
     pub provisioning: Provisioning,
@@ -47,6 +52,7 @@ impl Default for KafkaConfig {
             ssl_key_location: None,
             ssl_key_password: None,
             properties: BTreeMap::new(),
+            allow_weak_delivery: false,
             health_timeout: Dur::secs(5),
             provisioning: Provisioning::Skip,
             topics: BTreeMap::new(),
@@ -54,10 +60,11 @@ impl Default for KafkaConfig {
     }
 }
 
-/// Property names whose values are secrets: masked wherever settings are printed.
+/// Property names whose values are secrets: masked wherever settings are printed. The rule is
+/// [`crate::config::is_secret_key`]'s: a name with "password", "secret", "token", "key" (and
+/// the like) unless it names a file location.
 pub fn is_secret_property(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.ends_with(".pem") || k.contains("token")
+    crate::config::is_secret_key(key)
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -83,6 +90,7 @@ impl fmt::Debug for KafkaConfig {
             .field("ssl_key_location", &self.ssl_key_location)
             .field("ssl_key_password", &self.ssl_key_password)
             .field("properties", &props)
+            .field("allow_weak_delivery", &self.allow_weak_delivery)
             .field("health_timeout", &self.health_timeout)
             .field("provisioning", &self.provisioning)
             .field("topics", &self.topics)
@@ -180,7 +188,7 @@ impl CleanupPolicy {
 }
 
 /// What to provision for a topic. Unset keys come from the preset, else the broker's defaults
-/// (partitions and replication factor: 1).
+/// (`num.partitions`, `default.replication.factor`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicSettings {
@@ -214,12 +222,17 @@ impl TopicSettings {
         }
     }
 
+    /// Partitions to create the topic with; -1 asks for the broker's `num.partitions`
+    /// (CreateTopics v4, Kafka 2.4 and later).
     pub fn partitions(&self) -> i32 {
-        self.partitions.unwrap_or(1)
+        self.partitions.unwrap_or(-1)
     }
 
+    /// Replication factor to create the topic with; -1 asks for the broker's
+    /// `default.replication.factor`, so a cluster's durability policy applies unless a topic
+    /// says otherwise (1 would leave a single copy on a cluster meant to keep three).
     pub fn replication_factor(&self) -> i32 {
-        self.replication_factor.unwrap_or(1)
+        self.replication_factor.unwrap_or(-1)
     }
 
     /// The topic-level configs these settings ask for, as Kafka names and values.
@@ -391,12 +404,25 @@ impl KafkaConfig {
         for (k, v) in &props {
             conf.set(k, v);
         }
+        self.refuse_weak_delivery(key)?;
         if let Err(e) = conf.create_native_config() {
             let (prop, why) = match &e {
-                rdkafka::error::KafkaError::ClientConfig(_, why, prop, _) => {
-                    (prop.clone(), why.clone())
+                // librdkafka's reason quotes the value: not for a secret one.
+                rdkafka::error::KafkaError::ClientConfig(_, _, prop, _)
+                    if is_secret_property(prop) =>
+                {
+                    (
+                        prop.clone(),
+                        "librdkafka refused its value (not shown: a secret)".to_string(),
+                    )
                 }
-                other => (String::new(), other.to_string()),
+                rdkafka::error::KafkaError::ClientConfig(_, why, prop, _) => {
+                    (prop.clone(), crate::config::redact_secrets(why))
+                }
+                other => (
+                    String::new(),
+                    crate::config::redact_secrets(&other.to_string()),
+                ),
             };
             let k = if self.properties.contains_key(&prop) {
                 format!("{key}.properties.{prop:?}")
@@ -404,6 +430,62 @@ impl KafkaConfig {
                 format!("{key} (librdkafka property {prop})")
             };
             return Err(invalid(k, why));
+        }
+        Ok(())
+    }
+
+    /// Settings that would let the broker lose or reorder acknowledged events stop the start
+    /// unless `allow_weak_delivery` is set: the relay deletes a row once its delivery report
+    /// says it was written, so the report must mean "written to every in-sync replica".
+    fn refuse_weak_delivery(&self, key: &str) -> Result<(), ConfigError> {
+        let p = |name: &str| {
+            self.properties
+                .get(name)
+                .map(|v| v.trim().to_ascii_lowercase())
+        };
+        // A delivery report only for failures: the relay would never hear of a success.
+        if p("delivery.report.only.error").as_deref() == Some("true") {
+            return Err(invalid(
+                format!("{key}.properties.\"delivery.report.only.error\""),
+                "\"true\" is not allowed: the relay marks rows published from the delivery \
+                 report of each message",
+            ));
+        }
+        if self.allow_weak_delivery {
+            return Ok(());
+        }
+        let hint =
+            format!("; set {key}.allow_weak_delivery = true to accept losing acknowledged events");
+        for name in ["acks", "request.required.acks"] {
+            if let Some(v) = p(name) {
+                if v != "all" && v != "-1" {
+                    return Err(invalid(
+                        format!("{key}.properties.{name:?}"),
+                        format!(
+                            "{v:?} weakens delivery (a broker can lose an acknowledged event); \
+                             allowed: \"all\" or \"-1\"{hint}"
+                        ),
+                    ));
+                }
+            }
+        }
+        if p("enable.idempotence").as_deref() == Some("false") {
+            return Err(invalid(
+                format!("{key}.properties.\"enable.idempotence\""),
+                format!(
+                    "\"false\" weakens delivery (librdkafka's retries may duplicate and \
+                     reorder events); allowed: \"true\"{hint}"
+                ),
+            ));
+        }
+        if !self.idempotence {
+            return Err(invalid(
+                format!("{key}.idempotence"),
+                format!(
+                    "false weakens delivery (librdkafka's retries may duplicate and reorder \
+                     events); allowed: true{hint}"
+                ),
+            ));
         }
         Ok(())
     }
@@ -540,6 +622,81 @@ mod tests {
             !shown.contains("hunter2") && !shown.contains("hunter3"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn weak_delivery_is_refused_naming_the_key_unless_allowed() {
+        let weak = |k: &str, v: &str| {
+            let mut c = KafkaConfig::default();
+            c.properties.insert(k.into(), v.into());
+            c
+        };
+        for (k, v) in [
+            ("acks", "1"),
+            ("acks", "0"),
+            ("request.required.acks", "1"),
+            ("enable.idempotence", "false"),
+        ] {
+            let err = weak(k, v)
+                .validate("backends.k", Dur::secs(30))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("backends.k.properties.{k:?}"))
+                    && err.contains(v)
+                    && err.contains("backends.k.allow_weak_delivery"),
+                "{err}"
+            );
+        }
+        let c = KafkaConfig {
+            idempotence: false,
+            ..KafkaConfig::default()
+        };
+        let err = c
+            .validate("backends.k", Dur::secs(30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("backends.k.idempotence") && err.contains("allow_weak_delivery"),
+            "{err}"
+        );
+        for ok in ["all", "-1", "ALL"] {
+            weak("acks", ok).validate("b", Dur::secs(30)).unwrap();
+        }
+        let allowed = KafkaConfig {
+            allow_weak_delivery: true,
+            idempotence: false,
+            ..weak("acks", "1")
+        };
+        allowed.validate("b", Dur::secs(30)).unwrap();
+        // Never allowed: the relay would not hear of successes at all.
+        let err = KafkaConfig {
+            allow_weak_delivery: true,
+            ..weak("delivery.report.only.error", "true")
+        }
+        .validate("b", Dur::secs(30))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("delivery.report.only.error"), "{err}");
+    }
+
+    #[test]
+    fn unset_partitions_and_replication_ask_for_the_broker_defaults() {
+        let s = settings("retention = \"1d\"");
+        assert_eq!((s.partitions(), s.replication_factor()), (-1, -1));
+        let s = settings("partitions = 3\nreplication_factor = 3");
+        assert_eq!((s.partitions(), s.replication_factor()), (3, 3));
+    }
+
+    #[test]
+    fn a_refused_secret_property_value_is_not_shown() {
+        let mut c = KafkaConfig::default();
+        c.properties
+            .insert("sasl.oauthbearer.config".into(), "hunter2-oauth".into());
+        c.properties
+            .insert("sasl.oauthbearer.method".into(), "hunter2-method".into());
+        let err = c.validate("b", Dur::secs(30)).unwrap_err().to_string();
+        assert!(!err.contains("hunter2-oauth"), "{err}");
     }
 
     #[test]

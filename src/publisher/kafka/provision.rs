@@ -25,7 +25,8 @@ pub struct ProvisionError {
 fn perr(topic: &str, message: impl Into<String>) -> ProvisionError {
     ProvisionError {
         topic: topic.to_string(),
-        message: message.into(),
+        // librdkafka's configuration errors quote values.
+        message: crate::config::redact_secrets(&message.into()),
     }
 }
 
@@ -93,6 +94,7 @@ pub async fn provision(
                 .iter()
                 .zip(&configs)
                 .map(|((n, s), cs)| {
+                    // Unset: -1, the broker's defaults (partitions, replication factor).
                     let mut t = NewTopic::new(
                         n,
                         s.partitions(),
