@@ -33,9 +33,68 @@ pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Con
 }
 
 /// A value that must never be printed (a URL with a password, a token).
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+///
+/// It takes any scalar (a numeric password given as `RELAY__...=12345` arrives as a number),
+/// and its deserialization errors never carry the value: serde's "invalid type: found ..."
+/// messages would otherwise print it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor("a string (a secret; its value is not shown)"))
+            .map(Secret)
+    }
+}
+
+/// Any scalar as its text; anything else is an error that names only its kind.
+struct ScalarVisitor(&'static str);
+
+impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+    fn visit_char<E: serde::de::Error>(self, v: char) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+}
+
+/// A map of names to scalars, each kept as its text (librdkafka properties: `linger.ms = 5`
+/// and `linger.ms = "5"` alike). A value of the wrong kind is reported without the value.
+pub fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Scalar(#[serde(deserialize_with = "scalar")] String);
+    fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_any(ScalarVisitor("a string, number or boolean"))
+    }
+    let m: BTreeMap<String, Scalar> = BTreeMap::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
@@ -125,6 +184,12 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     pub connect_timeout: Dur,
     pub statement_timeout: Dur,
+    /// TLS: "" (the URL's sslmode, else prefer), disable, prefer, require, verify-ca or
+    /// verify-full.
+    pub ssl_mode: String,
+    /// PEM file of the CA(s) that sign the server's certificate; "" = the URL's sslrootcert,
+    /// else the system's store.
+    pub ssl_root_cert: String,
 }
 
 impl Default for DatabaseConfig {
@@ -136,6 +201,8 @@ impl Default for DatabaseConfig {
             max_connections: 0,
             connect_timeout: Dur::secs(5),
             statement_timeout: Dur::secs(30),
+            ssl_mode: String::new(),
+            ssl_root_cert: String::new(),
         }
     }
 }
@@ -161,6 +228,26 @@ pub struct RelayConfig {
     pub published_retention: Dur,
     pub prune_interval: Dur,
     pub prune_batch: u32,
+    /// How events of one aggregate may overlap on the way to the broker.
+    pub ordering: OrderingMode,
+    /// Pipelined ordering: events of one aggregate in flight at once, at most.
+    pub aggregate_window: u32,
+    /// How often a relay looks at the other relays and takes or gives up partitions.
+    pub rebalance_interval: Dur,
+}
+
+/// How events of one aggregate may overlap on the way to the broker (`relay.ordering`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderingMode {
+    /// Up to `relay.aggregate_window` events of an aggregate in flight at once, on backends
+    /// that keep the order of what is sent on one connection; if one fails after later ones
+    /// were sent, those later ones may reach consumers before its redelivery.
+    Pipelined,
+    /// One event of an aggregate in flight at a time: a consumer never sees event n+1 before
+    /// the first delivery of event n.
+    #[default]
+    Strict,
 }
 
 impl Default for RelayConfig {
@@ -183,6 +270,9 @@ impl Default for RelayConfig {
             published_retention: Dur::secs(0),
             prune_interval: Dur::secs(10),
             prune_batch: 10_000,
+            ordering: OrderingMode::Strict,
+            aggregate_window: 64,
+            rebalance_interval: Dur::secs(1),
         }
     }
 }
@@ -373,17 +463,28 @@ impl Config {
             let value = parse_env_value(v);
             fig = fig.merge(figment::providers::Serialized::global(&key, value));
         }
+        if let Ok(raw) = fig.extract::<figment::value::Value>() {
+            collect_secrets("", &raw);
+        }
+        if let Some(url) = &overrides.database_url {
+            register_url_secrets(url);
+        }
         let mut cfg: Config = fig.extract().map_err(|e| {
             let mut parts = Vec::new();
             for err in e {
-                let mut text = err.kind.to_string();
+                let secret = err.path.last().is_some_and(|k| is_secret_key(k));
+                let mut text = if secret {
+                    value_free(&err.kind)
+                } else {
+                    err.kind.to_string()
+                };
                 if !err.path.is_empty() {
                     text = format!("key {}: {text}", err.path.join("."));
                 }
                 if let Some(meta) = &err.metadata {
                     text.push_str(&format!(" (from {})", meta.name));
                 }
-                parts.push(text);
+                parts.push(redact_secrets(&text));
             }
             ConfigError::Parse(parts.join("; "))
         })?;
@@ -423,6 +524,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate()?;
         validate_identifier("database.schema", &self.database.schema, 63)?;
         // Index and trigger names append up to 23 characters to the table name.
         validate_identifier("database.table", &self.database.table, 40)?;
@@ -439,6 +541,20 @@ impl Config {
         };
         range("relay.batch_size", r.batch_size as u64, 1, 50_000)?;
         range("relay.pipeline_depth", r.pipeline_depth as u64, 1, 64)?;
+        range(
+            "relay.aggregate_window",
+            r.aggregate_window as u64,
+            1,
+            10_000,
+        )?;
+        if r.rebalance_interval.0 < Duration::from_millis(10)
+            || r.rebalance_interval.0 > Duration::from_secs(60)
+        {
+            return Err(ConfigError::Invalid {
+                key: "relay.rebalance_interval".into(),
+                message: format!("{:?} is out of range: 10ms to 60s", r.rebalance_interval.0),
+            });
+        }
         range("relay.max_attempts", r.max_attempts as u64, 1, 1_000_000)?;
         range(
             "database.max_connections",
@@ -614,7 +730,28 @@ impl Config {
     }
 }
 
-/// Environment values are TOML scalars when they parse as one (numbers, booleans), else strings.
+/// A figment error about a secret key, without the value serde put into it.
+fn value_free(kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    let what = |a: &Actual| match a {
+        Actual::Bool(_) => "a boolean".to_string(),
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer".into(),
+        Actual::Float(_) => "a float".into(),
+        Actual::Char(_) | Actual::Str(_) => "a string".into(),
+        Actual::Bytes(_) => "bytes".into(),
+        Actual::Other(_) => "a value".into(),
+        other => other.to_string(),
+    };
+    match kind {
+        Kind::InvalidType(a, exp) => format!("invalid type: {}, expected {exp}", what(a)),
+        Kind::InvalidValue(a, exp) => format!("invalid value: {}, expected {exp}", what(a)),
+        Kind::Message(_) => "invalid value (not shown: a secret)".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Environment values are TOML scalars when they parse as one (numbers, booleans) and read back
+/// the same, else strings: a password "007" stays "007".
 fn parse_env_value(v: &str) -> figment::value::Value {
     use figment::value::{Num, Value};
     let t = v.trim();
@@ -622,7 +759,9 @@ fn parse_env_value(v: &str) -> figment::value::Value {
         return Value::from(b);
     }
     if let Ok(n) = t.parse::<i64>() {
-        return Value::Num(figment::value::Tag::Default, Num::I64(n));
+        if n.to_string() == t {
+            return Value::Num(figment::value::Tag::Default, Num::I64(n));
+        }
     }
     Value::from(v.to_string())
 }
@@ -651,17 +790,477 @@ pub fn validate_identifier(key: &str, value: &str, max: usize) -> Result<(), Con
     }
 }
 
-/// The URL with its password replaced, for logs.
+/// Names whose values are secrets, wherever they appear: configuration keys, librdkafka
+/// properties, URL query parameters, libpq `key=value` words.
+///
+/// A name holding "password", "secret", "token", "seed", "credential", "jaas",
+/// "oauthbearer.config" or "key" is secret, unless it names a file (ends in `location`, `file`,
+/// `path` or `keytab`): `ssl.key.password` and `ssl.key.pem` are, `ssl.key.location` is not.
+/// Masking a harmless value costs little; printing a secret one cannot be undone.
+pub fn is_secret_key(name: &str) -> bool {
+    let k = name.to_ascii_lowercase();
+    let file = [
+        ".location",
+        "_location",
+        ".file",
+        "_file",
+        ".path",
+        "_path",
+        "keytab",
+    ];
+    if file.iter().any(|f| k.ends_with(f)) {
+        return false;
+    }
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "seed",
+        "credential",
+        "jaas",
+        "oauthbearer.config",
+        "key",
+        ".pem",
+    ]
+    .iter()
+    .any(|w| k.contains(w))
+}
+
+/// `%XX` decoded (and `+` as a space in a query), for comparing URL parts with what a client
+/// sends.
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A URL cut into what redaction and validation need.
+struct UrlParts<'a> {
+    scheme: &'a str,
+    /// Between `://` and the last `@` before the path or query; None without an `@`.
+    userinfo: Option<&'a str>,
+    /// After the userinfo, up to the query.
+    rest: &'a str,
+    /// The raw query pairs, undecoded.
+    query: Vec<(&'a str, &'a str)>,
+}
+
+fn url_parts(url: &str) -> Option<UrlParts<'_>> {
+    let s = url.find("://")?;
+    let scheme = &url[..s];
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
+        return None;
+    }
+    let after = &url[s + 3..];
+    let (before_query, query) = match after.find('?') {
+        Some(q) => (&after[..q], &after[q + 1..]),
+        None => (after, ""),
+    };
+    // A raw '/' or '@' in a password is common; the host is after the last '@'.
+    let (userinfo, rest) = match before_query.rfind('@') {
+        Some(at) => (Some(&before_query[..at]), &before_query[at + 1..]),
+        None => (None, before_query),
+    };
+    let query = query
+        .split('#')
+        .next()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect();
+    Some(UrlParts {
+        scheme,
+        userinfo,
+        rest,
+        query,
+    })
+}
+
+fn is_postgres_scheme(scheme: &str) -> bool {
+    scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql")
+}
+
+/// The URL with its secrets replaced, for logs and messages: the password of the userinfo (all
+/// of a userinfo without a password outside Postgres URLs: NATS takes it as a token), and every
+/// query parameter with a secret name (`?password=`). Anything that is not a URL (a libpq
+/// `key=value` string) is not shown at all.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
-                None => url.to_string(),
+    let Some(p) = url_parts(url) else {
+        return "(not shown: not a URL)".into();
+    };
+    let mut out = format!("{}://", p.scheme);
+    if let Some(u) = p.userinfo {
+        match u.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***@")),
+            None if is_postgres_scheme(p.scheme) => out.push_str(&format!("{u}@")),
+            None => out.push_str("***@"),
+        }
+    }
+    out.push_str(p.rest);
+    if !p.query.is_empty() {
+        let q: Vec<String> = p
+            .query
+            .iter()
+            .map(|(k, v)| {
+                if is_secret_key(&percent_decode(k, true)) {
+                    format!("{k}=***")
+                } else if v.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&q.join("&"));
+    }
+    out
+}
+
+/// Every secret value known to this process (from the configuration), so text that reaches a
+/// log line, an error or a panic message can be scrubbed of them whatever code produced it.
+static SECRETS: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Secrets shorter than this are not scrubbed from free text: they would mask ordinary words.
+const MIN_SCRUBBED: usize = 4;
+
+/// Remembers `value` as a secret: [`redact_secrets`] replaces it from now on.
+pub fn register_secret(value: &str) {
+    let v = value.trim();
+    if v.chars().count() < MIN_SCRUBBED {
+        return;
+    }
+    let mut all = SECRETS.write().unwrap_or_else(|e| e.into_inner());
+    if !all.iter().any(|s| s == v) {
+        all.push(v.to_string());
+        // Longest first, so a secret containing another is replaced whole.
+        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    }
+}
+
+/// Registers the secrets inside a URL (userinfo, secret query parameters), in the forms they
+/// are written and decoded; or, for a libpq `key=value` string, the values of secret keys.
+pub fn register_url_secrets(url: &str) {
+    match url_parts(url) {
+        Some(p) => {
+            if let Some(u) = p.userinfo {
+                match u.split_once(':') {
+                    Some((_, pw)) => {
+                        register_secret(pw);
+                        register_secret(&percent_decode(pw, false));
+                    }
+                    None if !is_postgres_scheme(p.scheme) => {
+                        register_secret(u);
+                        register_secret(&percent_decode(u, false));
+                    }
+                    None => {}
+                }
+            }
+            for (k, v) in p.query {
+                if is_secret_key(&percent_decode(k, true)) {
+                    register_secret(v);
+                    register_secret(&percent_decode(v, true));
+                }
             }
         }
-        _ => url.to_string(),
+        None => {
+            for word in url.split_whitespace() {
+                if let Some((k, v)) = word.split_once('=') {
+                    if is_secret_key(k.trim()) {
+                        register_secret(v.trim_matches(['\'', '"']));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `text` with every registered secret replaced by `***`.
+pub fn redact_secrets(text: &str) -> String {
+    let all = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+    let mut out = text.to_string();
+    for s in all.iter() {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "***");
+        }
+    }
+    out
+}
+
+/// Registers every secret of a configuration tree before it is typed, so even a message
+/// about a value of the wrong type (which serde prints) cannot show one.
+fn collect_secrets(key: &str, v: &figment::value::Value) {
+    use figment::value::Value;
+    match v {
+        Value::Dict(_, d) => {
+            for (k, v) in d {
+                collect_secrets(k, v);
+            }
+        }
+        Value::Array(_, a) => {
+            for v in a {
+                collect_secrets(key, v);
+            }
+        }
+        leaf => {
+            let text = match serde_json::to_value(leaf) {
+                Ok(serde_json::Value::String(s)) => s,
+                Ok(other) => other.to_string(),
+                Err(_) => return,
+            };
+            if is_secret_key(key) {
+                register_secret(&text);
+            } else if key == "url" || key == "servers" || text.contains("://") {
+                register_url_secrets(&text);
+            }
+            if key == "creds_file" {
+                register_creds_file(&text);
+            }
+        }
+    }
+}
+
+/// A NATS creds file holds a JWT and an nkey seed between `-----` marker lines.
+fn register_creds_file(path: &str) {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for line in text.lines().map(str::trim) {
+            if !line.is_empty() && !line.starts_with("--") && !line.contains(' ') {
+                register_secret(line);
+            }
+        }
+    }
+}
+
+/// Why a Postgres connection failed, in the terms of the settings that fix it, when the
+/// driver's or the server's words alone leave it unclear.
+pub fn connection_hint(error: &str) -> Option<&'static str> {
+    let e = error;
+    if e.contains("no encryption") {
+        Some(
+            "the server accepts only TLS connections from here: set sslmode=require, \
+             verify-ca or verify-full (database.ssl_mode or the URL's sslmode)",
+        )
+    } else if e.contains("UnknownIssuer") || e.contains("BadSignature") {
+        Some(
+            "the server's certificate is not signed by a trusted CA: give the CA that signed \
+             it in database.ssl_root_cert (or the URL's sslrootcert)",
+        )
+    } else if e.contains("NotValidForName") || e.contains("not valid for name") {
+        Some(
+            "the server's certificate does not name the host of database.url: connect by a \
+             name the certificate lists (verify-full checks it, and so does verify-ca with \
+             this driver, sqlx 0.8 on rustls 0.23.24 or later: sqlx issue #3793)",
+        )
+    } else if e.contains("server does not support TLS") {
+        Some(
+            "the server has TLS off: turn ssl on in the server or set sslmode to disable or \
+             prefer",
+        )
+    } else {
+        None
+    }
+}
+
+/// What `ssl_mode` may be.
+const SSL_MODES: [&str; 5] = ["disable", "prefer", "require", "verify-ca", "verify-full"];
+
+/// The query parameters of a Postgres URL the driver understands.
+const URL_PARAMS: [&str; 20] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+    "connect_timeout",
+    "target_session_attrs",
+];
+
+/// TLS to Postgres as configured: `database.ssl_mode` and `database.ssl_root_cert`, else the
+/// URL's `sslmode` and `sslrootcert`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatabaseTls {
+    /// None: the driver's default (`PGSSLMODE`, else prefer).
+    pub mode: Option<String>,
+    pub root_cert: Option<String>,
+}
+
+impl DatabaseConfig {
+    /// The TLS settings from the keys and the URL together (validated: they do not disagree).
+    pub fn tls(&self) -> DatabaseTls {
+        let mut from_url = DatabaseTls::default();
+        if let Some(p) = url_parts(self.url.expose()) {
+            for (k, v) in p.query {
+                match percent_decode(k, true).as_str() {
+                    "sslmode" | "ssl-mode" => from_url.mode = Some(percent_decode(v, true)),
+                    "sslrootcert" | "ssl-root-cert" | "ssl-ca" => {
+                        from_url.root_cert = Some(percent_decode(v, true))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let key = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        DatabaseTls {
+            mode: key(&self.ssl_mode).or(from_url.mode),
+            root_cert: key(&self.ssl_root_cert).or(from_url.root_cert),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.url.expose();
+        let Some(p) = url_parts(url).filter(|p| is_postgres_scheme(p.scheme)) else {
+            return Err(invalid(
+                "database.url",
+                "is not a postgres:// URL (its value is not shown: it may hold a password); \
+                 write postgres://user:password@host:5432/database?sslmode=verify-full \
+                 (libpq key=value strings are not understood)",
+            ));
+        };
+        let mut url_mode = None;
+        let mut url_root = None;
+        for (k, v) in &p.query {
+            let name = percent_decode(k, true);
+            let known = URL_PARAMS.contains(&name.as_str())
+                || (name.starts_with("options[") && name.ends_with(']'));
+            if !known {
+                return Err(invalid(
+                    "database.url",
+                    format!(
+                        "query parameter {name:?} is not understood; known: {}",
+                        URL_PARAMS.join(", ")
+                    ),
+                ));
+            }
+            match name.as_str() {
+                "sslmode" | "ssl-mode" => url_mode = Some(percent_decode(v, true)),
+                "sslrootcert" | "ssl-root-cert" | "ssl-ca" => {
+                    url_root = Some(percent_decode(v, true))
+                }
+                // libpq's, which the driver would ignore with a warning: the relay has its
+                // own key, and silently different behaviour is worse than a refusal.
+                "connect_timeout" | "target_session_attrs" => {
+                    return Err(invalid(
+                        "database.url",
+                        format!(
+                            "query parameter {name:?} is not supported{}",
+                            if name == "connect_timeout" {
+                                "; use database.connect_timeout"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let mode_ok = |key: &str, m: &str| {
+            if SSL_MODES.contains(&m) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    format!(
+                        "sslmode {m:?} is not allowed; allowed: {} (\"allow\" is not \
+                         supported by the driver)",
+                        SSL_MODES.join(", ")
+                    ),
+                ))
+            }
+        };
+        if let Some(m) = &url_mode {
+            mode_ok("database.url", m)?;
+        }
+        if !self.ssl_mode.is_empty() {
+            mode_ok("database.ssl_mode", &self.ssl_mode)?;
+            if let Some(m) = url_mode.as_ref().filter(|m| **m != self.ssl_mode) {
+                return Err(invalid(
+                    "database.ssl_mode",
+                    format!(
+                        "is {:?} but database.url says sslmode={m}; set it in one place",
+                        self.ssl_mode
+                    ),
+                ));
+            }
+        }
+        if !self.ssl_root_cert.is_empty() {
+            if let Some(r) = url_root.as_ref().filter(|r| **r != self.ssl_root_cert) {
+                return Err(invalid(
+                    "database.ssl_root_cert",
+                    format!(
+                        "is {:?} but database.url says sslrootcert={r}; set it in one place",
+                        self.ssl_root_cert
+                    ),
+                ));
+            }
+        }
+        let tls = self.tls();
+        if let Some(root) = &tls.root_cert {
+            let key = if self.ssl_root_cert.is_empty() {
+                "database.url (sslrootcert)"
+            } else {
+                "database.ssl_root_cert"
+            };
+            match std::fs::read_to_string(root) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        key,
+                        format!("{root:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+                    ))
+                }
+                Err(e) => return Err(invalid(key, format!("{root:?} cannot be read: {e}"))),
+            }
+            let mode = tls.mode.as_deref().unwrap_or("prefer");
+            if !["require", "verify-ca", "verify-full"].contains(&mode) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "a CA file is used only with sslmode require, verify-ca or \
+                         verify-full; sslmode is {mode}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -829,6 +1428,160 @@ mod tests {
         );
         n.topics.clear();
         assert_eq!(format!("{n:?}"), format!("{:?}", NatsConfig::default()));
+    }
+
+    #[test]
+    fn urls_are_redacted_in_every_form() {
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h:5432/db?sslmode=require&password=hunter3"),
+            "postgres://u:***@h:5432/db?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@ss/w@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("nats://s3cr3tt0ken@h:4222"), "nats://***@h:4222");
+        let kv = redact_url("host=h user=u password=hunter2");
+        assert!(!kv.contains("hunter2"), "{kv}");
+    }
+
+    #[test]
+    fn secret_names_exclude_file_locations() {
+        for k in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "sasl.oauthbearer.client.secret",
+            "ssl.key.pem",
+            "token",
+            "nkey_seed",
+            "sasl_password",
+        ] {
+            assert!(is_secret_key(k), "{k}");
+        }
+        for k in [
+            "ssl.key.location",
+            "ssl.keystore.location",
+            "sasl.kerberos.keytab",
+            "tls_key_file",
+            "linger.ms",
+            "acks",
+        ] {
+            assert!(!is_secret_key(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn type_errors_about_secrets_do_not_show_them() {
+        // A numeric password from the environment is a password, digits kept.
+        let c = load(
+            "[backends.n]\ntype = \"nats\"\nuser = \"u\"\n",
+            &[("RELAY__BACKENDS__N__PASSWORD", "0071234")],
+        )
+        .unwrap();
+        let BackendConfig::Nats(n) = &c.backends["n"] else {
+            panic!("nats")
+        };
+        assert_eq!(n.password.as_ref().unwrap().expose(), "0071234");
+        let err = load(
+            "[backends.n]\ntype = \"nats\"\nuser = \"u\"\npassword = [\"hunter2-list\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2-list"), "{err}");
+        // A secret put where a number belongs: serde would print it.
+        let err = load(
+            "[backends.k]\ntype = \"kafka\"\nsasl_password = \"hunter2-pw\"\n",
+            &[("RELAY__RELAY__BATCH_SIZE", "hunter2-pw")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("batch_size") && !err.contains("hunter2-pw"),
+            "{err}"
+        );
+        let err = load(
+            "[backends.k]\ntype = \"kafka\"\n[backends.k.properties]\n\
+             \"sasl.password\" = { x = \"hunter2-map\" }\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2-map"), "{err}");
+    }
+
+    #[test]
+    fn database_urls_are_checked_without_showing_them() {
+        let err = load("[database]\nurl = \"host=h password=hunter2-kv\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database.url") && err.contains("postgres://") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let err = load(
+            "[database]\nurl = \"postgres://u@h/db?sslpassword=hunter2-q\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"sslpassword\"") && !err.contains("hunter2-q"),
+            "{err}"
+        );
+        let err = load(
+            "[database]\nurl = \"postgres://u@h/db?sslmode=allow\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("verify-full") && err.contains("allow"),
+            "{err}"
+        );
+        let err = load(
+            "[database]\nurl = \"postgres://u@h/db?sslmode=require\"\nssl_mode = \"verify-full\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.ssl_mode"), "{err}");
+        let err = load(
+            "[database]\nssl_mode = \"verify-ca\"\nssl_root_cert = \"/nonexistent/ca.pem\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("database.ssl_root_cert") && err.contains("/nonexistent/ca.pem"),
+            "{err}"
+        );
+        let err = load("[database]\nssl_mode = \"strict\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database.ssl_mode") && err.contains("strict"),
+            "{err}"
+        );
+        let c = load(
+            "[database]\nurl = \"postgres://u:pw@h/db?sslmode=verify-full&application_name=x\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.database.tls().mode.as_deref(), Some("verify-full"));
+    }
+
+    #[test]
+    fn registered_secrets_are_scrubbed_from_any_text() {
+        register_url_secrets("postgres://u:Hunter%2F99@h/db");
+        assert_eq!(
+            redact_secrets("auth failed for Hunter/99 and Hunter%2F99"),
+            "auth failed for *** and ***"
+        );
+        // Too short to scrub without masking ordinary words.
+        register_secret("ab");
+        assert_eq!(redact_secrets("abc"), "abc");
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub backlog_state: Family<KindLabels, Gauge>,
     pub pruned: Counter,
     pub lost_claims: Counter,
+    pub owned_partitions: Gauge,
+    pub relays: Gauge,
+    pub rebalances: Counter,
     topics: Mutex<HashSet<String>>,
 }
 
@@ -91,6 +94,9 @@ impl Metrics {
             backlog_state: Family::default(),
             pruned: Counter::default(),
             lost_claims: Counter::default(),
+            owned_partitions: Gauge::default(),
+            relays: Gauge::default(),
+            rebalances: Counter::default(),
             topics: Mutex::new(HashSet::new()),
             registry: Registry::default(),
         };
@@ -178,6 +184,21 @@ impl Metrics {
             "lost_claims",
             "Batches whose results could not be recorded (their rows are published again)",
             m.lost_claims.clone(),
+        );
+        registry.register(
+            "owned_partitions",
+            "Partitions (of 256) this relay claims from now",
+            m.owned_partitions.clone(),
+        );
+        registry.register(
+            "relays",
+            "Relays working on the outbox at this relay's last look, itself included",
+            m.relays.clone(),
+        );
+        registry.register(
+            "rebalances",
+            "Changes of this relay's share of the partitions",
+            m.rebalances.clone(),
         );
         Metrics { registry, ..m }
     }

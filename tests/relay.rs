@@ -614,6 +614,30 @@ async fn the_claim_runs_on_the_partial_indexes_even_with_stale_statistics() {
         assert!(!plan.contains("Bitmap"), "{plan}");
         assert!(!plan.contains("Sort"), "{plan}");
     }
+    // A relay owning a share of the partitions (one range, as after a rebalance to two
+    // relays): the range is checked inside the claim index, no sort, no bitmap.
+    let plan =
+        sqlx::query_scalar::<_, String>(&format!("EXPLAIN {}", store.claim_share_statement()))
+            .bind(1000i64)
+            .bind((0i16..128).collect::<Vec<i16>>())
+            .bind("relay-a")
+            .bind(0i16)
+            .bind(127i16)
+            .bind(true)
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .join("\n");
+    assert!(plan.contains("Index Scan using outbox_due_idx"), "{plan}");
+    assert!(
+        plan.contains("part >= "),
+        "the range is an index condition: {plan}"
+    );
+    assert!(plan.contains("outbox_aggregate_idx"), "{plan}");
+    assert!(
+        !plan.contains("Seq Scan") && !plan.contains("Bitmap") && !plan.contains("Sort"),
+        "{plan}"
+    );
     db.drop_schema().await;
 }
 

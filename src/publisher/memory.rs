@@ -215,6 +215,11 @@ impl Publisher for MemoryPublisher {
         "memory"
     }
 
+    /// Messages are recorded (or fail by script) one by one in the order taken.
+    fn keeps_order(&self) -> bool {
+        true
+    }
+
     fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {
         for o in burst {
             if !self.record && self.script.is_none() {

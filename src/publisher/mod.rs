@@ -11,9 +11,11 @@
 //!   [`PublishError`] otherwise. A ticket dropped unresolved (a backend bug, or a backend shut
 //!   down with messages inside) resolves itself as a retryable error, so the relay always gets
 //!   exactly one result per message on the ACK channel.
-//! * A burst is not atomic: each message succeeds or fails on its own. A burst never holds two
-//!   messages of the same aggregate (the relay keeps at most one in flight per aggregate), so a
-//!   backend needs no ordering of its own across messages of one burst.
+//! * A burst is not atomic: each message succeeds or fails on its own. Messages are taken in the
+//!   order given, within a burst and across calls. A backend whose [`Publisher::keeps_order`]
+//!   is true must also deliver messages of one topic and key in that order (the relay then
+//!   sends several events of one aggregate at once in pipelined mode); for any other backend
+//!   the relay keeps at most one event per aggregate in flight.
 //! * A success means the broker has the message durably as far as the backend is configured to
 //!   know (Kafka acks=all, a JetStream PubAck, a flushed stdout). A JetStream PubAck flagged
 //!   `duplicate` is a success: the server already has that event id.
@@ -219,6 +221,15 @@ pub trait Publisher: Send + Sync + 'static {
     /// Reconnections (or client replacements) since start.
     fn reconnects(&self) -> u64 {
         0
+    }
+
+    /// Whether messages of one topic and key reach the broker in the order they were taken,
+    /// including across the client's own retries (a Kafka partition under the idempotent
+    /// producer; one NATS connection). Only then may the relay send several events of one
+    /// aggregate before the first is acknowledged (`relay.ordering = "pipelined"`); otherwise
+    /// it sends them one at a time.
+    fn keeps_order(&self) -> bool {
+        false
     }
 }
 

@@ -72,12 +72,22 @@ struct RowState {
     invalid: Option<String>,
     state: State,
     successor: Option<i64>,
+    /// The row it follows in its aggregate's chain, while that row is in memory.
+    pred: Option<i64>,
+    /// Published, and so is every earlier row of its chain still in memory.
+    clear: bool,
+    /// In flight while an earlier row of its chain failed or was retried: nothing may be
+    /// handed behind it.
+    tainted: bool,
+    claimed_at: Instant,
 }
 
 #[derive(Debug, Default)]
 struct BatchState {
     rows: Vec<i64>,
     open: usize,
+    /// Rows left unchanged because an older claim still tracks them.
+    released: u64,
 }
 
 /// What a batch contributed when it completed, for counters and logs.
@@ -148,6 +158,17 @@ pub struct Dispatcher {
     recent: HashSet<i64>,
     recent_order: VecDeque<(u64, i64)>,
     next_token: u64,
+    /// Events of one aggregate in flight at once (1: strict order).
+    window: usize,
+    /// Per backend: keeps the order of messages sent on it (see `Publisher::keeps_order`).
+    ordered: Vec<bool>,
+}
+
+/// May a waiting row go now?
+enum Gate {
+    Go,
+    Wait,
+    Defer(DeferUntil),
 }
 
 impl Dispatcher {
@@ -167,7 +188,17 @@ impl Dispatcher {
             recent: HashSet::new(),
             recent_order: VecDeque::new(),
             next_token: 1,
+            window: 1,
+            ordered: Vec::new(),
         }
+    }
+
+    /// Pipelined ordering: up to `window` events of an aggregate in flight at once, on the
+    /// backends flagged in `ordered` (by index), for rows of one topic. `window` 1 is strict.
+    pub fn pipelined(mut self, window: usize, ordered: Vec<bool>) -> Self {
+        self.window = window.max(1);
+        self.ordered = ordered;
+        self
     }
 
     /// Rows claimed and not yet committed.
@@ -197,12 +228,33 @@ impl Dispatcher {
             BatchState {
                 rows: claimed.iter().map(|c| c.event.id).collect(),
                 open: claimed.len(),
+                released: 0,
             },
         );
         let mut out = Vec::new();
         let mut completed_rows = Vec::new();
+        let mut empty_done: Vec<u64> = Vec::new();
         for c in claimed {
             let id = c.event.id;
+            if let Some(old) = self.rows.get(&id) {
+                // Claimed again while an older claim still tracks it: that claim's session
+                // died (a live claim holds the row locked), or it completed and its commit is
+                // not heard of yet. Only in the second case may the new claim take the row:
+                // in the first, its hand-off may be in flight still, and the row comes back
+                // once the old claim is given up.
+                let old_open = self.batches.get(&old.batch).is_some_and(|b| b.open > 0);
+                if old_open || !matches!(old.state, State::Done(_)) {
+                    if let Some(b) = self.batches.get_mut(&batch) {
+                        b.rows.retain(|r| *r != id);
+                        b.open -= 1;
+                        b.released += 1;
+                        if b.open == 0 {
+                            empty_done.push(batch);
+                        }
+                    }
+                    continue;
+                }
+            }
             let route = self.router.route(&c.event.topic);
             let invalid = c
                 .invalid
@@ -228,11 +280,15 @@ impl Dispatcher {
                     invalid: invalid.clone(),
                     state: State::Waiting,
                     successor: None,
+                    pred: None,
+                    clear: false,
+                    tainted: false,
+                    claimed_at: Instant::now(),
                 },
             );
             // Order first: an invalid row still may not be decided before its predecessor,
             // or a later valid row could be published while an earlier one retries.
-            match self.place(c.prev.as_ref(), now) {
+            match self.place(id, c.prev.as_ref(), now) {
                 Placement::Ready => match invalid {
                     Some(reason) => {
                         self.decide(
@@ -248,10 +304,30 @@ impl Dispatcher {
                     None => out.push(self.hand(id)),
                 },
                 Placement::Behind(prev) => {
-                    self.rows
-                        .get_mut(&prev)
-                        .expect("placed behind a known row")
-                        .successor = Some(id);
+                    if let Some(p) = self.rows.get_mut(&prev) {
+                        p.successor = Some(id);
+                    }
+                    if let Some(r) = self.rows.get_mut(&id) {
+                        r.pred = Some(prev);
+                    }
+                    match self.gate(id) {
+                        Gate::Wait => {}
+                        Gate::Go => match invalid {
+                            None => out.push(self.hand(id)),
+                            Some(reason) => self.decide(
+                                id,
+                                Verdict::Failed {
+                                    attempted: false,
+                                    reason,
+                                },
+                                &mut out,
+                                &mut completed_rows,
+                            ),
+                        },
+                        Gate::Defer(until) => {
+                            self.decide(id, Verdict::Deferred(until), &mut out, &mut completed_rows)
+                        }
+                    }
                 }
                 Placement::Defer(until) => {
                     self.decide(id, Verdict::Deferred(until), &mut out, &mut completed_rows);
@@ -259,7 +335,11 @@ impl Dispatcher {
             }
         }
         self.forget_recent_before(claim_seq);
-        let completed = self.collect_completed(completed_rows);
+        let mut completed = self.collect_completed(completed_rows);
+        if !empty_done.is_empty() && !completed.iter().any(|c| c.batch == batch) {
+            // Every row of the claim was someone else's already: it completes with nothing.
+            completed.push(self.complete(batch));
+        }
         (out, completed)
     }
 
@@ -280,18 +360,42 @@ impl Dispatcher {
         self.recent.len()
     }
 
-    fn place(&self, prev: Option<&Prev>, now: chrono::DateTime<chrono::Utc>) -> Placement {
+    fn place(&self, id: i64, prev: Option<&Prev>, now: chrono::DateTime<chrono::Utc>) -> Placement {
         let Some(p) = prev else {
             return Placement::Ready;
         };
-        if let Some(ps) = self.rows.get(&p.id) {
-            if ps.successor.is_some() {
+        if let Some(mut ps) = self.rows.get(&p.id) {
+            // The database names the nearest *unfinished* earlier row; later rows of the chain
+            // may already be committed (gone from memory) or still here: the row goes behind
+            // the last one this relay still tracks.
+            let mut tail = p.id;
+            while let Some(s) = ps.successor {
+                match self.rows.get(&s) {
+                    Some(next) => {
+                        tail = s;
+                        ps = next;
+                    }
+                    None => break,
+                }
+            }
+            if tail >= id {
                 // Cannot happen with consistent claims; stay safe and look again soon.
                 return Placement::Defer(DeferUntil::Soon);
             }
+            if tail != p.id {
+                return match &ps.state {
+                    State::Waiting | State::Handed { .. } | State::Done(Verdict::Published) => {
+                        Placement::Behind(tail)
+                    }
+                    _ => Placement::Defer(DeferUntil::Soon),
+                };
+            }
             return match &ps.state {
-                State::Waiting | State::Handed { .. } => Placement::Behind(p.id),
-                State::Done(Verdict::Published) => Placement::Ready,
+                // Published rows too: an earlier row of the chain may still be in flight
+                // (pipelined), and the gate must see it.
+                State::Waiting | State::Handed { .. } | State::Done(Verdict::Published) => {
+                    Placement::Behind(p.id)
+                }
                 State::Done(Verdict::Failed { .. }) => {
                     Placement::Defer(DeferUntil::Predecessor(Prev {
                         id: p.id,
@@ -330,51 +434,153 @@ impl Dispatcher {
         }
     }
 
-    /// Records a verdict and settles the row's successor accordingly.
+    /// Records a verdict and settles the rows behind it in its chain: a success lets the next
+    /// waiting rows go (as far as the gate allows); anything else defers the first waiting
+    /// row (and through it the rest) and taints rows already in flight behind it.
     fn decide(&mut self, id: i64, verdict: Verdict, out: &mut Vec<Handoff>, done: &mut Vec<i64>) {
-        let mut next = Some((id, verdict));
-        while let Some((id, verdict)) = next.take() {
+        let mut work = vec![(id, verdict)];
+        while let Some((id, verdict)) = work.pop() {
             let Some(r) = self.rows.get_mut(&id) else {
-                return;
+                continue;
             };
             if matches!(r.state, State::Done(_)) {
-                return;
+                continue;
             }
-            let successor = r.successor;
+            let ok = matches!(verdict, Verdict::Published);
             let failed = matches!(verdict, Verdict::Failed { .. });
-            let published = matches!(verdict, Verdict::Published);
             r.state = State::Done(verdict);
-            if let Some(b) = self.batches.get_mut(&r.batch) {
+            let (batch, pred, mut cur) = (r.batch, r.pred, r.successor);
+            if let Some(b) = self.batches.get_mut(&batch) {
                 b.open -= 1;
                 if b.open == 0 {
                     done.push(id);
                 }
             }
-            let Some(s) = successor else { continue };
-            if published {
-                // The predecessor is on the broker: the successor may go (if it is valid).
-                match self.rows[&s].invalid.clone() {
-                    None => out.push(self.hand(s)),
-                    Some(reason) => {
-                        next = Some((
-                            s,
-                            Verdict::Failed {
-                                attempted: false,
-                                reason,
-                            },
-                        ))
+            if ok && pred.is_none_or(|p| self.rows.get(&p).is_none_or(|p| p.clear)) {
+                self.mark_clear(id);
+            }
+            while let Some(s) = cur {
+                let Some(sr) = self.rows.get_mut(&s) else {
+                    break;
+                };
+                match sr.state {
+                    State::Handed { .. } | State::Done(Verdict::Published) => {
+                        if !ok {
+                            sr.tainted = true;
+                        }
+                        cur = sr.successor;
+                    }
+                    State::Done(_) => break,
+                    State::Waiting if !ok => {
+                        let until = if failed {
+                            DeferUntil::Predecessor(Prev {
+                                id,
+                                status: status::FAILED.into(),
+                                next_attempt_at: chrono::Utc::now(),
+                            })
+                        } else {
+                            DeferUntil::Soon
+                        };
+                        work.push((s, Verdict::Deferred(until)));
+                        break;
+                    }
+                    State::Waiting => match self.gate(s) {
+                        Gate::Wait => break,
+                        Gate::Defer(until) => {
+                            work.push((s, Verdict::Deferred(until)));
+                            break;
+                        }
+                        Gate::Go => match self.rows[&s].invalid.clone() {
+                            None => {
+                                out.push(self.hand(s));
+                                cur = self.rows[&s].successor;
+                            }
+                            Some(reason) => {
+                                work.push((
+                                    s,
+                                    Verdict::Failed {
+                                        attempted: false,
+                                        reason,
+                                    },
+                                ));
+                                break;
+                            }
+                        },
+                    },
+                }
+            }
+        }
+    }
+
+    /// `id` is published with everything before it: so is every published row after it.
+    fn mark_clear(&mut self, id: i64) {
+        let mut cur = Some(id);
+        while let Some(c) = cur {
+            let Some(r) = self.rows.get_mut(&c) else {
+                break;
+            };
+            if r.clear || !matches!(r.state, State::Done(Verdict::Published)) {
+                break;
+            }
+            r.clear = true;
+            cur = r.successor;
+        }
+    }
+
+    /// Whether waiting row `s` may be handed now: every earlier row of its chain still in
+    /// memory is published or (pipelined, same backend keeping order, same topic) in flight,
+    /// `s` is fewer than the window behind the oldest of them not yet acknowledged, and none
+    /// of them failed.
+    fn gate(&self, s: i64) -> Gate {
+        let Some(r) = self.rows.get(&s) else {
+            return Gate::Wait;
+        };
+        let mut ahead = 0usize;
+        let mut p = r.pred;
+        while let Some(pid) = p {
+            let Some(pr) = self.rows.get(&pid) else {
+                break;
+            };
+            if pr.clear {
+                break;
+            }
+            if pr.tainted {
+                return Gate::Defer(DeferUntil::Soon);
+            }
+            match &pr.state {
+                // The window is the distance from the oldest event not yet acknowledged, not
+                // the count in flight: that bounds what can overtake a failing event.
+                State::Done(Verdict::Published) | State::Handed { .. } => {
+                    ahead += 1;
+                    if ahead >= self.window || !self.may_overlap(pr, r) {
+                        return Gate::Wait;
                     }
                 }
-            } else if failed {
-                let prev = Prev {
-                    id,
-                    status: status::FAILED.into(),
-                    next_attempt_at: chrono::Utc::now(),
-                };
-                next = Some((s, Verdict::Deferred(DeferUntil::Predecessor(prev))));
-            } else {
-                next = Some((s, Verdict::Deferred(DeferUntil::Soon)));
+                State::Waiting => return Gate::Wait,
+                State::Done(Verdict::Failed { .. }) => {
+                    return Gate::Defer(DeferUntil::Predecessor(Prev {
+                        id: pid,
+                        status: status::FAILED.into(),
+                        next_attempt_at: chrono::Utc::now(),
+                    }))
+                }
+                State::Done(_) => return Gate::Defer(DeferUntil::Soon),
             }
+            p = pr.pred;
+        }
+        Gate::Go
+    }
+
+    /// May `r` be sent while `before`, an earlier event of its aggregate, is in flight?
+    fn may_overlap(&self, before: &RowState, r: &RowState) -> bool {
+        match (before.route, r.route) {
+            (Some((b1, _)), Some((b2, _))) => {
+                b1 == b2
+                    && r.invalid.is_none()
+                    && self.ordered.get(b1).copied().unwrap_or(false)
+                    && before.event.topic == r.event.topic
+            }
+            _ => false,
         }
     }
 
@@ -395,6 +601,7 @@ impl Dispatcher {
             batch,
             ..Default::default()
         };
+        c.tally.released += state.released;
         for id in &state.rows {
             let r = &self.rows[id];
             let State::Done(v) = &r.state else { continue };
@@ -488,6 +695,30 @@ impl Dispatcher {
                 format!("no acknowledgement within {timeout:?}"),
             );
             self.decide(id, v, &mut out, &mut done);
+        }
+        let completed = self.collect_completed(done);
+        (out, completed)
+    }
+
+    /// Releases the rows of claims open longer than `age` that are still waiting behind an
+    /// earlier event (a long chain of one aggregate), so no claim stays open past its
+    /// session's idle timeout: the claim completes once its hand-offs are answered, and the
+    /// released rows are claimed again.
+    pub fn release_stale(&mut self, age: Duration) -> (Vec<Handoff>, Vec<Completed>) {
+        let now = Instant::now();
+        let mut stale: Vec<i64> = self
+            .rows
+            .iter()
+            .filter(|(_, r)| {
+                matches!(r.state, State::Waiting) && now.duration_since(r.claimed_at) >= age
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        stale.sort_unstable();
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        for id in stale {
+            self.decide(id, Verdict::Released, &mut out, &mut done);
         }
         let completed = self.collect_completed(done);
         (out, completed)

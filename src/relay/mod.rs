@@ -12,10 +12,13 @@
 
 pub mod dispatch;
 pub mod monitor;
+pub mod ownership;
 pub mod retry;
 pub mod wake;
 
-use crate::config::{BackendConfig, Config, MonitorConfig, Provisioning, RelayConfig, RouteConfig};
+use crate::config::{
+    BackendConfig, Config, MonitorConfig, OrderingMode, Provisioning, RelayConfig, RouteConfig,
+};
 use crate::metrics::{BackendLabels, Metrics};
 use crate::otel::Tracer;
 use crate::publisher::kafka::{self, KafkaPublisher};
@@ -66,6 +69,12 @@ pub struct Stats {
     pub lost_claims: AtomicU64,
     /// Handed to a backend and not yet answered, now.
     pub in_flight: AtomicU64,
+    /// Partitions this relay may claim from, now.
+    pub owned_partitions: AtomicU64,
+    /// Relays working on the outbox at the last look (this one included).
+    pub members: AtomicU64,
+    /// Changes of this relay's share of the partitions.
+    pub rebalances: AtomicU64,
 }
 
 impl Stats {
@@ -284,6 +293,20 @@ impl Relay {
         }
     }
 
+    /// Shows a new share of the partitions in the stats (heartbeat, `/health`) and metrics.
+    fn note_assignment(&self, a: &ownership::Assignment) {
+        let s = &self.stats;
+        s.owned_partitions
+            .store(a.owned() as u64, Ordering::Relaxed);
+        s.members.store(a.members as u64, Ordering::Relaxed);
+        let before = s.rebalances.swap(a.rebalances, Ordering::Relaxed);
+        self.metrics.owned_partitions.set(a.owned() as i64);
+        self.metrics.relays.set(a.members as i64);
+        self.metrics
+            .rebalances
+            .inc_by(a.rebalances.saturating_sub(before));
+    }
+
     /// Observes one acknowledgement's latencies.
     fn observe(&self, ack: &crate::publisher::AckResult) {
         if self.tracer.is_on() {
@@ -314,11 +337,22 @@ impl Relay {
     }
 
     fn dispatcher(&self) -> Dispatcher {
+        let window = match self.cfg.ordering {
+            OrderingMode::Strict => 1,
+            OrderingMode::Pipelined => self.cfg.aggregate_window as usize,
+        };
         Dispatcher::new(
             self.router.clone(),
             Backoff::new(self.cfg.backoff_initial.0, self.cfg.backoff_max.0),
             self.cfg.max_attempts,
             self.cfg.max_payload_bytes,
+        )
+        .pipelined(
+            window,
+            self.backends
+                .iter()
+                .map(|b| b.publisher.keeps_order())
+                .collect(),
         )
     }
 
@@ -456,6 +490,17 @@ impl Relay {
             }
             .run(monitor_stop.clone()),
         );
+        let ownership = ownership::Ownership::start(
+            self.store.clone(),
+            self.instance.clone(),
+            self.cfg.rebalance_interval.0,
+        );
+        let mut assign_rx = ownership.assignment.clone();
+        let mut assignment = assign_rx.borrow_and_update().clone();
+        // Versions of the assignment each open claim was started with (by claim), so the
+        // ownership manager gives a partition up only once no claim can hold its rows.
+        let mut claim_versions: HashMap<u64, u64> = HashMap::new();
+        let mut claiming_version: Option<u64> = None;
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         let mut d = self.dispatcher();
         let mut txs: HashMap<u64, ClaimTx> = HashMap::new();
@@ -490,9 +535,40 @@ impl Relay {
         );
 
         loop {
+            // `changed()` in the select below marks the value seen: compare versions instead.
+            if assign_rx.borrow().version != assignment.version {
+                let next = assign_rx.borrow_and_update().clone();
+                if next.share != assignment.share {
+                    // Another set of partitions: the cursor belongs to the old one.
+                    cursor = None;
+                    want_claim = true;
+                    tracing::info!(
+                        owned = next.owned(),
+                        relays = next.members,
+                        "partitions rebalanced"
+                    );
+                }
+                self.note_assignment(&next);
+                assignment = next;
+            }
+            // The oldest assignment a claim may still hold rows under: open claims', and the
+            // one the next claim would use.
+            let oldest = claim_versions
+                .values()
+                .copied()
+                .chain(claiming_version)
+                .chain(std::iter::once(assignment.version))
+                .min()
+                .unwrap_or(u64::MAX);
+            ownership.oldest_open.send_if_modified(|v| {
+                let changed = *v != oldest;
+                *v = oldest;
+                changed
+            });
             let now = tokio::time::Instant::now();
             if !stopping
                 && want_claim
+                && assignment.share.is_some()
                 && claiming.is_none()
                 // Claims being published and claims being committed both hold a connection
                 // and their rows: together at most `pipeline_depth`.
@@ -510,9 +586,11 @@ impl Relay {
                 let store = self.store.clone();
                 let limit = self.cfg.batch_size;
                 let from = cursor;
+                let share = assignment.share.clone().expect("guarded");
+                claiming_version = Some(assignment.version);
                 // On a task of its own: decoding a batch overlaps with the loop's work.
                 claiming = Some(on_task("claiming", async move {
-                    store.claim_after(limit, from).await
+                    store.claim_share(limit, from, &share).await
                 }));
             }
             if stopping && claiming.is_none() && txs.is_empty() && finishing.is_empty() {
@@ -522,10 +600,19 @@ impl Relay {
             tokio::select! {
                 res = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
                     claiming = None;
+                    let version = claiming_version.take().unwrap_or(assignment.version);
                     self.stats.claims.fetch_add(1, Ordering::Relaxed);
                     match res {
                         Ok((tx, rows, last)) => {
-                            cursor = if rows.len() as u32 == self.cfg.batch_size { last } else { None };
+                            // A claim made with an older share says nothing about where the
+                            // rows of partitions added since begin: start from the front.
+                            cursor = if rows.len() as u32 == self.cfg.batch_size
+                                && version == assignment.version
+                            {
+                                last
+                            } else {
+                                None
+                            };
                             if claim_errors > 0 {
                                 tracing::info!("database reachable again, claiming resumed");
                                 claim_errors = 0;
@@ -549,6 +636,7 @@ impl Relay {
                                     self.book().claims.insert(next_batch, span);
                                 }
                                 txs.insert(next_batch, tx);
+                                claim_versions.insert(next_batch, version);
                                 let (h, c) = d.add_batch(next_batch, claims_started, rows);
                                 self.publish(h, &ack_tx).await;
                                 for c in c {
@@ -589,6 +677,7 @@ impl Relay {
                 }
                 Some((batch, res, tally, by_topic)) = finishing.next(), if !finishing.is_empty() => {
                     d.finished(batch, res.is_ok(), claims_started);
+                    claim_versions.remove(&batch);
                     if self.tracer.is_on() {
                         if let Some(mut span) = self.book().claims.remove(&batch) {
                             if let Err(e) = &res {
@@ -622,19 +711,24 @@ impl Relay {
                     want_claim = true;
                 }
                 _ = poll.tick(), if !stopping => want_claim = true,
+                _ = assign_rx.changed(), if !stopping => {}
                 _ = tokio::time::sleep_until(claim_not_before), if claim_backoff && !stopping => {}
                 _ = tick.tick() => {
                     let in_flight = d.in_flight();
                     self.stats.in_flight.store(in_flight as u64, Ordering::Relaxed);
                     self.metrics.in_flight.set(in_flight as i64);
-                    let (h, c) = d.expire(self.cfg.publish_timeout.0);
+                    let (mut h, mut c) = d.expire(self.cfg.publish_timeout.0);
+                    // A claim is never older than its session may stay idle in a transaction.
+                    let (h2, c2) = d.release_stale(self.cfg.publish_timeout.0);
+                    h.extend(h2);
+                    c.extend(c2);
                     self.publish(h, &ack_tx).await;
                     for c in c {
                         let tx = txs.remove(&c.batch).expect("open claim");
                         finishing.push(self.finishing(tx, c));
                     }
                     if summary.due() {
-                        summary.log(&self.store, d.in_flight());
+                        summary.log(&self.store, d.in_flight(), assignment.owned());
                     }
                 }
                 _ = shutdown.cancelled(), if !stopping => {
@@ -657,6 +751,9 @@ impl Relay {
         if let Some(l) = listener {
             l.abort();
         }
+        // Every claim is closed: the partitions go to the other relays at once.
+        ownership.leave(Duration::from_secs(5)).await;
+        self.stats.owned_partitions.store(0, Ordering::Relaxed);
         for b in &self.backends {
             b.publisher.close(self.cfg.shutdown_timeout.0).await;
         }
@@ -740,7 +837,7 @@ impl Summary {
         self.last.elapsed() >= self.every
     }
 
-    fn log(&mut self, store: &Arc<Store>, in_flight: usize) {
+    fn log(&mut self, store: &Arc<Store>, in_flight: usize, partitions: usize) {
         let secs = self.last.elapsed().as_secs_f64();
         let w = std::mem::take(&mut self.window);
         let avg = if self.lat_n > 0 {
@@ -770,6 +867,7 @@ impl Summary {
                 rate = format!("{:.0}/s", w.published as f64 / secs),
                 pending = %pending,
                 in_flight,
+                partitions,
                 ack_latency_avg = ?avg,
                 ack_latency_max = ?max,
                 "summary"

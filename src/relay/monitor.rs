@@ -160,6 +160,7 @@ pub(crate) fn heartbeat(instance: String) -> Heartbeat {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: Utc::now(),
         in_flight: 0,
+        partitions: 0,
         published: 0,
         failed: 0,
     }
@@ -327,6 +328,7 @@ impl Monitor {
         self.heartbeat.in_flight = s.in_flight.load(Ordering::Relaxed) as i32;
         self.heartbeat.published = s.published.load(Ordering::Relaxed) as i64;
         self.heartbeat.failed = s.failed.load(Ordering::Relaxed) as i64;
+        self.heartbeat.partitions = s.owned_partitions.load(Ordering::Relaxed) as i32;
         if let Err(e) = self.store.heartbeat(&self.heartbeat).await {
             tracing::debug!(error = %e, "could not write the relay's heartbeat");
         }

@@ -13,15 +13,18 @@
 //! unchanged, for any relay. `idle_in_transaction_session_timeout` bounds a relay that hangs
 //! instead of dying.
 
+mod decode;
 pub mod enqueue;
 pub mod migrate;
 pub mod ops;
+pub mod partitions;
 
 use crate::config::{redact_url, DatabaseConfig};
-use crate::envelope::{parse_headers, Event};
+use crate::envelope::Event;
 use chrono::{DateTime, Utc};
+use decode::decode_claimed;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -108,6 +111,18 @@ impl Names {
             h = h.wrapping_mul(0x100000001b3);
         }
         format!("{}_{h:016x}", &full[..46])
+    }
+
+    /// The first key of this outbox's advisory locks for one purpose (partition ownership,
+    /// claim fences, relay membership): stable across processes and versions, positive, and
+    /// different per outbox, so several outboxes share a database without meeting.
+    pub fn lock_space(&self, purpose: &str) -> i32 {
+        let mut h: u32 = 0x811c9dc5;
+        for b in self.qualified().bytes().chain([0u8]).chain(purpose.bytes()) {
+            h ^= b as u32;
+            h = h.wrapping_mul(0x01000193);
+        }
+        (h & 0x7fff_ffff) as i32
     }
 
     /// Replaces the placeholders of a migration or statement template.
@@ -207,6 +222,35 @@ fn claim_sql(t: &str, cursor: bool) -> String {
     } else {
         ""
     };
+    claim_sql_where(t, after)
+}
+
+/// The claim of a relay that owns a share of the partitions: `$2` its partitions (sorted,
+/// fenced), `$3` its name, `$4`/`$5` the lowest and highest of them, `$6` whether they are
+/// every partition in between; with a cursor, `$7`/`$8` the key to start after.
+///
+/// The range is checked inside the claim index (`part` is its last key column), so rows of
+/// other relays' partitions cost a skipped index entry; the exact set is a filter only when
+/// the share is not one range (while partitions move). The uncorrelated subquery runs once:
+/// the claim takes nothing unless every partition still names this relay in
+/// `<table>_partitions`, which is how a relay whose ownership session died (and whose
+/// partitions another relay may have taken over) is fenced out. See
+/// [`crate::relay::ownership`].
+fn claim_share_sql(t: &str, cursor: bool) -> String {
+    let after = if cursor {
+        "AND (next_attempt_at, id) > ($7, $8) "
+    } else {
+        ""
+    };
+    let share = format!(
+        "AND part BETWEEN $4 AND $5 AND ($6 OR part = ANY($2)) \
+         AND (SELECT count(*) FROM {t}_partitions WHERE part = ANY($2) AND owner = $3) \
+             = cardinality($2::int2[]) {after}"
+    );
+    claim_sql_where(t, &share)
+}
+
+fn claim_sql_where(t: &str, after: &str) -> String {
     format!(
         "WITH c AS ( \
            SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, \
@@ -227,12 +271,32 @@ fn claim_sql(t: &str, cursor: bool) -> String {
     )
 }
 
+/// How many partitions the aggregates are hashed into (`part` in the outbox table).
+pub const PARTITIONS: i16 = 256;
+
+/// Advisory lock purposes (see [`Names::lock_space`]).
+pub const LOCK_PARTITION: &str = "partition";
+pub const LOCK_FENCE: &str = "fence";
+pub const LOCK_MEMBER: &str = "member";
+
+/// The partitions a relay's claim may take rows from, and the relay's name they must still
+/// carry in `<table>_partitions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub owner: String,
+    /// Sorted, distinct.
+    pub parts: Vec<i16>,
+}
+
 /// Where a claim starts in the due index: after this (next_attempt_at, id).
 pub type Cursor = (DateTime<Utc>, i64);
 
 struct Statements {
     claim: String,
     claim_after: String,
+    claim_share: String,
+    claim_share_after: String,
+    fence: String,
     delete: String,
     keep_published: String,
     prune: String,
@@ -252,6 +316,15 @@ impl Statements {
             // how the relay keeps one event per aggregate in flight.
             claim: claim_sql(&t, false),
             claim_after: claim_sql(&t, true),
+            claim_share: claim_share_sql(&t, false),
+            claim_share_after: claim_share_sql(&t, true),
+            // The claim's half of the fence: a shared transaction lock per partition, which a
+            // relay taking a partition over waits out (exclusively) before its first claim
+            // there, so it never claims beside a claim of the previous owner still open.
+            // `try`, so a partition being taken over is left out instead of waited for.
+            fence: "SELECT coalesce(array_agg(p ORDER BY p), '{}') FROM unnest($2::int2[]) p \
+                    WHERE pg_try_advisory_xact_lock_shared($1, p::int)"
+                .to_string(),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
             // With a retention: the row stays, out of the claim and ordering indexes (both are
             // partial on unfinished rows) and into the published index, which pruning walks.
@@ -318,6 +391,8 @@ pub struct Heartbeat {
     pub in_flight: i32,
     pub published: i64,
     pub failed: i64,
+    /// Partitions owned now.
+    pub partitions: i32,
 }
 
 /// The backlog in figures, as the monitor samples it.
@@ -339,8 +414,25 @@ impl Store {
         let url = db.url.expose();
         let mut opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url {
             url: redact_url(url),
-            message: e.to_string(),
+            message: crate::config::redact_secrets(&e.to_string()),
         })?;
+        let tls = db.tls();
+        if let Some(mode) = &tls.mode {
+            opts = opts.ssl_mode(mode.parse().map_err(|e: sqlx::Error| StoreError::Url {
+                url: redact_url(url),
+                message: e.to_string(),
+            })?);
+        }
+        if !db.ssl_root_cert.is_empty() {
+            opts = opts.ssl_root_cert(db.ssl_root_cert.as_str());
+        }
+        // As libpq: with a CA file, require verifies the chain too (the driver alone would
+        // accept any certificate).
+        if tls.root_cert.is_some()
+            && matches!(opts.get_ssl_mode(), sqlx::postgres::PgSslMode::Require)
+        {
+            opts = opts.ssl_mode(sqlx::postgres::PgSslMode::VerifyCa);
+        }
         opts = opts.application_name(&session.application_name);
         let mut params: Vec<(&str, String)> = vec![
             (
@@ -445,16 +537,57 @@ impl Store {
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::sql("claim"))?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut last: Option<Cursor> = None;
-        for row in rows {
-            let (c, key) = decode_claimed(&row).map_err(StoreError::sql("decode claimed row"))?;
-            if last.is_none_or(|l| key > l) {
-                last = Some(key);
-            }
-            out.push(c);
-        }
+        let (out, last) = decode_all(rows)?;
         Ok((tx, out, last))
+    }
+
+    /// As [`Store::claim_after`], for a relay that owns a share of the partitions: only rows
+    /// of `share`'s partitions, and only while every one of them is still fenced for this
+    /// claim (see `claim_share_sql`). Partitions whose fence is taken (another relay is taking
+    /// them over) are left out of this claim.
+    pub async fn claim_share(
+        &self,
+        limit: u32,
+        cursor: Option<Cursor>,
+        share: &Share,
+    ) -> Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
+        let fenced: Vec<i16> = sqlx::query_scalar(&self.stmts.fence)
+            .bind(self.names.lock_space(LOCK_FENCE))
+            .bind(&share.parts)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::sql("fence the claim's partitions"))?;
+        let (Some(&lo), Some(&hi)) = (fenced.first(), fenced.last()) else {
+            return Ok((tx, Vec::new(), None));
+        };
+        let contiguous = (hi - lo + 1) as usize == fenced.len();
+        let sql = if cursor.is_some() {
+            &self.stmts.claim_share_after
+        } else {
+            &self.stmts.claim_share
+        };
+        let mut q = sqlx::query(sql)
+            .bind(limit as i64)
+            .bind(&fenced)
+            .bind(&share.owner)
+            .bind(lo)
+            .bind(hi)
+            .bind(contiguous);
+        if let Some((at, id)) = cursor {
+            q = q.bind(at).bind(id);
+        }
+        let rows = q
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::sql("claim"))?;
+        let (out, last) = decode_all(rows)?;
+        Ok((tx, out, last))
+    }
+
+    /// The partitioned claim's statement (see `claim_share_sql`), for EXPLAIN in tests.
+    pub fn claim_share_statement(&self) -> &str {
+        &self.stmts.claim_share
     }
 
     /// Writes the verdicts of a claim and commits it. Rows without a verdict are released
@@ -570,7 +703,8 @@ impl Store {
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         let t = self.names.qualified();
         let (pending, due, oldest): (i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(&format!(
-            "SELECT count(*), count(*) FILTER (WHERE next_attempt_at <= now()), min(occurred_at) \
+            "SELECT count(*), count(*) FILTER (WHERE next_attempt_at <= now()), \
+                    min(occurred_at) FILTER (WHERE isfinite(occurred_at)) \
              FROM {t} WHERE status = 'pending'"
         ))
         .fetch_one(&self.pool)
@@ -593,10 +727,12 @@ impl Store {
     pub async fn heartbeat(&self, h: &Heartbeat) -> Result<(), StoreError> {
         sqlx::query(&format!(
             "INSERT INTO {}_relays AS r \
-               (instance, host, pid, version, started_at, seen_at, in_flight, published, failed) \
-             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8) \
+               (instance, host, pid, version, started_at, seen_at, in_flight, published, failed, \
+                partitions) \
+             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8, $9) \
              ON CONFLICT (instance) DO UPDATE SET host = $2, pid = $3, version = $4, \
-               started_at = $5, seen_at = now(), in_flight = $6, published = $7, failed = $8",
+               started_at = $5, seen_at = now(), in_flight = $6, published = $7, failed = $8, \
+               partitions = $9",
             self.names.qualified()
         ))
         .bind(&h.instance)
@@ -607,6 +743,7 @@ impl Store {
         .bind(h.in_flight)
         .bind(h.published)
         .bind(h.failed)
+        .bind(h.partitions)
         .execute(&self.pool)
         .await
         .map(|_| ())
@@ -692,47 +829,20 @@ impl Store {
     }
 }
 
-/// Decodes one claim row by column position (the claim's select list, in order).
-fn decode_claimed(row: &sqlx::postgres::PgRow) -> Result<(Claimed, Cursor), sqlx::Error> {
-    let headers_json: Option<serde_json::Value> = row.try_get(8)?;
-    let (headers, invalid) = match parse_headers(headers_json.as_ref()) {
-        Ok(h) => (h, None),
-        Err(e) => (Vec::new(), Some(format!("field headers: {e}"))),
-    };
-    let event = Event {
-        id: row.try_get(0)?,
-        event_id: row.try_get(1)?,
-        topic: row.try_get(2)?,
-        aggregate_id: row.try_get(3)?,
-        aggregate_type: row.try_get(4)?,
-        event_type: row.try_get(5)?,
-        event_version: row.try_get(6)?,
-        payload: row.try_get(7)?,
-        headers,
-        content_type: row.try_get(9)?,
-        traceparent: row.try_get(10)?,
-        correlation_id: row.try_get(11)?,
-        occurred_at: row.try_get(12)?,
-        attempts: row.try_get(13)?,
-    };
-    let key: Cursor = (row.try_get(14)?, event.id);
-    let prev_id: Option<i64> = row.try_get(15)?;
-    let prev = match prev_id {
-        Some(id) => Some(Prev {
-            id,
-            status: row.try_get(16)?,
-            next_attempt_at: row.try_get(17)?,
-        }),
-        None => None,
-    };
-    Ok((
-        Claimed {
-            event,
-            invalid,
-            prev,
-        },
-        key,
-    ))
+/// Decodes a claim's rows; also returns the last key taken (the next claim's cursor).
+fn decode_all(
+    rows: Vec<sqlx::postgres::PgRow>,
+) -> Result<(Vec<Claimed>, Option<Cursor>), StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut last: Option<Cursor> = None;
+    for row in rows {
+        let (c, key) = decode_claimed(&row).map_err(StoreError::sql("decode claimed row"))?;
+        if last.is_none_or(|l| key > l) {
+            last = Some(key);
+        }
+        out.push(c);
+    }
+    Ok((out, last))
 }
 
 #[cfg(test)]

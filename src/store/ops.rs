@@ -380,10 +380,16 @@ impl Store {
     pub async fn inspect(&self, event_id: Uuid) -> Result<Option<FullRow>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, event_version, \
-               payload, headers, content_type, traceparent, correlation_id, occurred_at, status, \
-               attempts, next_attempt_at, last_error, published_at \
+               payload, {headers}, content_type, traceparent, correlation_id, {occurred}, \
+               status, attempts, {next}, last_error, {published} \
              FROM {} WHERE event_id = $1",
-            self.sql_t()
+            self.sql_t(),
+            // Shown as text when serde_json cannot read it (numbers past f64, deep nesting).
+            headers = "CASE WHEN headers IS NULL THEN NULL \
+                       ELSE jsonb_build_object('unreadable_headers_as_text', headers::text) END",
+            occurred = shown("occurred_at"),
+            next = shown("next_attempt_at"),
+            published = shown("published_at"),
         ))
         .bind(event_id)
         .fetch_optional(&self.pool)
@@ -398,7 +404,15 @@ impl Store {
             event_type: r.get(5),
             event_version: r.get(6),
             payload: r.get(7),
-            headers: r.get(8),
+            headers: r
+                .try_get::<Option<serde_json::Value>, _>(8)
+                .ok()
+                .flatten()
+                .map(|v| match v.get("unreadable_headers_as_text") {
+                    Some(serde_json::Value::String(text)) => serde_json::from_str(text)
+                        .unwrap_or_else(|_| serde_json::Value::String(text.clone())),
+                    _ => v,
+                }),
             content_type: r.get(9),
             traceparent: r.get(10),
             correlation_id: r.get(11),
@@ -591,14 +605,26 @@ fn binds_as_text(target: Target, f: &Filter) -> Vec<String> {
     v
 }
 
+/// A timestamp column as the operator commands read it: Postgres accepts `infinity` and years
+/// past what chrono decodes, so those are shown at the edge of the readable range instead of
+/// failing the listing.
+fn shown(col: &str) -> String {
+    format!(
+        "least(greatest({col}, '0001-01-01 00:00:00+00'::timestamptz), \
+         '9999-12-31 23:59:59+00'::timestamptz)"
+    )
+}
+
 fn list_query(t: &str, target: Target, f: &Filter) -> QueryBuilder<'static, Postgres> {
     let at = match target {
         Target::Failed => "next_attempt_at",
         Target::Published => "published_at",
     };
     let mut q = QueryBuilder::new(format!(
-        "SELECT id, event_id, topic, aggregate_id, event_type, attempts, occurred_at, {at}, \
-           last_error FROM {t}"
+        "SELECT id, event_id, topic, aggregate_id, event_type, attempts, {}, {}, \
+           last_error FROM {t}",
+        shown("occurred_at"),
+        shown(at)
     ));
     push_where(&mut q, target, f);
     q
@@ -610,7 +636,7 @@ fn status_pending_sql(t: &str) -> String {
            count(*) FILTER (WHERE next_attempt_at <= now()), \
            count(*) FILTER (WHERE next_attempt_at > now() AND next_attempt_at < $1), \
            count(*) FILTER (WHERE next_attempt_at >= $1), \
-           min(occurred_at) \
+           min(occurred_at) FILTER (WHERE isfinite(occurred_at)) \
          FROM {t} WHERE status = 'pending' GROUP BY topic"
     )
 }

@@ -21,6 +21,7 @@ pub use config::KafkaConfig;
 
 use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
 use crate::config::Dur;
+use crate::envelope::{BodyFormat, Event, InvalidEvent, Wire};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -102,7 +103,11 @@ impl ProducerHealth {
         if self.fatal.load(Ordering::Relaxed) {
             return Some("librdkafka raised a fatal error".into());
         }
-        let since_ok = self.epoch.ms() - self.last_ok_ms.load(Ordering::Relaxed);
+        // A success recorded on another thread since `ms()` was read may be later than it.
+        let since_ok = self
+            .epoch
+            .ms()
+            .saturating_sub(self.last_ok_ms.load(Ordering::Relaxed));
         let refused = self.answered_failures.load(Ordering::Relaxed);
         if refused >= 50 && since_ok >= 5_000 {
             return Some(format!(
@@ -165,6 +170,59 @@ pub struct KafkaPublisher {
     rebuilt_at: Mutex<Instant>,
     rebuilds: AtomicU64,
     health_timeout: Duration,
+    /// The producer's `message.max.bytes`: a record larger than this fails before it is sent.
+    max_message_bytes: usize,
+}
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// An event as the parts of a Kafka record; its topic and key (the aggregate id) are the
+/// event's own.
+pub struct KafkaMessage {
+    pub headers: OwnedHeaders,
+    pub body: Vec<u8>,
+}
+
+/// Builds the Kafka record of an event without a broker, or says why the row cannot be sent:
+/// a topic name Kafka refuses, a header name librdkafka cannot take, or a record larger than
+/// `max_message_bytes` (the producer's `message.max.bytes`, when given; librdkafka checks it
+/// again with its own framing). Kafka takes any bytes in header values and keys, so the fields
+/// the relay sends as headers need no check here. Never panics, whatever the row holds.
+pub fn kafka_message(
+    event: &Event,
+    format: BodyFormat,
+    max_message_bytes: Option<usize>,
+) -> Result<KafkaMessage, InvalidEvent> {
+    // Also what keeps librdkafka's topic CString free of NUL bytes.
+    config::validate_kafka_topic(&event.topic).map_err(InvalidEvent::BackendTopic)?;
+    event.validate_for(Wire::Kafka)?;
+    let wire = event.wire_headers();
+    let mut headers = OwnedHeaders::new_with_capacity(wire.len());
+    let mut overhead = event.aggregate_id.len();
+    for (k, v) in &wire {
+        overhead = overhead.saturating_add(k.len() + v.len());
+        // Asserts only that the headers are writable, which fresh ones always are.
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    let body = event.try_body(format)?;
+    if let Some(limit) = max_message_bytes {
+        let size = overhead.saturating_add(body.len());
+        if size > limit {
+            return Err(InvalidEvent::MessageTooLarge {
+                backend: "Kafka",
+                size,
+                payload: body.len(),
+                overhead,
+                limit_name: "producer's message.max.bytes",
+                limit,
+            });
+        }
+    }
+    Ok(KafkaMessage { headers, body })
 }
 
 /// Shortest time between two producer rebuilds.
@@ -189,6 +247,10 @@ impl KafkaPublisher {
             .store((2 * message_timeout_ms).max(5_000), Ordering::Relaxed);
         health.reset();
         let producer = Self::create(&conf, &health)?;
+        let max_message_bytes = conf
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
         Ok(KafkaPublisher {
             producer: RwLock::new(Arc::new(producer)),
             conf,
@@ -196,6 +258,7 @@ impl KafkaPublisher {
             rebuilt_at: Mutex::new(Instant::now()),
             rebuilds: AtomicU64::new(0),
             health_timeout: cfg.health_timeout.0,
+            max_message_bytes,
         })
     }
 
@@ -256,19 +319,14 @@ impl KafkaPublisher {
             format,
             ticket,
         } = o;
-        if let Err(reason) = config::validate_kafka_topic(&event.topic) {
-            ticket.nack(PublishError::permanent(reason));
-            return;
-        }
-        let wire = event.wire_headers();
-        let mut headers = OwnedHeaders::new_with_capacity(wire.len());
-        for (k, v) in &wire {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
-        let body = event.body(format);
+        let KafkaMessage { headers, body } =
+            match kafka_message(&event, format, Some(self.max_message_bytes)) {
+                Ok(m) => m,
+                Err(e) => {
+                    ticket.nack(PublishError::permanent(e.to_string()));
+                    return;
+                }
+            };
         let mut record = BaseRecord::with_opaque_to(&event.topic, Box::new(ticket))
             .key(event.aggregate_id.as_bytes())
             .payload(&body)
@@ -298,6 +356,12 @@ impl Publisher for KafkaPublisher {
 
     fn kind(&self) -> &'static str {
         "kafka"
+    }
+
+    /// One key goes to one partition, and the idempotent producer keeps a partition's order
+    /// across librdkafka's own retries; without idempotence a retry can reorder.
+    fn keeps_order(&self) -> bool {
+        self.conf.get("enable.idempotence") == Some("true")
     }
 
     fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {

@@ -17,14 +17,16 @@ pub mod provision;
 pub use config::NatsConfig;
 
 use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
+use crate::envelope::{shown, BodyFormat, Event, InvalidEvent, Wire};
 use async_nats::connection::State;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::{Client, ConnectOptions, HeaderMap};
+use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use config::Persistence;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,16 +149,80 @@ impl NatsPublisher {
     }
 }
 
-fn headers_of(o: &Outgoing) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    for (k, v) in o.event.wire_headers() {
-        h.append(k.as_ref(), v.as_str());
+/// An event as a NATS message: its headers (the relay's metadata, the row's own headers and
+/// `Nats-Msg-Id` = event id) and its body.
+#[derive(Debug)]
+pub struct NatsMessage {
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// Builds the NATS message of an event without a connection, or says why the row cannot be
+/// sent: a subject NATS refuses, headers HPUB cannot carry, a row header standing in for a
+/// `Nats-*` control header, or (with the server's `max_payload`, when known) a message larger
+/// than the server takes. Never panics, whatever the row holds.
+pub fn nats_message(
+    event: &Event,
+    format: BodyFormat,
+    max_payload: Option<usize>,
+) -> Result<NatsMessage, InvalidEvent> {
+    config::validate_subject(&event.topic).map_err(InvalidEvent::BackendTopic)?;
+    let headers = nats_headers(event)?;
+    let body = event.try_body(format)?;
+    if let Some(limit) = max_payload.filter(|m| *m > 0) {
+        let overhead = nats_headers_size(&headers);
+        let size = overhead.saturating_add(body.len());
+        if size > limit {
+            return Err(InvalidEvent::MessageTooLarge {
+                backend: "NATS",
+                size,
+                payload: body.len(),
+                overhead,
+                limit_name: "server's max_payload",
+                limit,
+            });
+        }
     }
-    h.insert(
-        async_nats::header::NATS_MESSAGE_ID,
-        o.event.event_id.to_string().as_str(),
-    );
-    h
+    Ok(NatsMessage { headers, body })
+}
+
+/// The headers of an event's NATS message; see [`nats_message`].
+pub fn nats_headers(event: &Event) -> Result<HeaderMap, InvalidEvent> {
+    event.validate_for(Wire::Nats)?;
+    let mut h = HeaderMap::new();
+    // validate_for has checked every name and value; the fallible conversions keep a rule
+    // the client adds later from becoming a panic (its `&str` conversions assert).
+    for (k, v) in event.wire_headers() {
+        let name = HeaderName::from_str(k).map_err(|e| InvalidEvent::Header {
+            name: shown(k),
+            problem: e.to_string(),
+        })?;
+        let value = HeaderValue::from_str(&v).map_err(|e| InvalidEvent::Header {
+            name: shown(k),
+            problem: format!("its value {}: {e}", shown(&v)),
+        })?;
+        h.append(name, value);
+    }
+    let id =
+        HeaderValue::from_str(&event.event_id.to_string()).map_err(|e| InvalidEvent::Header {
+            name: shown(async_nats::header::NATS_MESSAGE_ID.as_ref()),
+            problem: e.to_string(),
+        })?;
+    h.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    Ok(h)
+}
+
+/// The size of a header block on the wire ("NATS/1.0\r\n", "name: value\r\n" each, "\r\n"),
+/// which the server counts against max_payload with the body.
+pub fn nats_headers_size(headers: &HeaderMap) -> usize {
+    let mut len = "NATS/1.0\r\n".len() + "\r\n".len();
+    for (k, vs) in headers.iter() {
+        let name: &str = k.as_ref();
+        for v in vs {
+            len = len.saturating_add(name.len() + ": ".len() + v.as_str().len() + "\r\n".len());
+        }
+    }
+    len
 }
 
 /// Awaits PubAcks as they come and resolves their tickets.
@@ -208,13 +274,30 @@ impl Publisher for NatsPublisher {
         "nats"
     }
 
+    /// One connection: the server receives (and JetStream stores) messages in the order they
+    /// were written to it.
+    fn keeps_order(&self) -> bool {
+        true
+    }
+
     fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {
         async move {
             let mut flushed: Vec<AckTicket> = Vec::new();
             // While the client is away its command queue fills and every send would wait for
             // its timeout, holding up the relay; the rows are retried after a backoff instead.
             let mut away = self.client.connection_state() != State::Connected;
+            let max_payload = self.client.max_payload();
             for o in burst {
+                // A row NATS cannot carry fails now, connected or not: the same row would fail
+                // the same way after a reconnect.
+                let NatsMessage { headers, body } =
+                    match nats_message(&o.event, o.format, Some(max_payload)) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            o.ticket.nack(PublishError::permanent(e.to_string()));
+                            continue;
+                        }
+                    };
                 if away {
                     o.ticket.nack(PublishError::retryable(
                         "nats: not connected to the server; retrying after reconnect",
@@ -222,12 +305,6 @@ impl Publisher for NatsPublisher {
                     continue;
                 }
                 let subject: Arc<str> = o.event.topic.as_str().into();
-                if let Err(reason) = config::validate_subject(&subject) {
-                    o.ticket.nack(PublishError::permanent(reason));
-                    continue;
-                }
-                let headers = headers_of(&o);
-                let body = o.body();
                 match self.cfg.persistence_for(&subject) {
                     Persistence::Ephemeral => {
                         match self
@@ -237,10 +314,19 @@ impl Publisher for NatsPublisher {
                         {
                             Ok(()) => flushed.push(o.ticket),
                             Err(e) => {
-                                away = true;
-                                o.ticket.nack(PublishError::retryable(format!(
-                                    "nats: publishing to {subject:?}: {e}"
-                                )))
+                                use async_nats::client::PublishErrorKind as Core;
+                                let reason = format!("nats: publishing to {subject:?}: {e}");
+                                match e.kind() {
+                                    // About this message only (the checks above make them
+                                    // unlikely): the connection is fine.
+                                    Core::MaxPayloadExceeded | Core::InvalidSubject => {
+                                        o.ticket.nack(PublishError::permanent(reason))
+                                    }
+                                    Core::Send => {
+                                        away = true;
+                                        o.ticket.nack(PublishError::retryable(reason))
+                                    }
+                                }
                             }
                         }
                     }
