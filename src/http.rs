@@ -108,6 +108,12 @@ async fn health(State(s): State<AppState>) -> Response {
             "in_flight": st.in_flight.load(Ordering::Relaxed),
             "lost_claims": st.lost_claims.load(Ordering::Relaxed),
         },
+        "partitions": {
+            "owned": st.owned_partitions.load(Ordering::Relaxed),
+            "of": crate::store::PARTITIONS,
+            "relays": st.members.load(Ordering::Relaxed),
+            "rebalances": st.rebalances.load(Ordering::Relaxed),
+        },
     });
     (code, Json(body)).into_response()
 }

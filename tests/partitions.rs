@@ -326,8 +326,16 @@ async fn a_claim_whose_session_was_terminated_is_never_committed_and_its_rows_co
 
 /// A relay process on the stdout backend (its output discarded) with fast rebalancing.
 fn start_process(db: &TestDb, name: &str) -> Child {
+    start_process_with(db, name, &[])
+}
+
+fn start_process_with(db: &TestDb, name: &str, env: &[(&str, String)]) -> Child {
+    let dir = std::env::temp_dir();
     Command::new(relay_bin())
+        .current_dir(dir)
         .args(["--database-url", &db.url, "--schema", db.schema(), "run"])
+        .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
+        .env("RELAY__MONITOR__HEALTH_INTERVAL", "100ms")
         .env("RELAY__RELAY__REBALANCE_INTERVAL", "200ms")
         .env("RELAY__RELAY__POLL_INTERVAL", "100ms")
         .env("RELAY__RELAY__BATCH_SIZE", "100")
@@ -337,6 +345,17 @@ fn start_process(db: &TestDb, name: &str) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the relay binary")
+}
+
+/// `/health` of a relay process, as JSON.
+fn health(port: u16) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -351,12 +370,54 @@ fn signal(child: &Child, sig: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_moves_the_share_within_a_second_and_sigterm_hands_it_over() {
     let db = TestDb::new().await;
+    let port = common::free_port();
     let mut a = start_process(&db, "proc-a");
-    let mut b = start_process(&db, "proc-b");
+    let mut b = start_process_with(
+        &db,
+        "proc-b",
+        &[("RELAY__HTTP__ADDRESS", format!("127.0.0.1:{port}"))],
+    );
     wait_for(DEADLINE, "two owners", || async {
         let o = owners(&db).await;
         o.get(&Some("proc-a".into())) == Some(&128) && o.get(&Some("proc-b".into())) == Some(&128)
     })
+    .await;
+    // `status` shows who owns how many.
+    wait_for(
+        DEADLINE,
+        "status shows both relays with 128 each",
+        || async {
+            let out = Command::new(relay_bin())
+                .current_dir(std::env::temp_dir())
+                .args([
+                    "--database-url",
+                    &db.url,
+                    "--schema",
+                    db.schema(),
+                    "status",
+                    "--json",
+                ])
+                .output()
+                .unwrap();
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let mut owned: Vec<(String, i64)> = s["relays"]
+                .as_array()
+                .map(|r| {
+                    r.iter()
+                        .map(|r| {
+                            (
+                                r["instance"].as_str().unwrap_or("").to_string(),
+                                r["partitions"].as_i64().unwrap_or(-1),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            owned.sort();
+            owned == vec![("proc-a".into(), 128), ("proc-b".into(), 128)]
+                && s["partitions_unowned"] == 0
+        },
+    )
     .await;
     // kill -9: Postgres ends its sessions, the survivor takes everything at its next look.
     signal(&a, "KILL");
@@ -368,6 +429,11 @@ async fn sigkill_moves_the_share_within_a_second_and_sigterm_hands_it_over() {
     .await;
     let took = killed_at.elapsed();
     assert!(took < Duration::from_secs(3), "take-over took {took:?}");
+    // `/health` of the survivor shows its share.
+    wait_for(DEADLINE, "/health shows 256 owned", || async {
+        health(port).is_some_and(|h| h["partitions"]["owned"] == 256)
+    })
+    .await;
     // A new relay joins and gets its half; then SIGTERM hands it back.
     let mut c = start_process(&db, "proc-c");
     wait_for(DEADLINE, "c owns half", || async {

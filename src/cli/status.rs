@@ -6,10 +6,10 @@
 //! {"outbox": "outbox.outbox", "at": "...",
 //!  "totals": {"pending", "due", "scheduled", "held", "in_flight", "failed", "published"},
 //!  "oldest_pending_at": "..." | null, "oldest_pending_age_seconds": 1.5 | null,
-//!  "aggregates_held": 0,
+//!  "aggregates_held": 0, "partitions_unowned": 0,
 //!  "topics": [{"topic", "due", "scheduled", "held", "failed", "published"}],
 //!  "relays": [{"instance", "host", "pid", "version", "started_at", "seen_at", "in_flight",
-//!              "published", "failed"}],
+//!              "published", "failed", "partitions"}],
 //!  "limits": {"exceeded": ["pending 12 > 10"]}}   (only with --max-pending / --max-age)
 //! ```
 //!
@@ -153,6 +153,7 @@ fn render(s: &Status) -> String {
                     r.in_flight.to_string(),
                     r.published.to_string(),
                     r.failed.to_string(),
+                    r.partitions.to_string(),
                 ]
             })
             .collect();
@@ -167,9 +168,16 @@ fn render(s: &Status) -> String {
                 "IN FLIGHT",
                 "PUBLISHED",
                 "FAILED",
+                "PARTITIONS",
             ],
             &rows,
         ));
+        if s.partitions_unowned > 0 {
+            out.push_str(&format!(
+                "partitions without an owner: {} of 256 (their events wait)\n",
+                s.partitions_unowned
+            ));
+        }
     }
     out
 }

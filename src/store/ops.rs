@@ -162,6 +162,8 @@ pub struct RelayInstance {
     pub in_flight: i32,
     pub published: i64,
     pub failed: i64,
+    /// Partitions (of 256) it owns now, from `<table>_partitions`.
+    pub partitions: i64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -187,6 +189,9 @@ pub struct Status {
     /// Aggregates with a failed event, which holds back their later events.
     pub aggregates_held: i64,
     pub topics: Vec<TopicStatus>,
+    /// Partitions no running relay owns (while relays start, stop or rebalance; all 256 when
+    /// none runs): their events wait.
+    pub partitions_unowned: i64,
     pub relays: Vec<RelayInstance>,
 }
 
@@ -308,6 +313,7 @@ impl Store {
                 in_flight: r.get(6),
                 published: r.get(7),
                 failed: r.get(8),
+                partitions: r.get(9),
             })
             .collect::<Vec<_>>();
         let topics: Vec<TopicStatus> = topics.into_values().collect();
@@ -330,6 +336,8 @@ impl Store {
             oldest_pending_age_seconds: oldest
                 .map(|o| (now - o).num_milliseconds().max(0) as f64 / 1000.0),
             aggregates_held,
+            partitions_unowned: crate::store::PARTITIONS as i64
+                - relays.iter().map(|r| r.partitions).sum::<i64>(),
             topics,
             relays,
         })
@@ -654,8 +662,9 @@ fn status_held_sql(t: &str) -> String {
 
 fn status_relays_sql(t: &str) -> String {
     format!(
-        "SELECT instance, host, pid, version, started_at, seen_at, in_flight, published, failed \
-         FROM {t}_relays WHERE seen_at > now() - $1 * interval '1 second' ORDER BY instance"
+        "SELECT instance, host, pid, version, started_at, seen_at, in_flight, published, failed, \
+           (SELECT count(*) FROM {t}_partitions p WHERE p.owner = r.instance) \
+         FROM {t}_relays r WHERE seen_at > now() - $1 * interval '1 second' ORDER BY instance"
     )
 }
 
