@@ -444,3 +444,87 @@ async fn the_server_restarted_mid_stream_loses_nothing() {
     drop(js);
     db.drop_schema().await;
 }
+
+/// A server away for far longer than the whole retry budget (3 attempts, backoff capped at
+/// 100 ms): every event waits for it instead of using its attempts up, and all are published
+/// once it is back; none fails.
+#[tokio::test]
+async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
+    let _watchdog = watchdog(
+        "an_outage_longer_than_the_retry_budget_fails_nothing",
+        Duration::from_secs(300),
+    );
+    let mut server = PrivateNats::start();
+    let (prefix, stream) = n::unique();
+    let js = n::create_stream(&server.url(), &stream, &prefix).await;
+    let db = TestDb::new().await;
+    let publisher = Arc::new(
+        NatsPublisher::connect(&n::config(&server.url()))
+            .await
+            .unwrap(),
+    );
+    let mut cfg = db.config();
+    cfg.relay.publish_timeout = Dur::secs(2);
+    cfg.relay.backoff_initial = Dur::ms(20);
+    cfg.relay.backoff_max = Dur::ms(100);
+    cfg.relay.max_attempts = 3;
+    let relay = db
+        .relay_with(&cfg, vec![("nats", publisher.clone())], &routes())
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    let topic = format!("{prefix}.orders");
+    let first: Vec<NewEvent> = (0..50)
+        .map(|i| numbered_on(&topic, &format!("a{}", i % 10), i / 10))
+        .collect();
+    db.enqueue(&first).await;
+    wait_for(DEADLINE, "the first events through", || async {
+        db.total().await == 0
+    })
+    .await;
+    server.stop_server();
+    // Events keep arriving while the server is away.
+    let during: Vec<NewEvent> = (0..50)
+        .map(|i| numbered_on(&topic, &format!("a{}", i % 10), 5 + i / 10))
+        .collect();
+    db.enqueue(&during).await;
+    // Ten aggregates' head events, each tried well past max_attempts.
+    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for(
+        DEADLINE,
+        "each waiting event tried past the budget",
+        || async { retried() > 10 * 3 * 4 },
+    )
+    .await;
+    assert_eq!(
+        db.count("status = 'failed'").await,
+        0,
+        "an outage failed events"
+    );
+    server.start_server();
+    wait_for(
+        DEADLINE,
+        "every event published after the outage",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let got = n::read_stream(&async_nats::jetstream::new(client), &stream).await;
+    let ids: HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["X-Event-ID"].as_str())
+        .collect();
+    for e in first.iter().chain(&during) {
+        assert!(
+            ids.contains(e.event_id.to_string().as_str()),
+            "event {} lost",
+            e.event_id
+        );
+    }
+    conformance::assert_in_order(&got);
+    drop(js);
+    db.drop_schema().await;
+}

@@ -48,6 +48,11 @@ pub enum ErrorKind {
     Retryable,
     /// Too large, not authorised, invalid topic, no route: retrying cannot help; mark failed.
     Permanent,
+    /// The broker was not reached or never answered (not connected, all brokers down, a
+    /// timeout with no answer, the client's queue full): nothing was learned about the event
+    /// itself, so it waits for the broker and no attempt is counted. An outage of any length
+    /// fails no event.
+    Unavailable,
 }
 
 /// A classified publish failure with the backend's (or broker's) reason.
@@ -71,8 +76,16 @@ impl PublishError {
             reason: reason.into(),
         }
     }
+    /// The broker could not be asked: see [`ErrorKind::Unavailable`].
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        PublishError {
+            kind: ErrorKind::Unavailable,
+            reason: reason.into(),
+        }
+    }
+    /// Whether a later attempt may succeed (retryable or unavailable).
     pub fn is_retryable(&self) -> bool {
-        self.kind == ErrorKind::Retryable
+        self.kind != ErrorKind::Permanent
     }
 }
 

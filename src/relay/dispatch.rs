@@ -46,6 +46,8 @@ pub enum Verdict {
     Retry {
         delay: Duration,
         reason: String,
+        /// Counts as a publish attempt (false: the broker was unavailable).
+        counted: bool,
     },
     Failed {
         attempted: bool,
@@ -162,7 +164,12 @@ pub struct Dispatcher {
     window: usize,
     /// Per backend: keeps the order of messages sent on it (see `Publisher::keeps_order`).
     ordered: Vec<bool>,
+    /// Per backend: unavailable results since its last success.
+    outage: Vec<u32>,
 }
+
+/// The longest an event waits between looks while its broker is unavailable.
+const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// May a waiting row go now?
 enum Gate {
@@ -190,6 +197,7 @@ impl Dispatcher {
             next_token: 1,
             window: 1,
             ordered: Vec::new(),
+            outage: Vec::new(),
         }
     }
 
@@ -612,10 +620,14 @@ impl Dispatcher {
                     c.tally.published += 1;
                     c.count(&r.event, backend).published += 1;
                 }
-                Verdict::Retry { delay, reason } => {
+                Verdict::Retry {
+                    delay,
+                    reason,
+                    counted,
+                } => {
                     c.marks
                         .retry
-                        .push((*id, delay.as_secs_f64(), reason.clone()));
+                        .push((*id, delay.as_secs_f64(), reason.clone(), *counted));
                     c.tally.retried += 1;
                     c.count(&r.event, backend).retried += 1;
                 }
@@ -647,20 +659,50 @@ impl Dispatcher {
             _ => return (out, Vec::new()),
         }
         let attempts = r.event.attempts as u32 + 1;
+        let backend = ack.backend;
         let verdict = match ack.outcome {
-            Ok(()) => Verdict::Published,
-            Err(e) => self.failure_verdict(attempts, e.kind, e.reason),
+            Ok(()) => {
+                if let Some(s) = self.outage.get_mut(backend) {
+                    *s = 0;
+                }
+                Verdict::Published
+            }
+            Err(e) => self.failure_verdict(backend, attempts, e.kind, e.reason),
         };
         self.decide(ack.row_id, verdict, &mut out, &mut done);
         let completed = self.collect_completed(done);
         (out, completed)
     }
 
-    fn failure_verdict(&self, attempts: u32, kind: ErrorKind, reason: String) -> Verdict {
+    fn failure_verdict(
+        &mut self,
+        backend: usize,
+        attempts: u32,
+        kind: ErrorKind,
+        reason: String,
+    ) -> Verdict {
         match kind {
+            ErrorKind::Unavailable => {
+                // Waits for the broker, however long: the delay grows with the outage (per
+                // backend, reset by the next success) up to OUTAGE_RETRY_MAX, so the backlog
+                // is looked at again promptly once the broker is back.
+                if self.outage.len() <= backend {
+                    self.outage.resize(backend + 1, 0);
+                }
+                self.outage[backend] = self.outage[backend].saturating_add(1);
+                Verdict::Retry {
+                    delay: self
+                        .backoff
+                        .delay(self.outage[backend].min(16))
+                        .min(OUTAGE_RETRY_MAX),
+                    reason: format!("waiting for the broker: {reason}"),
+                    counted: false,
+                }
+            }
             ErrorKind::Retryable if attempts < self.max_attempts => Verdict::Retry {
                 delay: self.backoff.delay(attempts),
                 reason,
+                counted: true,
             },
             ErrorKind::Retryable => Verdict::Failed {
                 attempted: true,
@@ -676,22 +718,26 @@ impl Dispatcher {
     /// Hand-offs without a result after `timeout` count as retryable failures.
     pub fn expire(&mut self, timeout: Duration) -> (Vec<Handoff>, Vec<Completed>) {
         let now = Instant::now();
-        let expired: Vec<(i64, u32)> = self
+        let expired: Vec<(i64, u32, usize)> = self
             .rows
             .iter()
             .filter_map(|(id, r)| match r.state {
-                State::Handed { at, .. } if now.duration_since(at) >= timeout => {
-                    Some((*id, r.event.attempts as u32 + 1))
-                }
+                State::Handed { at, .. } if now.duration_since(at) >= timeout => Some((
+                    *id,
+                    r.event.attempts as u32 + 1,
+                    r.route.map_or(0, |(b, _)| b),
+                )),
                 _ => None,
             })
             .collect();
         let mut out = Vec::new();
         let mut done = Vec::new();
-        for (id, attempts) in expired {
+        for (id, attempts, backend) in expired {
+            // No answer at all: nothing was learned about the event.
             let v = self.failure_verdict(
+                backend,
                 attempts,
-                ErrorKind::Retryable,
+                ErrorKind::Unavailable,
                 format!("no acknowledgement within {timeout:?}"),
             );
             self.decide(id, v, &mut out, &mut done);
@@ -937,6 +983,25 @@ mod tests {
             reason.contains("2 attempts") && reason.contains("down"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn an_unavailable_broker_never_uses_attempts_up() {
+        let mut d = dispatcher(2);
+        let mut r = row(1, "a", None);
+        r.event.attempts = 7;
+        let (out, _) = d.add_batch(1, 1, vec![r]);
+        let (_, done) = d.on_result(ack(
+            &out[0],
+            Err(PublishError::unavailable("not connected")),
+        ));
+        let m = &done[0].marks;
+        assert!(m.failed.is_empty());
+        let (id, delay, reason, counted) = &m.retry[0];
+        assert_eq!(*id, 1);
+        assert!(!counted, "no attempt counted");
+        assert!(*delay <= OUTAGE_RETRY_MAX.as_secs_f64());
+        assert!(reason.contains("waiting for the broker"), "{reason}");
     }
 
     #[test]

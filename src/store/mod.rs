@@ -184,8 +184,8 @@ pub struct Marks {
     pub published: Vec<i64>,
     /// (row, counts as a publish attempt, reason)
     pub failed: Vec<(i64, bool, String)>,
-    /// (row, delay in seconds, reason)
-    pub retry: Vec<(i64, f64, String)>,
+    /// (row, delay in seconds, reason, counts as a publish attempt)
+    pub retry: Vec<(i64, f64, String, bool)>,
     pub deferred: Vec<(i64, DeferUntil)>,
 }
 
@@ -345,9 +345,10 @@ impl Statements {
                  WHERE {t}.id = d.id"
             ),
             retry: format!(
-                "UPDATE {t} SET attempts = attempts + 1, last_error = d.err, \
+                "UPDATE {t} SET attempts = attempts + d.inc, last_error = d.err, \
                    next_attempt_at = now() + d.delay * interval '1 second' \
-                 FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS d(id, delay, err) \
+                 FROM unnest($1::bigint[], $2::float8[], $3::text[], $4::int[]) \
+                      AS d(id, delay, err, inc) \
                  WHERE {t}.id = d.id"
             ),
             // A deferral to the predecessor's time is applied only while the predecessor is
@@ -628,10 +629,12 @@ impl Store {
             let ids: Vec<i64> = marks.retry.iter().map(|f| f.0).collect();
             let delay: Vec<f64> = marks.retry.iter().map(|f| f.1).collect();
             let err: Vec<&str> = marks.retry.iter().map(|f| f.2.as_str()).collect();
+            let inc: Vec<i32> = marks.retry.iter().map(|f| f.3 as i32).collect();
             sqlx::query(&self.stmts.retry)
                 .bind(&ids)
                 .bind(&delay)
                 .bind(&err)
+                .bind(&inc)
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::sql("schedule retry"))?;

@@ -29,6 +29,25 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Errors that say nothing about the message: no broker reached or none answered in time.
+fn is_unavailable(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageTimedOut
+            | C::AllBrokersDown
+            | C::BrokerTransportFailure
+            | C::BrokerNotAvailable
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::QueueFull
+            | C::Resolve
+            | C::OperationTimedOut
+    )
+}
+
 /// A delivery report's error as a result for the ACK channel, with the broker's reason.
 /// Queue full, timeouts, transport failures, leader changes and anything not known to be
 /// permanent are retryable: a wrong "retryable" costs attempts, a wrong "permanent" an event.
@@ -37,6 +56,7 @@ pub fn classify(err: &KafkaError) -> PublishError {
     let reason = format!("kafka: {err}");
     match code {
         Some(c) if is_permanent(c) => PublishError::permanent(reason),
+        Some(c) if is_unavailable(c) => PublishError::unavailable(reason),
         _ => PublishError::retryable(reason),
     }
 }
@@ -64,8 +84,18 @@ mod tests {
         ] {
             assert_eq!(
                 classify(&KafkaError::MessageProduction(code)).kind,
+                ErrorKind::Unavailable,
+                "{code:?}: no broker answered about the message"
+            );
+        }
+        for code in [
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+        ] {
+            assert_eq!(
+                classify(&KafkaError::MessageProduction(code)).kind,
                 ErrorKind::Retryable,
-                "{code:?}"
+                "{code:?}: the broker answered, counted as an attempt"
             );
         }
         for code in [

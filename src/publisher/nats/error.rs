@@ -18,15 +18,17 @@ pub fn classify(subject: &str, err: &JsPublishError) -> PublishError {
         PublishErrorKind::MaxPayloadExceeded
         | PublishErrorKind::WrongLastMessageId
         | PublishErrorKind::WrongLastSequence => PublishError::permanent(reason),
+        // No answer from the server about this message: it waits for the server.
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::MaxAckPending => PublishError::retryable(reason),
+        | PublishErrorKind::MaxAckPending => PublishError::unavailable(reason),
         PublishErrorKind::Other => {
             let api = std::error::Error::source(err)
                 .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
             match api {
                 // 503: JetStream is not available right now (no leader, starting up).
                 Some(e) if e.code() != 503 => PublishError::permanent(reason),
+                Some(_) => PublishError::unavailable(reason),
                 _ => PublishError::retryable(reason),
             }
         }
@@ -51,7 +53,7 @@ mod tests {
         for k in [PublishErrorKind::TimedOut, PublishErrorKind::BrokenPipe] {
             assert_eq!(
                 classify("a", &JsPublishError::new(k)).kind,
-                ErrorKind::Retryable
+                ErrorKind::Unavailable
             );
         }
         assert_eq!(

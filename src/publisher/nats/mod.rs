@@ -299,8 +299,8 @@ impl Publisher for NatsPublisher {
                         }
                     };
                 if away {
-                    o.ticket.nack(PublishError::retryable(
-                        "nats: not connected to the server; retrying after reconnect",
+                    o.ticket.nack(PublishError::unavailable(
+                        "nats: not connected to the server; waiting for the reconnect",
                     ));
                     continue;
                 }
@@ -324,7 +324,7 @@ impl Publisher for NatsPublisher {
                                     }
                                     Core::Send => {
                                         away = true;
-                                        o.ticket.nack(PublishError::retryable(reason))
+                                        o.ticket.nack(PublishError::unavailable(reason))
                                     }
                                 }
                             }
@@ -363,7 +363,7 @@ impl Publisher for NatsPublisher {
                         Ok(()) => flushed.into_iter().for_each(AckTicket::ack),
                         Err(e) => {
                             for t in flushed {
-                                t.nack(PublishError::retryable(format!("nats: flush: {e}")));
+                                t.nack(PublishError::unavailable(format!("nats: flush: {e}")));
                             }
                         }
                     }
