@@ -116,6 +116,109 @@ async fn drain_with_relay(cfg: &Config, n: u64, backend: &str) -> Figures {
     }
 }
 
+/// The floor the relay must beat: a plain batch loop, one transaction after another (claim
+/// 1000 with SKIP LOCKED in id order, hand every row to the same backend, wait for every
+/// acknowledgement, delete, commit), with no ordering machinery at all.
+async fn drain_plain_loop(cfg: &Config, n: u64, publisher: Arc<dyn Publisher>) -> Figures {
+    use outbox_relay::envelope::Event;
+    use outbox_relay::publisher::{AckTicket, Outgoing};
+    use sqlx::Row;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(cfg.database.url.expose())
+        .await
+        .unwrap();
+    let t = format!("{}.{}", cfg.database.schema, cfg.database.table);
+    let select = format!(
+        "SELECT id, event_id, topic, aggregate_id, event_type, payload, occurred_at FROM {t} \
+         WHERE status = 'pending' ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED"
+    );
+    let delete = format!("DELETE FROM {t} WHERE id = ANY($1)");
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let mut rows = 0u64;
+    loop {
+        let mut tx = pool.begin().await.unwrap();
+        let got = sqlx::query(&select).fetch_all(&mut *tx).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        let mut ids = Vec::with_capacity(got.len());
+        let mut burst = Vec::with_capacity(got.len());
+        for r in &got {
+            let event = Event {
+                id: r.get(0),
+                event_id: r.get(1),
+                topic: r.get(2),
+                aggregate_id: r.get(3),
+                aggregate_type: None,
+                event_type: r.get(4),
+                event_version: 1,
+                payload: r.get(5),
+                headers: Vec::new(),
+                content_type: None,
+                traceparent: None,
+                correlation_id: None,
+                occurred_at: r.get(6),
+                attempts: 0,
+            };
+            ids.push(event.id);
+            let ticket = AckTicket::new(
+                event.id,
+                0,
+                event.event_id,
+                Arc::from(event.topic.as_str()),
+                ack_tx.clone(),
+            );
+            burst.push(Outgoing {
+                event: Arc::new(event),
+                format: Default::default(),
+                ticket,
+            });
+        }
+        publisher.publish(burst).await;
+        for _ in 0..ids.len() {
+            let ack = ack_rx.recv().await.unwrap();
+            assert!(ack.outcome.is_ok(), "{:?}", ack.outcome);
+        }
+        sqlx::query(&delete)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        rows += ids.len() as u64;
+    }
+    assert_eq!(rows, n);
+    Figures {
+        rows,
+        secs: t0.elapsed().as_secs_f64(),
+        cpu: cpu_seconds() - cpu0,
+        rss: peak_rss_mb(),
+    }
+}
+
+/// CPU seconds the whole machine spent (all processes: the relay, Postgres, the broker), from
+/// /proc/stat, so the relay and the floor loop can be compared per event.
+fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system (idle iowait excluded) irq softirq steal
+    let busy: f64 = [0usize, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| f.get(*i))
+        .sum();
+    busy / 100.0
+}
+
 /// The relay's own claim and mark statements, `depth` loops at once, no publishing.
 async fn drain_sql_only(cfg: &Config, n: u64) -> Figures {
     let store = Arc::new(Store::connect(&cfg.database, &session(cfg)).await.unwrap());
@@ -183,7 +286,9 @@ async fn main() {
     );
     for n in sizes {
         db.fill(0, n, 10_000).await;
+        let m0 = machine_cpu_seconds();
         let relay = drain_with_relay(&cfg, n, &backend).await;
+        let relay_machine = machine_cpu_seconds() - m0;
         db.fill(0, n, 10_000).await;
         let sql = drain_sql_only(&cfg, n).await;
         let rate = relay.rows as f64 / relay.secs;
@@ -197,6 +302,33 @@ async fn main() {
             relay.rss,
             sql.secs,
             rate / ceiling
+        );
+        db.fill(0, n, 10_000).await;
+        let floor_publisher: Arc<dyn Publisher> = match backend.as_str() {
+            "nats" => Arc::new(
+                NatsPublisher::connect(&brokers::nats_config())
+                    .await
+                    .expect("connect to NATS"),
+            ),
+            "kafka" => Arc::new(
+                KafkaPublisher::new(&brokers::kafka_config(), cfg.relay.publish_timeout)
+                    .expect("a Kafka producer"),
+            ),
+            _ => Arc::new(MemoryPublisher::counting()),
+        };
+        let m0 = machine_cpu_seconds();
+        let floor = drain_plain_loop(&cfg, n, floor_publisher).await;
+        let floor_machine = machine_cpu_seconds() - m0;
+        let floor_rate = floor.rows as f64 / floor.secs;
+        println!(
+            "{n:>9} events: plain batch loop {floor_rate:>9.0} ev/s ({:.2}s, {:.2} CPU-s) | relay/loop speed {:.2} | \
+             machine CPU per event: relay {:.1} us, loop {:.1} us (ratio {:.2})",
+            floor.secs,
+            floor.cpu,
+            rate / floor_rate,
+            relay_machine / n as f64 * 1e6,
+            floor_machine / n as f64 * 1e6,
+            relay_machine / floor_machine.max(0.001)
         );
         let bare = match backend.as_str() {
             "nats" => Some(brokers::bare_nats(n).await),

@@ -10,6 +10,8 @@
 //!   cargo bench --bench scale                       # memory backend
 //!   BENCH_BACKEND=nats cargo bench --bench scale    # JetStream at BENCH_NATS_URL
 //!   BENCH_BACKEND=kafka cargo bench --bench scale   # Kafka at BENCH_KAFKA_BROKERS
+//!   BENCH_ORDERING=pipelined BENCH_WINDOW=1024       # the many-aggregate drains pipelined
+//!   BENCH_ONLY_HOT=1                                 # only the one-aggregate drains
 //!
 //! Under `cargo test` it runs a small smoke pass on the memory backend.
 
@@ -117,8 +119,19 @@ async fn main() {
     }
     let mut cfg = db.config();
     cfg.relay.rebalance_interval = Dur::ms(250);
-    println!("scale benchmark: backend={backend} events={events} payload=200 B");
-    for aggregates in [300u64, 1000] {
+    if let Ok(w) = std::env::var("BENCH_WINDOW") {
+        cfg.relay.aggregate_window = w.parse().expect("BENCH_WINDOW");
+    }
+    if std::env::var("BENCH_ORDERING").as_deref() == Ok("pipelined") {
+        cfg.relay.ordering = OrderingMode::Pipelined;
+    }
+    let only_hot = std::env::var("BENCH_ONLY_HOT").is_ok();
+    println!(
+        "scale benchmark: backend={backend} events={events} payload=200 B ordering={:?} window={}",
+        cfg.relay.ordering, cfg.relay.aggregate_window
+    );
+    let shapes: &[u64] = if only_hot { &[] } else { &[300, 1000] };
+    for &aggregates in shapes {
         let mut line = format!("{aggregates:>5} aggregates:");
         for relays in 1..=3 {
             db.fill(0, events, aggregates).await;

@@ -5,10 +5,12 @@
 
 mod common;
 
-use common::{interleaved, relay_bin, spawn, wait_for, TestDb};
+use common::nats as n;
+use common::{interleaved, relay_bin, spawn, wait_for, watchdog, TestDb};
 use outbox_relay::config::{Config, Dur};
 use outbox_relay::publisher::memory::{MemoryLog, MemoryPublisher, RecordKind, Verdict};
 use outbox_relay::relay::Relay;
+use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -454,5 +456,105 @@ async fn sigkill_moves_the_share_within_a_second_and_sigterm_hands_it_over() {
     .await;
     signal(&b, "TERM");
     assert!(b.wait().unwrap().success());
+    db.drop_schema().await;
+}
+
+/// Three relay processes on JetStream, killed with SIGKILL at random moments and started
+/// again while a writer keeps adding events: an independent consumer reading the stream sees
+/// every event, each aggregate's in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_killed_at_random_keep_every_aggregate_in_order_on_jetstream() {
+    let _watchdog = watchdog(
+        "three_relays_killed_at_random_keep_every_aggregate_in_order_on_jetstream",
+        Duration::from_secs(300),
+    );
+    let db = TestDb::new().await;
+    let url = n::nats_url();
+    let (prefix, stream) = n::unique();
+    let js = n::create_stream(&url, &stream, &prefix).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        format!(
+            "[backends.js]\ntype = \"nats\"\nservers = [\"{url}\"]\n\n\
+             [[routes]]\ntopic = \"*\"\nbackend = \"js\"\n"
+        ),
+    )
+    .unwrap();
+    let start = |i: usize| {
+        Command::new(relay_bin())
+            .current_dir(dir.path())
+            .args(["--database-url", &db.url, "--schema", db.schema(), "run"])
+            .env("RELAY__RELAY__REBALANCE_INTERVAL", "200ms")
+            .env("RELAY__RELAY__POLL_INTERVAL", "100ms")
+            .env("RELAY__RELAY__BATCH_SIZE", "50")
+            .env("RELAY__RELAY__INSTANCE_ID", format!("k{i}"))
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the relay binary")
+    };
+    let mut relays: Vec<Child> = (0..3).map(start).collect();
+    let topic = format!("{prefix}.orders");
+    let stored = || async {
+        js.get_stream(&stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
+    };
+    let mut all = Vec::new();
+    for round in 0..12 {
+        let batch: Vec<_> = (0..300)
+            .map(|i| common::numbered_on(&topic, &format!("a{}", i % 60), round * 5 + i / 60))
+            .collect();
+        db.enqueue(&batch).await;
+        all.extend(batch);
+        // Kill once some of the new events are out, at a random point of the stream.
+        let target = stored().await + rand::thread_rng().gen_range(20..200);
+        wait_for(DEADLINE, "the stream to grow", || async {
+            stored().await >= target.min(all.len() as u64)
+        })
+        .await;
+        let victim = rand::thread_rng().gen_range(0..3);
+        signal(&relays[victim], "KILL");
+        let _ = relays[victim].wait();
+        relays[victim] = start(victim);
+    }
+    wait_for(DEADLINE, "every event published", || async {
+        db.total().await == 0
+    })
+    .await;
+    // Every relay running again (the last one restarted has taken its share), so SIGTERM
+    // meets its handler.
+    wait_for(DEADLINE, "three owners again", || async {
+        let o = owners(&db).await;
+        (0..3).all(|i| o.get(&Some(format!("k{i}"))).is_some_and(|k| *k >= 85))
+    })
+    .await;
+    for r in &relays {
+        signal(r, "TERM");
+    }
+    for r in &mut relays {
+        assert!(r.wait().unwrap().success());
+    }
+    let got = n::read_stream(&js, &stream).await;
+    let ids: HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["X-Event-ID"].as_str())
+        .collect();
+    for e in &all {
+        assert!(
+            ids.contains(e.event_id.to_string().as_str()),
+            "event {} lost",
+            e.event_id
+        );
+    }
+    common::conformance::assert_in_order(&got);
+    let _ = js.delete_stream(&stream).await;
     db.drop_schema().await;
 }
