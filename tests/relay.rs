@@ -53,15 +53,35 @@ fn assert_handed_only_after_predecessor_acked(records: &[Record]) {
     }
 }
 
-/// Runs two relays on one outbox until it is empty, then stops both.
+/// Runs two relays on one outbox, writes `events` once both own a share of the partitions
+/// (relays divide the aggregates; one that started alone would have taken them all until
+/// its next look), drains the outbox, then stops both.
 async fn drain_with_two_relays(
     db: &TestDb,
     cfg: &outbox_relay::config::Config,
     a: MemoryPublisher,
     b: MemoryPublisher,
+    events: &[outbox_relay::store::NewEvent],
 ) {
+    let mut cfg = cfg.clone();
+    cfg.relay.rebalance_interval = outbox_relay::config::Dur::ms(100);
+    let cfg = &cfg;
     let (ha, sa) = spawn(db.relay(cfg, Arc::new(a)).await);
     let (hb, sb) = spawn(db.relay(cfg, Arc::new(b)).await);
+    wait_for(DEADLINE, "both relays own a share", || async {
+        let owners: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT owner, count(*) FROM {}_partitions WHERE owner IS NOT NULL GROUP BY owner",
+            db.names.qualified()
+        ))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        owners.len() == 2 && owners.iter().map(|o| o.1).sum::<i64>() == 256
+    })
+    .await;
+    for chunk in events.chunks(1000) {
+        db.enqueue(chunk).await;
+    }
     wait_for(Duration::from_secs(120), "outbox empty", || async {
         db.total().await == 0
     })
@@ -275,7 +295,7 @@ async fn a_permanent_error_fails_at_once_and_holds_its_aggregate_until_replayed(
 #[tokio::test]
 async fn order_holds_per_aggregate_under_retries_with_two_relays() {
     let db = TestDb::new().await;
-    let sent = db.enqueue_interleaved(30, 30).await;
+    let sent = common::interleaved(30, 30, 0);
     let log = MemoryLog::new();
     let script = || {
         Arc::new(|_: &outbox_relay::envelope::Event, _seen: u32| {
@@ -294,7 +314,7 @@ async fn order_holds_per_aggregate_under_retries_with_two_relays() {
     cfg.relay.batch_size = 100;
     let a = MemoryPublisher::shared(log.clone(), "relay-a").with_script(script());
     let b = MemoryPublisher::shared(log.clone(), "relay-b").with_script(script());
-    drain_with_two_relays(&db, &cfg, a, b).await;
+    drain_with_two_relays(&db, &cfg, a, b, &sent).await;
     let records = log.records();
     let acked: HashSet<_> = log.acked().iter().map(|e| e.event_id).collect();
     assert_eq!(acked.len(), sent.len());
@@ -307,7 +327,7 @@ async fn order_holds_per_aggregate_under_retries_with_two_relays() {
 #[tokio::test]
 async fn two_relays_never_hand_the_same_event_over_twice() {
     let db = TestDb::new().await;
-    let sent = db.enqueue_interleaved(200, 20).await;
+    let sent = common::interleaved(200, 20, 0);
     let log = MemoryLog::new();
     let mut cfg = db.config();
     cfg.relay.batch_size = 50;
@@ -316,7 +336,7 @@ async fn two_relays_never_hand_the_same_event_over_twice() {
     };
     let a = MemoryPublisher::shared(log.clone(), "a").with_script(slow());
     let b = MemoryPublisher::shared(log.clone(), "b").with_script(slow());
-    drain_with_two_relays(&db, &cfg, a, b).await;
+    drain_with_two_relays(&db, &cfg, a, b, &sent).await;
     let mut handed: HashMap<uuid::Uuid, u32> = HashMap::new();
     let mut by_relay: HashMap<String, usize> = HashMap::new();
     for r in log
