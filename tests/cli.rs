@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{free_port, relay_bin, TestDb};
+use common::{free_port, output_text as text, relay_bin, TestDb};
 use std::process::{Command, Output};
 
 fn relay(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -12,14 +12,6 @@ fn relay(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().expect("run the relay binary")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]

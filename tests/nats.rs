@@ -425,17 +425,7 @@ async fn the_server_restarted_mid_stream_loses_nothing() {
     let client = async_nats::connect(server.url()).await.unwrap();
     let js2 = async_nats::jetstream::new(client);
     let got = n::read_stream(&js2, &stream).await;
-    let ids: HashSet<&str> = got
-        .iter()
-        .map(|r| r.headers["X-Event-ID"].as_str())
-        .collect();
-    for e in &all {
-        assert!(
-            ids.contains(e.event_id.to_string().as_str()),
-            "event {} lost",
-            e.event_id
-        );
-    }
+    conformance::assert_every_event_arrived(&got, &all);
     assert_eq!(
         got.len(),
         all.len(),
@@ -513,17 +503,7 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
     assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 0);
     let client = async_nats::connect(server.url()).await.unwrap();
     let got = n::read_stream(&async_nats::jetstream::new(client), &stream).await;
-    let ids: HashSet<&str> = got
-        .iter()
-        .map(|r| r.headers["X-Event-ID"].as_str())
-        .collect();
-    for e in first.iter().chain(&during) {
-        assert!(
-            ids.contains(e.event_id.to_string().as_str()),
-            "event {} lost",
-            e.event_id
-        );
-    }
+    conformance::assert_every_event_arrived(&got, first.iter().chain(&during));
     conformance::assert_in_order(&got);
     drop(js);
     db.drop_schema().await;

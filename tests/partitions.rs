@@ -543,17 +543,7 @@ async fn three_relays_killed_at_random_keep_every_aggregate_in_order_on_jetstrea
         assert!(r.wait().unwrap().success());
     }
     let got = n::read_stream(&js, &stream).await;
-    let ids: HashSet<&str> = got
-        .iter()
-        .map(|r| r.headers["X-Event-ID"].as_str())
-        .collect();
-    for e in &all {
-        assert!(
-            ids.contains(e.event_id.to_string().as_str()),
-            "event {} lost",
-            e.event_id
-        );
-    }
+    common::conformance::assert_every_event_arrived(&got, &all);
     common::conformance::assert_in_order(&got);
     let _ = js.delete_stream(&stream).await;
     db.drop_schema().await;

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{free_port, numbered_on, relay_bin, TestDb};
+use common::{free_port, numbered_on, output_text as text, relay_bin, TestDb};
 use outbox_relay::store::NewEvent;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -45,14 +45,6 @@ const ALL: [&str; 13] = [
 
 /// In every payload written here; operator commands must never show it.
 const PAYLOAD_MARKER: &str = "PayloadMarker-do-not-print-4f5e";
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn assert_no_secret(what: &str, out: &str) {
     for s in ALL {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{relay_bin, PrivatePostgres};
+use common::{output_text as text, relay_bin, PrivatePostgres};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -173,14 +173,6 @@ fn relay(url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().expect("run the relay binary")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// migrate, then check: both succeed and check reports an encrypted session.

@@ -241,7 +241,6 @@ impl Dispatcher {
         );
         let mut out = Vec::new();
         let mut completed_rows = Vec::new();
-        let mut empty_done: Vec<u64> = Vec::new();
         for c in claimed {
             let id = c.event.id;
             if let Some(old) = self.rows.get(&id) {
@@ -256,9 +255,6 @@ impl Dispatcher {
                         b.rows.retain(|r| *r != id);
                         b.open -= 1;
                         b.released += 1;
-                        if b.open == 0 {
-                            empty_done.push(batch);
-                        }
                     }
                     continue;
                 }
@@ -296,21 +292,8 @@ impl Dispatcher {
             );
             // Order first: an invalid row still may not be decided before its predecessor,
             // or a later valid row could be published while an earlier one retries.
-            match self.place(id, c.prev.as_ref(), now) {
-                Placement::Ready => match invalid {
-                    Some(reason) => {
-                        self.decide(
-                            id,
-                            Verdict::Failed {
-                                attempted: false,
-                                reason,
-                            },
-                            &mut out,
-                            &mut completed_rows,
-                        );
-                    }
-                    None => out.push(self.hand(id)),
-                },
+            let gate = match self.place(id, c.prev.as_ref(), now) {
+                Placement::Ready => Gate::Go,
                 Placement::Behind(prev) => {
                     if let Some(p) = self.rows.get_mut(&prev) {
                         p.successor = Some(id);
@@ -318,34 +301,36 @@ impl Dispatcher {
                     if let Some(r) = self.rows.get_mut(&id) {
                         r.pred = Some(prev);
                     }
-                    match self.gate(id) {
-                        Gate::Wait => {}
-                        Gate::Go => match invalid {
-                            None => out.push(self.hand(id)),
-                            Some(reason) => self.decide(
-                                id,
-                                Verdict::Failed {
-                                    attempted: false,
-                                    reason,
-                                },
-                                &mut out,
-                                &mut completed_rows,
-                            ),
-                        },
-                        Gate::Defer(until) => {
-                            self.decide(id, Verdict::Deferred(until), &mut out, &mut completed_rows)
-                        }
-                    }
+                    self.gate(id)
                 }
-                Placement::Defer(until) => {
-                    self.decide(id, Verdict::Deferred(until), &mut out, &mut completed_rows);
+                Placement::Defer(until) => Gate::Defer(until),
+            };
+            match gate {
+                Gate::Wait => {}
+                // An invalid row fails only now, in its turn, never ahead of its predecessor.
+                Gate::Go => match invalid {
+                    None => out.push(self.hand(id)),
+                    Some(reason) => self.decide(
+                        id,
+                        Verdict::Failed {
+                            attempted: false,
+                            reason,
+                        },
+                        &mut out,
+                        &mut completed_rows,
+                    ),
+                },
+                Gate::Defer(until) => {
+                    self.decide(id, Verdict::Deferred(until), &mut out, &mut completed_rows)
                 }
             }
         }
         self.forget_recent_before(claim_seq);
         let mut completed = self.collect_completed(completed_rows);
-        if !empty_done.is_empty() && !completed.iter().any(|c| c.batch == batch) {
-            // Every row of the claim was someone else's already: it completes with nothing.
+        let settled = self.batches.get(&batch).is_some_and(|b| b.open == 0);
+        if settled && !completed.iter().any(|c| c.batch == batch) {
+            // Its last open row was one left to an older claim: nothing decided it, so it
+            // completes here.
             completed.push(self.complete(batch));
         }
         (out, completed)
@@ -390,23 +375,15 @@ impl Dispatcher {
                 // Cannot happen with consistent claims; stay safe and look again soon.
                 return Placement::Defer(DeferUntil::Soon);
             }
-            if tail != p.id {
-                return match &ps.state {
-                    State::Waiting | State::Handed { .. } | State::Done(Verdict::Published) => {
-                        Placement::Behind(tail)
-                    }
-                    _ => Placement::Defer(DeferUntil::Soon),
-                };
-            }
             return match &ps.state {
                 // Published rows too: an earlier row of the chain may still be in flight
                 // (pipelined), and the gate must see it.
                 State::Waiting | State::Handed { .. } | State::Done(Verdict::Published) => {
-                    Placement::Behind(p.id)
+                    Placement::Behind(tail)
                 }
                 State::Done(Verdict::Failed { .. }) => {
                     Placement::Defer(DeferUntil::Predecessor(Prev {
-                        id: p.id,
+                        id: tail,
                         status: status::FAILED.into(),
                         next_attempt_at: p.next_attempt_at,
                     }))
@@ -715,7 +692,8 @@ impl Dispatcher {
         }
     }
 
-    /// Hand-offs without a result after `timeout` count as retryable failures.
+    /// Hand-offs without a result after `timeout` count as unavailable: nothing was heard
+    /// about the event, so no attempt is counted.
     pub fn expire(&mut self, timeout: Duration) -> (Vec<Handoff>, Vec<Completed>) {
         let now = Instant::now();
         let expired: Vec<(i64, u32, usize)> = self

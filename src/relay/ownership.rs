@@ -124,12 +124,18 @@ impl Manager {
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.oldest_rx.changed() => {}
+            // The loop reports its oldest open claim on every claim started or closed: only
+            // partitions waiting to be given up care, and only the release runs then (the
+            // full look, with its scan of pg_locks, stays at one per interval).
+            let result = tokio::select! {
+                _ = tick.tick() => self.step(false).await,
+                r = self.oldest_rx.changed(), if !self.releasing.is_empty() => match r {
+                    Ok(()) => self.release_ready().await,
+                    Err(_) => break,
+                },
                 _ = leave.cancelled() => break,
-            }
-            if let Err(e) = self.step(false).await {
+            };
+            if let Err(e) = result {
                 self.lost(e);
             }
         }
@@ -146,9 +152,8 @@ impl Manager {
                     break;
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                _ = self.oldest_rx.changed() => {}
+            if self.oldest_rx.changed().await.is_err() {
+                break;
             }
         }
         if let Some(s) = self.session.take() {
@@ -238,19 +243,15 @@ impl Manager {
             self.current.members = members.len();
             self.publish(if changed { 1 } else { 0 });
         }
-        // Given up once every claim that may hold their rows has closed.
-        let oldest = *self.oldest_rx.borrow_and_update();
-        let ready: Vec<i16> = self
-            .releasing
-            .iter()
-            .filter(|(_, v)| oldest >= *v)
-            .map(|(p, _)| *p)
-            .collect();
-        if !ready.is_empty() {
-            session.release(&ready).await?;
-            self.releasing.retain(|(_, v)| oldest < *v);
+        release_ready(session, &mut self.releasing, &mut self.oldest_rx).await
+    }
+
+    /// Gives up the releasing partitions no open claim can hold rows of any more.
+    async fn release_ready(&mut self) -> Result<(), crate::store::StoreError> {
+        match self.session.as_mut() {
+            Some(session) => release_ready(session, &mut self.releasing, &mut self.oldest_rx).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn publish(&mut self, rebalanced: u64) {
@@ -262,6 +263,26 @@ impl Manager {
         });
         let _ = self.assign_tx.send(Arc::new(self.current.clone()));
     }
+}
+
+/// Gives up the partitions of `releasing` that every claim which may hold their rows has
+/// closed (the loop's oldest open claim is at or past the version they left the share in).
+async fn release_ready(
+    session: &mut OwnerSession,
+    releasing: &mut Vec<(i16, u64)>,
+    oldest_rx: &mut watch::Receiver<u64>,
+) -> Result<(), crate::store::StoreError> {
+    let oldest = *oldest_rx.borrow_and_update();
+    let ready: Vec<i16> = releasing
+        .iter()
+        .filter(|(_, v)| oldest >= *v)
+        .map(|(p, _)| *p)
+        .collect();
+    if !ready.is_empty() {
+        session.release(&ready).await?;
+        releasing.retain(|(_, v)| oldest < *v);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -105,24 +105,15 @@ impl Names {
         if full.len() <= 63 {
             return full;
         }
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in full.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-        format!("{}_{h:016x}", &full[..46])
+        format!("{}_{:016x}", &full[..46], fnv1a(full.bytes()))
     }
 
     /// The first key of this outbox's advisory locks for one purpose (partition ownership,
     /// claim fences, relay membership): stable across processes and versions, positive, and
     /// different per outbox, so several outboxes share a database without meeting.
     pub fn lock_space(&self, purpose: &str) -> i32 {
-        let mut h: u32 = 0x811c9dc5;
-        for b in self.qualified().bytes().chain([0u8]).chain(purpose.bytes()) {
-            h ^= b as u32;
-            h = h.wrapping_mul(0x01000193);
-        }
-        (h & 0x7fff_ffff) as i32
+        let key = self.qualified().into_bytes().into_iter().chain([0u8]);
+        (fnv1a(key.chain(purpose.bytes())) & 0x7fff_ffff) as i32
     }
 
     /// Replaces the placeholders of a migration or statement template.
@@ -132,6 +123,14 @@ impl Names {
             .replace("{{table}}", &self.table)
             .replace("{{channel}}", &self.channel())
     }
+}
+
+/// FNV-1a, 64 bits: a hash that is the same in every process and version (Rust's own hasher
+/// is neither), for names derived from the outbox's name.
+fn fnv1a(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// A row's status column.

@@ -15,13 +15,6 @@
 use super::{Names, Store, StoreError, LOCK_FENCE, LOCK_MEMBER, LOCK_PARTITION};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
-/// One row of `<table>_partitions` as `status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnerCount {
-    pub owner: Option<String>,
-    pub partitions: i64,
-}
-
 pub struct OwnerSession {
     conn: PgConnection,
     names: Names,
@@ -170,22 +163,5 @@ impl OwnerSession {
     /// Ends the session: whatever it still holds is released by Postgres.
     pub async fn close(self) {
         let _ = self.conn.close().await;
-    }
-}
-
-impl Store {
-    /// How many partitions each relay owns (`None`: nobody), for `status`.
-    pub async fn partition_owners(&self) -> Result<Vec<OwnerCount>, StoreError> {
-        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
-            "SELECT owner, count(*) FROM {}_partitions GROUP BY owner ORDER BY owner NULLS LAST",
-            self.names.qualified()
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(sql("count partitions per relay"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(owner, partitions)| OwnerCount { owner, partitions })
-            .collect())
     }
 }

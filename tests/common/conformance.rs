@@ -126,6 +126,24 @@ pub async fn delivers_every_event_in_order_with_key_and_headers<B: BackendUnderT
     db.drop_schema().await;
 }
 
+/// Every event of `sent` is among `got`, by its `X-Event-ID` header.
+pub fn assert_every_event_arrived<'a>(
+    got: &[Received],
+    sent: impl IntoIterator<Item = &'a outbox_relay::store::NewEvent>,
+) {
+    let ids: std::collections::HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["X-Event-ID"].as_str())
+        .collect();
+    for e in sent {
+        assert!(
+            ids.contains(e.event_id.to_string().as_str()),
+            "event {} lost",
+            e.event_id
+        );
+    }
+}
+
 /// Per aggregate (the key), the `seq` numbers of the bodies arrive as 0, 1, 2, ...
 pub fn assert_in_order(got: &[Received]) {
     let mut last: HashMap<String, i64> = HashMap::new();

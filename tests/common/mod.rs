@@ -21,6 +21,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// A finished command's stdout and stderr as one text, for searching.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// The server tests use; `TEST_DATABASE_URL` overrides.
 pub fn base_url() -> String {
     std::env::var("TEST_DATABASE_URL")
