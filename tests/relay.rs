@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{route, sequence, spawn, wait_for, TestDb};
+use common::{interleaved, route, sequence, spawn, wait_for, TestDb};
 use outbox_relay::config::Dur;
 use outbox_relay::publisher::memory::{MemoryLog, MemoryPublisher, Record, RecordKind, Verdict};
 use outbox_relay::publisher::PublishError;
@@ -683,5 +683,68 @@ async fn publish_timeout_counts_as_a_retryable_failure() {
     stop.cancel();
     h.await.unwrap();
     assert_eq!(mem.log().handed_count(), 2);
+    db.drop_schema().await;
+}
+
+/// While the broker cannot be asked, the relay stops handing its backlog over and over: a
+/// claim that reached the broker is followed by the next only after the retry backoff, and the
+/// first success resumes full claims. Nothing fails, nothing is published out of order.
+#[tokio::test]
+async fn an_unreachable_broker_pauses_claiming_until_it_answers() {
+    let db = TestDb::new().await;
+    // Many aggregates: without the pause, every one of their heads would be handed (and
+    // rewritten) within moments.
+    let events = interleaved(1000, 2, 0);
+    db.enqueue(&events).await;
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = down.clone();
+    let mem = MemoryPublisher::new().with_script(Arc::new(move |_, _| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            Verdict::Fail(PublishError::unavailable("not connected to the server"))
+        } else {
+            Verdict::Ack
+        }
+    }));
+    let mut cfg = db.config();
+    cfg.relay.batch_size = 50;
+    cfg.relay.backoff_initial = Dur::ms(200);
+    cfg.relay.backoff_max = Dur::secs(1);
+    let relay = db.relay(&cfg, Arc::new(mem.clone())).await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for(DEADLINE, "the outage noticed", || async {
+        load(&stats.retried) >= 100
+    })
+    .await;
+    let handed0 = mem.log().handed_count();
+    let window = std::time::Instant::now();
+    wait_for(DEADLINE, "two seconds of outage", || async {
+        window.elapsed() >= Duration::from_secs(2)
+    })
+    .await;
+    let handed = mem.log().handed_count() - handed0;
+    // Probes at least 400 ms apart by then, each at most a batch: 2 s holds a few.
+    assert!(
+        handed <= 4 * 50,
+        "{handed} hand-offs in 2 s of outage: claiming did not pause"
+    );
+    assert_eq!(
+        db.count("status = 'failed'").await,
+        0,
+        "the outage failed events"
+    );
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for(
+        DEADLINE,
+        "every event published once the broker answers",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(load(&stats.failed), 0);
+    assert_eq!(mem.log().acked().len(), events.len());
+    assert_handed_only_after_predecessor_acked(&mem.log().records());
     db.drop_schema().await;
 }

@@ -11,6 +11,10 @@ pub struct RunArgs {
     pub drain: bool,
 }
 
+/// What a stop may take beyond `relay.shutdown_timeout`: recording the last results, handing
+/// the partitions over, closing the backends.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(
         database = %redact_url(cfg.database.url.expose()),
@@ -41,9 +45,20 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         Some((stop, task))
     };
     let signals = shutdown.clone();
+    let limit = cfg.relay.shutdown_timeout.0 + SHUTDOWN_GRACE;
     tokio::spawn(async move {
         wait_for_signal().await;
         signals.cancel();
+        // The relay waits `shutdown_timeout` for results, then records what it has; a broker
+        // or a Postgres that stopped answering must not keep the process up past that.
+        tokio::time::sleep(limit).await;
+        tracing::error!(
+            ?limit,
+            "shutdown did not finish in time (a broker or Postgres is not answering): exiting \
+             now; events without a recorded result stay pending and are published again \
+             (same event ids)"
+        );
+        std::process::exit(1);
     });
     if args.drain {
         relay.run_until_drained(shutdown).await?;

@@ -166,10 +166,13 @@ pub struct Dispatcher {
     ordered: Vec<bool>,
     /// Per backend: unavailable results since its last success.
     outage: Vec<u32>,
+    /// The latest result from any backend said the broker could not be asked, and no success
+    /// has arrived since: the relay then claims only small probes (see `Relay::run`).
+    unavailable: bool,
 }
 
 /// The longest an event waits between looks while its broker is unavailable.
-const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(5);
+pub const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// May a waiting row go now?
 enum Gate {
@@ -198,6 +201,7 @@ impl Dispatcher {
             window: 1,
             ordered: Vec::new(),
             outage: Vec::new(),
+            unavailable: false,
         }
     }
 
@@ -207,6 +211,12 @@ impl Dispatcher {
         self.window = window.max(1);
         self.ordered = ordered;
         self
+    }
+
+    /// Whether the brokers are known to be unreachable: the latest result was "unavailable"
+    /// (or a hand-off timed out unanswered) and nothing has succeeded since.
+    pub fn brokers_unavailable(&self) -> bool {
+        self.unavailable
     }
 
     /// Rows claimed and not yet committed.
@@ -642,6 +652,7 @@ impl Dispatcher {
                 if let Some(s) = self.outage.get_mut(backend) {
                     *s = 0;
                 }
+                self.unavailable = false;
                 Verdict::Published
             }
             Err(e) => self.failure_verdict(backend, attempts, e.kind, e.reason),
@@ -667,6 +678,7 @@ impl Dispatcher {
                     self.outage.resize(backend + 1, 0);
                 }
                 self.outage[backend] = self.outage[backend].saturating_add(1);
+                self.unavailable = true;
                 Verdict::Retry {
                     delay: self
                         .backoff

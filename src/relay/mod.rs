@@ -517,6 +517,12 @@ impl Relay {
         let mut want_claim = true;
         let mut claim_errors: u32 = 0;
         let mut claim_not_before = tokio::time::Instant::now();
+        // While the brokers are unreachable, claiming pauses: a claim that hands events to a
+        // broker is followed by the next only after the retry backoff (capped at
+        // OUTAGE_RETRY_MAX), instead of claiming, failing and rewriting the whole backlog over
+        // and over. The first success resumes claiming at full speed.
+        let outage_backoff = Backoff::new(self.cfg.backoff_initial.0, self.cfg.backoff_max.0);
+        let mut probes: u32 = 0;
         let mut stopping = false;
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let depth = self.cfg.pipeline_depth as usize;
@@ -566,6 +572,14 @@ impl Relay {
                 changed
             });
             let now = tokio::time::Instant::now();
+            if probes > 0 && !d.brokers_unavailable() {
+                tracing::info!(probes, "a broker answered: claiming resumed");
+                probes = 0;
+                want_claim = true;
+                if claim_errors == 0 {
+                    claim_not_before = now;
+                }
+            }
             if !stopping
                 && want_claim
                 && assignment.share.is_some()
@@ -638,6 +652,18 @@ impl Relay {
                                 txs.insert(next_batch, tx);
                                 claim_versions.insert(next_batch, version);
                                 let (h, c) = d.add_batch(next_batch, claims_started, rows);
+                                if d.brokers_unavailable() && !h.is_empty() {
+                                    // This claim asks the brokers again; the next one waits.
+                                    // Claims that hand nothing over (rows deferred behind
+                                    // waiting events) ask nothing and are not spaced.
+                                    if probes == 0 {
+                                        tracing::warn!("brokers unavailable: claiming paused between probes until one answers");
+                                    }
+                                    probes += 1;
+                                    let wait = outage_backoff.delay(probes.min(16)).min(dispatch::OUTAGE_RETRY_MAX);
+                                    claim_not_before = tokio::time::Instant::now() + wait;
+                                    want_claim = true;
+                                }
                                 self.publish(h, &ack_tx).await;
                                 for c in c {
                                     let tx = txs.remove(&c.batch).expect("open claim");

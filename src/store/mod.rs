@@ -46,6 +46,12 @@ pub enum StoreError {
     /// A task running store work panicked or was cancelled.
     #[error("database task {0}")]
     Task(String),
+    /// No answer within the client's own bound: the server's statement_timeout never fired, so
+    /// the connection itself is gone quiet (a black-holed network, a frozen server). The
+    /// connection is dropped with the work; an open claim is then lost, its rows pending again
+    /// once Postgres ends the session.
+    #[error("database {what}: no answer within {after:?}")]
+    TimedOut { what: &'static str, after: Duration },
 }
 
 impl StoreError {
@@ -75,6 +81,7 @@ impl StoreError {
                 }
                 _ => false,
             },
+            StoreError::TimedOut { .. } => true,
             StoreError::Url { .. } | StoreError::Schema(_) | StoreError::Task(_) => false,
         }
     }
@@ -378,6 +385,8 @@ pub struct Store {
     stmts: Statements,
     /// Mark published rows instead of deleting them (`relay.published_retention` > 0).
     keep_published: bool,
+    /// The longest a claim or a finish may wait for Postgres, whatever the network does.
+    client_timeout: Duration,
 }
 
 /// One relay's row in `<table>_relays`, written every few seconds while it runs.
@@ -465,10 +474,11 @@ impl Store {
             .max_connections(db.max_connections)
             .acquire_timeout(db.connect_timeout.0)
             .connect_lazy_with(opts);
-        Ok(Store::with_pool(
-            pool,
-            Names::new(db.schema.clone(), db.table.clone()),
-        ))
+        let mut store = Store::with_pool(pool, Names::new(db.schema.clone(), db.table.clone()));
+        // Past the server's own statement timeout (plus a connect), nothing will answer.
+        store.client_timeout =
+            db.statement_timeout.0 + db.connect_timeout.0 + Duration::from_secs(1);
+        Ok(store)
     }
 
     pub fn with_pool(pool: PgPool, names: Names) -> Store {
@@ -478,7 +488,20 @@ impl Store {
             names,
             stmts,
             keep_published: false,
+            client_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// Runs store work under the client's own bound (see [`StoreError::TimedOut`]).
+    async fn bounded<T>(
+        &self,
+        what: &'static str,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let after = self.client_timeout;
+        tokio::time::timeout(after, work)
+            .await
+            .unwrap_or(Err(StoreError::TimedOut { what, after }))
     }
 
     /// Keeps published rows (marked, with `published_at`) instead of deleting them; they are
@@ -525,6 +548,15 @@ impl Store {
         limit: u32,
         cursor: Option<Cursor>,
     ) -> Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError> {
+        self.bounded("claim", self.claim_after_unbounded(limit, cursor))
+            .await
+    }
+
+    async fn claim_after_unbounded(
+        &self,
+        limit: u32,
+        cursor: Option<Cursor>,
+    ) -> Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
         let q = match cursor {
             None => sqlx::query(&self.stmts.claim).bind(limit as i64),
@@ -546,6 +578,16 @@ impl Store {
     /// claim (see `claim_share_sql`). Partitions whose fence is taken (another relay is taking
     /// them over) are left out of this claim.
     pub async fn claim_share(
+        &self,
+        limit: u32,
+        cursor: Option<Cursor>,
+        share: &Share,
+    ) -> Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError> {
+        self.bounded("claim", self.claim_share_unbounded(limit, cursor, share))
+            .await
+    }
+
+    async fn claim_share_unbounded(
         &self,
         limit: u32,
         cursor: Option<Cursor>,
@@ -593,6 +635,19 @@ impl Store {
     /// Writes the verdicts of a claim and commits it. Rows without a verdict are released
     /// unchanged.
     pub async fn finish(
+        &self,
+        tx: ClaimTx,
+        marks: &Marks,
+        blocked_retry: Duration,
+    ) -> Result<(), StoreError> {
+        self.bounded(
+            "record a claim's results",
+            self.finish_unbounded(tx, marks, blocked_retry),
+        )
+        .await
+    }
+
+    async fn finish_unbounded(
         &self,
         mut tx: ClaimTx,
         marks: &Marks,

@@ -217,6 +217,19 @@ impl PrivateNats {
         }
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the server: a frozen broker keeps its connections
+    /// open and answers nothing.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("the server runs").id();
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} nats-server");
+    }
+
     /// Kills the server at once (no shutdown), as a crash would.
     pub fn stop_server(&mut self) {
         if let Some(mut c) = self.child.take() {
