@@ -222,6 +222,9 @@ pub struct RelayConfig {
     pub shutdown_timeout: Dur,
     pub blocked_retry: Dur,
     pub max_payload_bytes: usize,
+    /// A claim returns rows while their payloads and headers fit in this many bytes (at least
+    /// one row), so large payloads cannot exhaust memory.
+    pub batch_max_bytes: usize,
     pub summary_interval: Dur,
     pub instance_id: Option<String>,
     /// Published rows are deleted at once (0) or kept this long, then pruned in batches.
@@ -265,6 +268,7 @@ impl Default for RelayConfig {
             shutdown_timeout: Dur::secs(10),
             blocked_retry: Dur::ms(50),
             max_payload_bytes: 1024 * 1024,
+            batch_max_bytes: 8 * 1024 * 1024,
             summary_interval: Dur::secs(10),
             instance_id: None,
             published_retention: Dur::secs(0),
@@ -574,6 +578,12 @@ impl Config {
             r.max_payload_bytes as u64,
             1,
             1 << 30,
+        )?;
+        range(
+            "relay.batch_max_bytes",
+            r.batch_max_bytes as u64,
+            1024,
+            1 << 32,
         )?;
         if r.backoff_initial.0.is_zero() {
             return Err(invalid("relay.backoff_initial", "must be more than 0"));

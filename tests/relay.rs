@@ -621,7 +621,10 @@ async fn the_claim_runs_on_the_partial_indexes_even_with_stale_statistics() {
         } else {
             format!("EXPLAIN {}", store.claim_statement())
         };
-        let mut q = sqlx::query_scalar::<_, String>(&sql).bind(1000i64);
+        let mut q = sqlx::query_scalar::<_, String>(&sql)
+            .bind(1000i64)
+            .bind(1i64 << 20)
+            .bind(8i64 << 20);
         if with_cursor {
             q = q
                 .bind(chrono::Utc::now() - chrono::Duration::hours(1))
@@ -639,6 +642,8 @@ async fn the_claim_runs_on_the_partial_indexes_even_with_stale_statistics() {
     let plan =
         sqlx::query_scalar::<_, String>(&format!("EXPLAIN {}", store.claim_share_statement()))
             .bind(1000i64)
+            .bind(1i64 << 20)
+            .bind(8i64 << 20)
             .bind((0i16..128).collect::<Vec<i16>>())
             .bind("relay-a")
             .bind(0i16)
@@ -745,6 +750,91 @@ async fn an_unreachable_broker_pauses_claiming_until_it_answers() {
     h.await.unwrap();
     assert_eq!(load(&stats.failed), 0);
     assert_eq!(mem.log().acked().len(), events.len());
+    assert_handed_only_after_predecessor_acked(&mem.log().records());
+    db.drop_schema().await;
+}
+
+/// A claim is bounded in bytes as well as rows: payloads over `relay.max_payload_bytes` are not
+/// even fetched (the row fails naming its size), and a claim stops returning rows once their
+/// payloads fill `relay.batch_max_bytes`; the rows it locked past that are released at commit
+/// and taken by later claims, in order.
+#[tokio::test]
+async fn claims_are_bounded_in_bytes_and_oversized_payloads_are_never_fetched() {
+    let db = TestDb::new().await;
+    let mut events: Vec<NewEvent> = (0..12)
+        .map(|i| {
+            let agg = format!("a{}", i % 3);
+            let mut e = common::numbered(&agg, i / 3);
+            // Still the numbered event (the order check reads agg and seq), 300 KB large.
+            e.payload = serde_json::to_vec(&serde_json::json!({
+                "agg": agg, "seq": i / 3, "pad": "x".repeat(300 * 1024)
+            }))
+            .unwrap();
+            e
+        })
+        .collect();
+    let huge = NewEvent::new("orders.x", "h", "T", vec![b'y'; 3 * 1024 * 1024]);
+    events.push(huge.clone());
+    db.enqueue(&events).await;
+    let mut cfg = db.config();
+    cfg.relay.batch_max_bytes = 1024 * 1024;
+    cfg.relay.max_payload_bytes = 1024 * 1024;
+    // The store alone: 300 KB rows under a 1 MB budget come back four at a time (the fourth
+    // starts under the budget), the rest of the batch stays locked until the claim ends.
+    let store =
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+            .await
+            .unwrap()
+            .bounded_in_bytes(cfg.relay.max_payload_bytes, cfg.relay.batch_max_bytes);
+    let share = outbox_relay::store::Share {
+        owner: "nobody".into(),
+        parts: (0..outbox_relay::store::PARTITIONS).collect(),
+    };
+    sqlx::query(&format!(
+        "UPDATE {}_partitions SET owner = 'nobody'",
+        db.names.qualified()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let claim = store.claim_share(100, None, &share).await.unwrap();
+    assert_eq!(claim.rows.len(), 4, "rows under a 1 MB budget");
+    assert!(claim.cut, "the budget cut the claim");
+    assert!(
+        claim.next.is_none(),
+        "a cut claim starts the next one from the front"
+    );
+    drop(claim);
+    sqlx::query(&format!(
+        "UPDATE {}_partitions SET owner = NULL",
+        db.names.qualified()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // The relay: everything flows, in order; the oversized row fails with its size, unfetched.
+    let mem = MemoryPublisher::new();
+    let relay = db.relay(&cfg, Arc::new(mem.clone())).await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "every small event published", || async {
+        mem.log().acked().len() == 12
+    })
+    .await;
+    wait_for(DEADLINE, "the oversized row failed", || async {
+        db.count("status = 'failed'").await == 1
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let (status, _, err) = db.row(huge.event_id).await.unwrap();
+    assert_eq!(status, "failed");
+    let err = err.unwrap();
+    assert!(
+        err.contains("field payload")
+            && err.contains("3145728 bytes")
+            && err.contains("relay.max_payload_bytes"),
+        "{err}"
+    );
     assert_handed_only_after_predecessor_acked(&mem.log().records());
     db.drop_schema().await;
 }

@@ -28,7 +28,7 @@ use crate::publisher::stdout::StdoutPublisher;
 use crate::publisher::ProvisionReport;
 use crate::publisher::{AckSender, AckTicket, Outgoing, Publisher};
 use crate::routing::Router;
-use crate::store::{ClaimTx, Claimed, Cursor, Session, Store, StoreError};
+use crate::store::{Claim, ClaimTx, Cursor, Session, Store, StoreError};
 use dispatch::{Completed, Dispatcher, Handoff, Tally, TopicTally};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -203,7 +203,11 @@ impl Relay {
             .collect();
         let keep = !cfg.published_retention.0.is_zero();
         Relay {
-            store: Arc::new(store.keeping_published(keep)),
+            store: Arc::new(
+                store
+                    .keeping_published(keep)
+                    .bounded_in_bytes(cfg.max_payload_bytes, cfg.batch_max_bytes),
+            ),
             router: Arc::new(Router::new(routes, &names)),
             backends,
             cfg,
@@ -504,7 +508,7 @@ impl Relay {
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         let mut d = self.dispatcher();
         let mut txs: HashMap<u64, ClaimTx> = HashMap::new();
-        type ClaimResult = Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError>;
+        type ClaimResult = Result<Claim, StoreError>;
         let mut claiming: Option<BoxFuture<'static, ClaimResult>> = None;
         // Claims start past the last key taken while they come back full; from the front of the
         // due index again when one comes back short and at least once per poll interval, so
@@ -617,16 +621,19 @@ impl Relay {
                     let version = claiming_version.take().unwrap_or(assignment.version);
                     self.stats.claims.fetch_add(1, Ordering::Relaxed);
                     match res {
-                        Ok((tx, rows, last)) => {
+                        Ok(Claim { tx, rows, next, cut }) => {
                             // A claim made with an older share says nothing about where the
-                            // rows of partitions added since begin: start from the front.
-                            cursor = if rows.len() as u32 == self.cfg.batch_size
-                                && version == assignment.version
-                            {
-                                last
+                            // rows of partitions added since begin: start from the front. One
+                            // cut short by its byte budget holds rows past its last key until
+                            // it commits: the front again, to find them once released.
+                            cursor = if version == assignment.version && !cut {
+                                next
                             } else {
                                 None
                             };
+                            if cut {
+                                want_claim = true;
+                            }
                             if claim_errors > 0 {
                                 tracing::info!("database reachable again, claiming resumed");
                                 claim_errors = 0;

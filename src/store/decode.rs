@@ -14,9 +14,32 @@ use sqlx::postgres::{PgRow, PgValueFormat, PgValueRef};
 use sqlx::{Row, ValueRef};
 
 /// Decodes one claim row by column position (the claim's select list, in order).
-pub(super) fn decode_claimed(row: &PgRow) -> Result<(Claimed, Cursor), sqlx::Error> {
+/// Also returns how many rows the claim locked (its last column).
+pub(super) fn decode_claimed(
+    row: &PgRow,
+    payload_cap: i64,
+) -> Result<(Claimed, Cursor, i64), sqlx::Error> {
     let id: i64 = row.try_get(0)?;
     let mut bad = Problems::default();
+    // A payload over the cap is not fetched: the claim sends its size instead.
+    let payload = match row.try_get::<Option<i64>, _>(18) {
+        Ok(Some(size)) if size > payload_cap => {
+            bad.add(
+                "payload",
+                format!(
+                    "{size} bytes is more than the limit of {payload_cap} bytes \
+                     (relay.max_payload_bytes)"
+                ),
+            );
+            Vec::new()
+        }
+        _ => bad.required(row, 7, "payload"),
+    };
+    let locked: i64 = row
+        .try_get::<Option<i64>, _>(19)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
     let headers = match jsonb(row, 8) {
         Ok(json) => match parse_headers(json.as_ref()) {
             Ok(h) => h,
@@ -53,7 +76,7 @@ pub(super) fn decode_claimed(row: &PgRow) -> Result<(Claimed, Cursor), sqlx::Err
         aggregate_type: bad.optional(row, 4, "aggregate_type"),
         event_type: bad.required(row, 5, "event_type"),
         event_version: bad.required(row, 6, "event_version"),
-        payload: bad.required(row, 7, "payload"),
+        payload,
         headers,
         content_type: bad.optional(row, 9, "content_type"),
         traceparent: bad.optional(row, 10, "traceparent"),
@@ -85,6 +108,7 @@ pub(super) fn decode_claimed(row: &PgRow) -> Result<(Claimed, Cursor), sqlx::Err
             prev,
         },
         key,
+        locked,
     ))
 }
 

@@ -216,24 +216,34 @@ pub struct Session {
 }
 
 /// The claim. The CTE walks the due index in (next_attempt_at, id) order and stops after $1
-/// rows it could lock; with a cursor ($2, $3: the last key the previous claim took) it starts
+/// rows it could lock; with a cursor ($4, $5: the last key the previous claim took) it starts
 /// past the keys already taken, so it never re-walks rows in flight nor the dead entries that
 /// deletes leave at the front of the index until vacuum. Its cost is the batch, whatever the
-/// table holds. The lateral probe finds each row's nearest unfinished predecessor on the
+/// table holds.
+///
+/// Bytes are bounded as well as rows: a payload over $2 (`relay.max_payload_bytes`) is not
+/// fetched at all (only its size, and the row fails naming it), and rows are returned only
+/// while the running size of payloads and headers stays under $3 (`relay.batch_max_bytes`;
+/// the first row always), so a burst of huge payloads cannot exhaust the relay's memory. Rows
+/// locked past the budget are released unchanged when the claim commits. The running sum
+/// follows the CTE's own (index) order, so no sort is added.
+///
+/// The lateral probe finds each returned row's nearest unfinished predecessor on the
 /// aggregate index (one backward index probe per row): how the relay keeps one event per
 /// aggregate in flight.
 fn claim_sql(t: &str, cursor: bool) -> String {
     let after = if cursor {
-        "AND (next_attempt_at, id) > ($2, $3) "
+        "AND (next_attempt_at, id) > ($4, $5) "
     } else {
         ""
     };
     claim_sql_where(t, after)
 }
 
-/// The claim of a relay that owns a share of the partitions: `$2` its partitions (sorted,
-/// fenced), `$3` its name, `$4`/`$5` the lowest and highest of them, `$6` whether they are
-/// every partition in between; with a cursor, `$7`/`$8` the key to start after.
+/// The claim of a relay that owns a share of the partitions (`$1`-`$3` as in `claim_sql`):
+/// `$4` its partitions (sorted, fenced), `$5` its name, `$6`/`$7` the lowest and highest of
+/// them, `$8` whether they are every partition in between; with a cursor, `$9`/`$10` the key
+/// to start after.
 ///
 /// The range is checked inside the claim index (`part` is its last key column), so rows of
 /// other relays' partitions cost a skipped index entry; the exact set is a filter only when
@@ -244,14 +254,14 @@ fn claim_sql(t: &str, cursor: bool) -> String {
 /// [`crate::relay::ownership`].
 fn claim_share_sql(t: &str, cursor: bool) -> String {
     let after = if cursor {
-        "AND (next_attempt_at, id) > ($7, $8) "
+        "AND (next_attempt_at, id) > ($9, $10) "
     } else {
         ""
     };
     let share = format!(
-        "AND part BETWEEN $4 AND $5 AND ($6 OR part = ANY($2)) \
-         AND (SELECT count(*) FROM {t}_partitions WHERE part = ANY($2) AND owner = $3) \
-             = cardinality($2::int2[]) {after}"
+        "AND part BETWEEN $6 AND $7 AND ($8 OR part = ANY($4)) \
+         AND (SELECT count(*) FROM {t}_partitions WHERE part = ANY($4) AND owner = $5) \
+             = cardinality($4::int2[]) {after}"
     );
     claim_sql_where(t, &share)
 }
@@ -260,20 +270,32 @@ fn claim_sql_where(t: &str, after: &str) -> String {
     format!(
         "WITH c AS ( \
            SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, \
-                  event_version, payload, headers, content_type, traceparent, \
-                  correlation_id, occurred_at, attempts, next_attempt_at \
+                  event_version, \
+                  CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
+                  headers, content_type, traceparent, correlation_id, occurred_at, attempts, \
+                  next_attempt_at, octet_length(payload)::bigint AS payload_size, \
+                  coalesce(pg_column_size(headers), 0)::bigint AS headers_size \
            FROM {t} \
            WHERE status = 'pending' AND next_attempt_at <= now() {after}\
            ORDER BY next_attempt_at, id \
            LIMIT $1 \
-           FOR UPDATE SKIP LOCKED) \
-         SELECT c.*, p.id AS prev_id, p.status AS prev_status, \
-                p.next_attempt_at AS prev_next \
-         FROM c LEFT JOIN LATERAL ( \
+           FOR UPDATE SKIP LOCKED), \
+         k AS ( \
+           SELECT c.*, sum(least(payload_size, $2) + headers_size) \
+                  OVER (ROWS UNBOUNDED PRECEDING) AS upto, \
+                  count(*) OVER () AS locked \
+           FROM c) \
+         SELECT k.id, k.event_id, k.topic, k.aggregate_id, k.aggregate_type, k.event_type, \
+                k.event_version, k.payload, k.headers, k.content_type, k.traceparent, \
+                k.correlation_id, k.occurred_at, k.attempts, k.next_attempt_at, \
+                p.id AS prev_id, p.status AS prev_status, p.next_attempt_at AS prev_next, \
+                k.payload_size, k.locked \
+         FROM k LEFT JOIN LATERAL ( \
            SELECT id, status, next_attempt_at FROM {t} p \
-           WHERE p.aggregate_id = c.aggregate_id AND p.id < c.id \
+           WHERE p.aggregate_id = k.aggregate_id AND p.id < k.id \
              AND p.status <> 'published' \
-           ORDER BY p.id DESC LIMIT 1) p ON true"
+           ORDER BY p.id DESC LIMIT 1) p ON true \
+         WHERE k.upto - least(k.payload_size, $2) - k.headers_size < $3"
     )
 }
 
@@ -387,6 +409,21 @@ pub struct Store {
     keep_published: bool,
     /// The longest a claim or a finish may wait for Postgres, whatever the network does.
     client_timeout: Duration,
+    /// Payloads larger than this are not fetched (`relay.max_payload_bytes`).
+    payload_cap: i64,
+    /// A claim returns rows while their payloads and headers fit (`relay.batch_max_bytes`).
+    batch_max_bytes: i64,
+}
+
+/// What a claim brought back.
+pub struct Claim {
+    pub tx: ClaimTx,
+    pub rows: Vec<Claimed>,
+    /// Where the next claim may start (the last key taken), if this one was full.
+    pub next: Option<Cursor>,
+    /// The byte budget cut the claim short: more rows are due at once (locked by this claim
+    /// until it commits, so the next claim starts from the front).
+    pub cut: bool,
 }
 
 /// One relay's row in `<table>_relays`, written every few seconds while it runs.
@@ -489,7 +526,17 @@ impl Store {
             stmts,
             keep_published: false,
             client_timeout: Duration::from_secs(60),
+            payload_cap: 1024 * 1024,
+            batch_max_bytes: 8 * 1024 * 1024,
         }
+    }
+
+    /// Bounds claims in bytes: payloads over `max_payload_bytes` are not fetched, and a claim
+    /// returns rows while their payloads and headers fit in `batch_max_bytes` (at least one).
+    pub fn bounded_in_bytes(mut self, max_payload_bytes: usize, batch_max_bytes: usize) -> Store {
+        self.payload_cap = i64::try_from(max_payload_bytes).unwrap_or(i64::MAX);
+        self.batch_max_bytes = i64::try_from(batch_max_bytes).unwrap_or(i64::MAX);
+        self
     }
 
     /// Runs store work under the client's own bound (see [`StoreError::TimedOut`]).
@@ -558,18 +605,22 @@ impl Store {
         cursor: Option<Cursor>,
     ) -> Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
-        let q = match cursor {
-            None => sqlx::query(&self.stmts.claim).bind(limit as i64),
-            Some((at, id)) => sqlx::query(&self.stmts.claim_after)
-                .bind(limit as i64)
-                .bind(at)
-                .bind(id),
+        let sql = match cursor {
+            None => &self.stmts.claim,
+            Some(_) => &self.stmts.claim_after,
         };
+        let mut q = sqlx::query(sql)
+            .bind(limit as i64)
+            .bind(self.payload_cap)
+            .bind(self.batch_max_bytes);
+        if let Some((at, id)) = cursor {
+            q = q.bind(at).bind(id);
+        }
         let rows = q
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::sql("claim"))?;
-        let (out, last) = decode_all(rows)?;
+        let (out, last, _) = decode_all(rows, self.payload_cap)?;
         Ok((tx, out, last))
     }
 
@@ -582,7 +633,7 @@ impl Store {
         limit: u32,
         cursor: Option<Cursor>,
         share: &Share,
-    ) -> Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError> {
+    ) -> Result<Claim, StoreError> {
         self.bounded("claim", self.claim_share_unbounded(limit, cursor, share))
             .await
     }
@@ -592,7 +643,7 @@ impl Store {
         limit: u32,
         cursor: Option<Cursor>,
         share: &Share,
-    ) -> Result<(ClaimTx, Vec<Claimed>, Option<Cursor>), StoreError> {
+    ) -> Result<Claim, StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
         let fenced: Vec<i16> = sqlx::query_scalar(&self.stmts.fence)
             .bind(self.names.lock_space(LOCK_FENCE))
@@ -601,7 +652,12 @@ impl Store {
             .await
             .map_err(StoreError::sql("fence the claim's partitions"))?;
         let (Some(&lo), Some(&hi)) = (fenced.first(), fenced.last()) else {
-            return Ok((tx, Vec::new(), None));
+            return Ok(Claim {
+                tx,
+                rows: Vec::new(),
+                next: None,
+                cut: false,
+            });
         };
         let contiguous = (hi - lo + 1) as usize == fenced.len();
         let sql = if cursor.is_some() {
@@ -611,6 +667,8 @@ impl Store {
         };
         let mut q = sqlx::query(sql)
             .bind(limit as i64)
+            .bind(self.payload_cap)
+            .bind(self.batch_max_bytes)
             .bind(&fenced)
             .bind(&share.owner)
             .bind(lo)
@@ -623,8 +681,19 @@ impl Store {
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::sql("claim"))?;
-        let (out, last) = decode_all(rows)?;
-        Ok((tx, out, last))
+        let (rows, last, locked) = decode_all(rows, self.payload_cap)?;
+        let cut = (rows.len() as i64) < locked;
+        let next = if rows.len() as u32 == limit {
+            last
+        } else {
+            None
+        };
+        Ok(Claim {
+            tx,
+            rows,
+            next,
+            cut,
+        })
     }
 
     /// The partitioned claim's statement (see `claim_share_sql`), for EXPLAIN in tests.
@@ -886,20 +955,25 @@ impl Store {
     }
 }
 
-/// Decodes a claim's rows; also returns the last key taken (the next claim's cursor).
+/// Decodes a claim's rows; also returns the last key taken (the next claim's cursor) and how
+/// many rows the claim locked (more than it returned when the byte budget cut it).
 fn decode_all(
     rows: Vec<sqlx::postgres::PgRow>,
-) -> Result<(Vec<Claimed>, Option<Cursor>), StoreError> {
+    payload_cap: i64,
+) -> Result<(Vec<Claimed>, Option<Cursor>, i64), StoreError> {
     let mut out = Vec::with_capacity(rows.len());
     let mut last: Option<Cursor> = None;
+    let mut locked = 0;
     for row in rows {
-        let (c, key) = decode_claimed(&row).map_err(StoreError::sql("decode claimed row"))?;
+        let (c, key, l) =
+            decode_claimed(&row, payload_cap).map_err(StoreError::sql("decode claimed row"))?;
         if last.is_none_or(|l| key > l) {
             last = Some(key);
         }
+        locked = l;
         out.push(c);
     }
-    Ok((out, last))
+    Ok((out, last, locked))
 }
 
 #[cfg(test)]
