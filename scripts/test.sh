@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or this one: starts what the tests need when it is
-# not running (Postgres, NATS with JetStream, the tansu Kafka broker, built once per machine),
-# then formatting, lints, and every test against the real services.
+# not running (Postgres, NATS with JetStream, the tansu Kafka broker, built once per machine,
+# Prometheus), then formatting, lints, the deployment artifacts' checks, and every test against
+# the real services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -9,11 +10,16 @@ source scripts/services.sh
 ensure_postgres
 ensure_nats
 ensure_kafka
+source scripts/deploy-check.sh
+ensure_prometheus
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings denied)"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== deploy artifacts (scripts/deploy-check.sh)"
+cargo build --locked --bin outbox-relay
+bash scripts/deploy-check.sh
 echo "== cargo test"
 cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-4}" 2>&1 | tee target/test-output.log
 # The tests' closing lines, summed into one line a CI reader can check.
