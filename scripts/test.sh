@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or this one: starts what the tests need when it is
 # not running (Postgres, NATS with JetStream, the tansu Kafka broker, built once per machine,
-# Prometheus), then formatting, lints, the deployment artifacts' checks, and every test against
+# Prometheus, the writer examples' toolchains), then formatting, lints, the deployment artifacts' checks, and every test against
 # the real services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,8 @@ ensure_nats
 ensure_kafka
 source scripts/deploy-check.sh
 ensure_prometheus
+source scripts/example-tools.sh
+ensure_example_tools
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
