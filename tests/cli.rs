@@ -4,6 +4,7 @@ mod common;
 
 use common::{free_port, output_text as text, relay_bin, TestDb};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn relay(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(relay_bin());
@@ -362,4 +363,73 @@ fn an_unknown_librdkafka_property_stops_start_up_naming_it() {
         "{}",
         text(&o)
     );
+}
+
+/// `run` started before its database waits for it, retrying with backoff and naming the cause
+/// once per attempt (connection refused, not the pool's "timed out"), then relays as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_waits_for_a_database_that_is_not_up_yet() {
+    use std::io::{BufRead, BufReader};
+    let pg = common::PrivatePostgres::start();
+    let db = TestDb::on(&pg.url()).await;
+    db.enqueue_interleaved(3, 2).await;
+    pg.stop_server();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(relay_bin())
+        .current_dir(dir.path())
+        .args(["--database-url", &db.url, "--schema", db.schema(), "run"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = |r: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
+    let err = lines(Box::new(child.stderr.take().unwrap()));
+    let out = lines(Box::new(child.stdout.take().unwrap()));
+    let mut waiting = Vec::new();
+    while waiting.len() < 2 {
+        let line = err
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the relay says it is waiting for the database");
+        if line.contains("cannot start yet") {
+            waiting.push(line);
+        }
+    }
+    for line in &waiting {
+        assert!(
+            line.contains("Connection refused"),
+            "the cause named: {line}"
+        );
+        assert!(!line.contains("pool timed out"), "{line}");
+        assert_eq!(
+            line.matches("Connection refused").count(),
+            1,
+            "once: {line}"
+        );
+    }
+    pg.start_server();
+    let mut printed = 0;
+    while printed < 6 {
+        out.recv_timeout(Duration::from_secs(60))
+            .expect("events printed once the database is up");
+        printed += 1;
+    }
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(db.total().await, 0);
+    db.drop_schema().await;
 }

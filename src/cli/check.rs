@@ -38,7 +38,12 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
         }
         Err(e) => {
             problems += 1;
-            let e = redact_secrets(&e.to_string());
+            // The pool only says it timed out; one direct connection names the cause.
+            let e = match (&e, store.probe().await) {
+                (sqlx::Error::PoolTimedOut, Err(cause)) => cause.to_string(),
+                _ => e.to_string(),
+            };
+            let e = redact_secrets(&e);
             match connection_hint(&e) {
                 Some(hint) => println!("PROBLEM  database   {url}: {e} ({hint})"),
                 None => println!("PROBLEM  database   {url}: {e}"),

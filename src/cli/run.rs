@@ -2,6 +2,7 @@ use crate::config::{redact_url, Config};
 use crate::relay::Relay;
 use anyhow::Context;
 use std::process::ExitCode;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, clap::Args)]
@@ -13,7 +14,7 @@ pub struct RunArgs {
 
 /// What a stop may take beyond `relay.shutdown_timeout`: recording the last results, handing
 /// the partitions over, closing the backends.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(
@@ -21,29 +22,7 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         instance = %cfg.instance_id(),
         "starting"
     );
-    let relay = Relay::from_config(cfg).await?;
-    relay
-        .store()
-        .check_schema()
-        .await
-        .context("the outbox is not ready")?;
     let shutdown = CancellationToken::new();
-    let http = if cfg.http.address.is_empty() {
-        None
-    } else {
-        let state = crate::http::AppState {
-            metrics: relay.metrics(),
-            observed: relay.observed(),
-            stats: relay.stats(),
-            instance: relay.instance().to_string(),
-        };
-        let stop = CancellationToken::new();
-        let (addr, task) = crate::http::serve(&cfg.http.address, state, stop.clone())
-            .await
-            .with_context(|| format!("http.address {}: cannot listen", cfg.http.address))?;
-        tracing::info!(address = %addr, "HTTP endpoints: /metrics /livez /readyz /health");
-        Some((stop, task))
-    };
     let signals = shutdown.clone();
     let limit = cfg.relay.shutdown_timeout.0 + SHUTDOWN_GRACE;
     tokio::spawn(async move {
@@ -60,6 +39,44 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         std::process::exit(1);
     });
+    // A service waits for what it needs (Postgres, the migrated outbox, its brokers), as it
+    // would under an orchestrator starting everything at once; `--drain` is a one-shot
+    // command and reports the first failure instead.
+    let mut attempt: u32 = 0;
+    let relay = loop {
+        match start(cfg).await {
+            Ok(relay) => break relay,
+            Err(e) if !args.drain && worth_waiting_for(&e) => {
+                attempt += 1;
+                let wait = START_RETRY_MAX.min(Duration::from_millis(250) * (1 << attempt.min(8)));
+                tracing::warn!(attempt, retry_in = ?wait, "cannot start yet: {e:#}");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if attempt > 0 {
+        tracing::info!(attempts = attempt + 1, "started");
+    }
+    let http = if cfg.http.address.is_empty() {
+        None
+    } else {
+        let state = crate::http::AppState {
+            metrics: relay.metrics(),
+            observed: relay.observed(),
+            stats: relay.stats(),
+            instance: relay.instance().to_string(),
+        };
+        let stop = CancellationToken::new();
+        let (addr, task) = crate::http::serve(&cfg.http.address, state, stop.clone())
+            .await
+            .with_context(|| format!("http.address {}: cannot listen", cfg.http.address))?;
+        tracing::info!(address = %addr, "HTTP endpoints: /metrics /livez /readyz /health");
+        Some((stop, task))
+    };
     if args.drain {
         relay.run_until_drained(shutdown).await?;
     } else {
@@ -70,6 +87,37 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         let _ = task.await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The longest wait between start-up attempts.
+const START_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Connects, builds the backends, and checks that Postgres answers and the outbox is migrated.
+async fn start(cfg: &Config) -> anyhow::Result<Relay> {
+    let relay = Relay::from_config(cfg).await?;
+    relay.store().probe().await?;
+    relay
+        .store()
+        .check_schema()
+        .await
+        .context("the outbox is not ready")?;
+    Ok(relay)
+}
+
+/// Whether a start-up failure may go away by itself (a server not up yet, a migration still
+/// running), rather than needing a change of configuration.
+fn worth_waiting_for(e: &anyhow::Error) -> bool {
+    use crate::relay::RelayError;
+    use crate::store::StoreError;
+    let store = |s: &StoreError| !matches!(s, StoreError::Url { .. });
+    if let Some(s) = e.downcast_ref::<StoreError>() {
+        return store(s);
+    }
+    match e.downcast_ref::<RelayError>() {
+        Some(RelayError::Store(s)) => store(s),
+        Some(RelayError::Tracing(_)) => false,
+        _ => true,
+    }
 }
 
 async fn wait_for_signal() {

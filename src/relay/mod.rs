@@ -529,6 +529,9 @@ impl Relay {
         let mut probes: u32 = 0;
         let mut stopping = false;
         let mut stop_deadline: Option<tokio::time::Instant> = None;
+        // When a signal asked to stop, the end of `shutdown_timeout`: what the backends get to
+        // flush in closing is what is left of it.
+        let mut stop_by: Option<tokio::time::Instant> = None;
         let depth = self.cfg.pipeline_depth as usize;
         let mut poll = tokio::time::interval(self.cfg.poll_interval.0);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -767,6 +770,7 @@ impl Relay {
                 _ = shutdown.cancelled(), if !stopping => {
                     stopping = true;
                     stop_deadline = Some(tokio::time::Instant::now() + self.cfg.shutdown_timeout.0);
+                    stop_by = stop_deadline;
                     tracing::info!(in_flight = d.in_flight(), claims = txs.len(),
                         timeout = ?self.cfg.shutdown_timeout.0, "shutting down: claiming stopped, waiting for results");
                 }
@@ -788,7 +792,13 @@ impl Relay {
         ownership.leave(Duration::from_secs(5)).await;
         self.stats.owned_partitions.store(0, Ordering::Relaxed);
         for b in &self.backends {
-            b.publisher.close(self.cfg.shutdown_timeout.0).await;
+            // Events still unanswered by now were released (they stay pending): flushing them
+            // longer only delays the exit.
+            let budget = stop_by.map_or(self.cfg.shutdown_timeout.0, |by| {
+                by.saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(500))
+            });
+            b.publisher.close(budget).await;
         }
         self.stats.in_flight.store(0, Ordering::Relaxed);
         monitor_stop.cancel();

@@ -23,7 +23,7 @@ fn lock_key(names: &Names) -> String {
 
 /// Applies every migration not yet applied; returns the versions applied now.
 pub async fn run(pool: &PgPool, names: &Names) -> Result<Vec<i64>, StoreError> {
-    let sql_err = |what| move |source| StoreError::Sql { what, source };
+    let sql_err = |what| move |cause| StoreError::Sql { what, cause };
     let mut conn = pool.acquire().await.map_err(sql_err("connect"))?;
     sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
         .bind(lock_key(names))
@@ -104,9 +104,9 @@ pub async fn check(pool: &PgPool, names: &Names) -> Result<(), StoreError> {
         .bind(table(names))
         .fetch_one(pool)
         .await
-        .map_err(|source| StoreError::Sql {
+        .map_err(|cause| StoreError::Sql {
             what: "look up the outbox",
-            source,
+            cause,
         })?;
     if exists.is_none() {
         return Err(StoreError::Schema(format!(
@@ -117,9 +117,9 @@ pub async fn check(pool: &PgPool, names: &Names) -> Result<(), StoreError> {
     let applied: Vec<i64> = sqlx::query_scalar(&format!("SELECT version FROM {}", table(names)))
         .fetch_all(pool)
         .await
-        .map_err(|source| StoreError::Sql {
+        .map_err(|cause| StoreError::Sql {
             what: "read applied migrations",
-            source,
+            cause,
         })?;
     let missing: Vec<String> = MIGRATOR
         .iter()

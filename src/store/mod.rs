@@ -33,11 +33,12 @@ pub use enqueue::{NewEvent, Outbox};
 /// A database failure, classified.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {what}: {source}")]
+    // The cause is in the text and deliberately not the error's source (not even by the
+    // field's name): error chains would print it again, twice with sqlx's I/O errors.
+    #[error("database {what}: {cause}")]
     Sql {
         what: &'static str,
-        #[source]
-        source: sqlx::Error,
+        cause: sqlx::Error,
     },
     #[error("database URL {url}: {message}")]
     Url { url: String, message: String },
@@ -56,14 +57,14 @@ pub enum StoreError {
 
 impl StoreError {
     fn sql(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-        move |source| StoreError::Sql { what, source }
+        move |cause| StoreError::Sql { what, cause }
     }
 
     /// Whether trying again later may succeed: lost connections, restarts, timeouts,
     /// serialization failures and deadlocks. Everything else needs a person.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::Sql { source, .. } => match source {
+            StoreError::Sql { cause, .. } => match cause {
                 sqlx::Error::Io(_)
                 | sqlx::Error::PoolTimedOut
                 | sqlx::Error::PoolClosed
@@ -887,6 +888,23 @@ impl Store {
         .await
         .map(|_| ())
         .map_err(StoreError::sql("remove the relay heartbeat"))
+    }
+
+    /// Opens one connection outside the pool, so a failure names its cause (connection
+    /// refused, authentication, TLS) where the pool would only say it timed out.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        use sqlx::Connection;
+        let opts = self.pool.connect_options();
+        let after = self.pool.options().get_acquire_timeout();
+        let conn = tokio::time::timeout(after, sqlx::PgConnection::connect_with(&opts))
+            .await
+            .map_err(|_| StoreError::TimedOut {
+                what: "connect",
+                after,
+            })?
+            .map_err(StoreError::sql("connect"))?;
+        let _ = conn.close().await;
+        Ok(())
     }
 
     /// Is the database answering?
