@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh machine or this one: starts what the tests need when it is
-# not running (Postgres, NATS with JetStream, the tansu Kafka broker, built once per machine,
-# Prometheus, the writer examples' toolchains), then formatting, lints, the deployment artifacts' checks, and every test against
-# the real services.
+# The whole test suite, on a fresh machine or this one: starts or installs what the tests need
+# when it is missing (Postgres, NATS with JetStream, the tansu Kafka broker built once per
+# machine, Prometheus, the writer examples' toolchains, the consumers' Python packages), then
+# formatting, lints, the deployment artifacts' checks, and every test against the real
+# services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -14,6 +15,8 @@ source scripts/deploy-check.sh
 ensure_prometheus
 source scripts/example-tools.sh
 ensure_example_tools
+source scripts/consumer-tools.sh
+ensure_consumer_tools
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -3,7 +3,7 @@
 //!
 //! Every key, its default and its meaning are documented in the repository's `relay.toml`.
 
-use crate::envelope::BodyFormat;
+use crate::envelope::{cloudevents, BodyFormat, CeSource, CloudEventsFormat, CloudEventsMode};
 use crate::publisher::kafka::KafkaConfig;
 use crate::publisher::nats::NatsConfig;
 use figment::providers::{Format, Toml};
@@ -407,13 +407,74 @@ pub enum Provisioning {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RouteToml")]
 pub struct RouteConfig {
     /// Glob over the topic: `*` any run of characters, `?` one character.
     pub topic: String,
     pub backend: String,
-    #[serde(default)]
+    /// The body format, with a CloudEvents route's mode and source inside it.
     pub format: BodyFormat,
+}
+
+/// A route as written in the file: `format` names the format, and a CloudEvents route adds
+/// `cloudevents_mode` and `cloudevents_source` beside it (flat keys, like every other
+/// section). [`Config::validate`] checks the source, naming the key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteToml {
+    topic: String,
+    backend: String,
+    #[serde(default)]
+    format: FormatName,
+    cloudevents_mode: Option<CloudEventsMode>,
+    cloudevents_source: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FormatName {
+    #[default]
+    Raw,
+    Envelope,
+    Cloudevents,
+}
+
+impl TryFrom<RouteToml> for RouteConfig {
+    type Error = String;
+
+    fn try_from(r: RouteToml) -> Result<Self, String> {
+        let format = match r.format {
+            FormatName::Cloudevents => BodyFormat::CloudEvents(CloudEventsFormat {
+                mode: r.cloudevents_mode.unwrap_or_default(),
+                // A missing source is reported by `validate` with the route's index.
+                source: CeSource::new(r.cloudevents_source.as_deref().unwrap_or_default()),
+            }),
+            other => {
+                // A CloudEvents key on another format is a mistake the route would ignore.
+                let stray = [
+                    ("cloudevents_mode", r.cloudevents_mode.is_some()),
+                    ("cloudevents_source", r.cloudevents_source.is_some()),
+                ];
+                if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "route {:?}: {key} applies only to format = \"cloudevents\", this \
+                         route's format is {:?}",
+                        r.topic,
+                        format!("{other:?}").to_ascii_lowercase()
+                    ));
+                }
+                match other {
+                    FormatName::Envelope => BodyFormat::Envelope,
+                    _ => BodyFormat::Raw,
+                }
+            }
+        };
+        Ok(RouteConfig {
+            topic: r.topic,
+            backend: r.backend,
+            format,
+        })
+    }
 }
 
 /// Values given on the command line; they override the file and the environment.
@@ -722,6 +783,11 @@ impl Config {
                         route.topic
                     ),
                 ));
+            }
+            if let BodyFormat::CloudEvents(ce) = route.format {
+                if let Some(problem) = cloudevents::source_problem(ce.source.as_str()) {
+                    return Err(invalid(format!("routes[{i}].cloudevents_source"), problem));
+                }
             }
         }
         Ok(())
@@ -1592,6 +1658,104 @@ mod tests {
         // Too short to scrub without masking ordinary words.
         register_secret("ab");
         assert_eq!(redact_secrets("abc"), "abc");
+    }
+
+    #[test]
+    fn cloudevents_routes_take_a_mode_and_a_required_source() {
+        let route = |keys: &str| {
+            load(
+                &format!("[backends.a]\ntype = \"stdout\"\n[[routes]]\ntopic = \"*\"\nbackend = \"a\"\n{keys}"),
+                &[],
+            )
+        };
+        let c = route("format = \"cloudevents\"\ncloudevents_source = \"urn:example:orders\"\n")
+            .unwrap();
+        let BodyFormat::CloudEvents(ce) = c.routes[0].format else {
+            panic!("cloudevents: {:?}", c.routes[0].format)
+        };
+        assert_eq!(ce.mode, CloudEventsMode::Binary, "the default mode");
+        assert_eq!(ce.source.as_str(), "urn:example:orders");
+        let c = route(
+            "format = \"cloudevents\"\ncloudevents_mode = \"structured\"\n\
+             cloudevents_source = \"https://orders.example.com\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            c.routes[0].format,
+            BodyFormat::CloudEvents(CloudEventsFormat {
+                mode: CloudEventsMode::Structured,
+                ..
+            })
+        ));
+        assert_eq!(
+            c.routes[0].format.to_string(),
+            "cloudevents (structured, source \"https://orders.example.com\")"
+        );
+
+        let err = route("format = \"cloudevents\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("routes[0].cloudevents_source") && err.contains("required"),
+            "{err}"
+        );
+        let err = route("format = \"cloudevents\"\ncloudevents_source = \"orders service\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("routes[0].cloudevents_source") && err.contains("position 7"),
+            "{err}"
+        );
+        let err = route(
+            "format = \"cloudevents\"\ncloudevents_mode = \"batch\"\ncloudevents_source = \"/x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("batch") && err.contains("binary"), "{err}");
+        // A CloudEvents key on another format would be ignored: it is refused, named.
+        let err = route("format = \"envelope\"\ncloudevents_source = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cloudevents_source") && err.contains("\"envelope\""),
+            "{err}"
+        );
+        let err = route("cloudevents_mode = \"binary\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cloudevents_mode") && err.contains("\"raw\""),
+            "{err}"
+        );
+        let err = route("format = \"cloudevent\"\n").unwrap_err().to_string();
+        assert!(err.contains("cloudevent"), "{err}");
+        let err = route("fromat = \"raw\"\n").unwrap_err().to_string();
+        assert!(err.contains("fromat"), "{err}");
+    }
+
+    /// relay.toml's commented CloudEvents route, uncommented, is a valid route.
+    #[test]
+    fn the_documented_cloudevents_route_parses() {
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml"))
+                .unwrap();
+        let start = text
+            .find("# A CloudEvents route")
+            .expect("the example route");
+        let example: String = text[start..]
+            .lines()
+            .skip(1)
+            .map_while(|l| l.strip_prefix("# "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        #[derive(Deserialize)]
+        struct Doc {
+            routes: Vec<RouteConfig>,
+        }
+        let doc: Doc = toml::from_str(&example).unwrap();
+        let BodyFormat::CloudEvents(ce) = doc.routes[0].format else {
+            panic!("{example}")
+        };
+        assert_eq!(ce.mode, CloudEventsMode::default());
+        assert_eq!(cloudevents::source_problem(ce.source.as_str()), None);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The event envelope: a claimed outbox row, its validation, and its wire encodings.
 //!
 //! Every backend puts the same metadata on the wire (see [`Event::wire_headers`]) and chooses
-//! the body by the route's [`BodyFormat`]: the raw payload, or the whole envelope as JSON in the
-//! EventBus format so that existing EventBus subscribers consume it unchanged.
+//! the body by the route's [`BodyFormat`]: the raw payload, the whole envelope as JSON in the
+//! EventBus format so that existing EventBus subscribers consume it unchanged, or a CloudEvent
+//! 1.0 in binary or structured mode ([`cloudevents`], [`Event::message`]).
 
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -45,15 +46,108 @@ pub struct Event {
     pub attempts: i32,
 }
 
-/// How a message body is made from an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// How a message body (and, for CloudEvents, its attribute headers) is made from an event.
+///
+/// `Copy`, because the dispatcher copies a row's route with every hand-off; that is why a
+/// CloudEvents route's source is an interned [`CeSource`] rather than a `String`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyFormat {
     /// The payload bytes as written by the producer.
     #[default]
     Raw,
     /// The EventBus envelope as JSON: snake_case keys, payload as base64.
     Envelope,
+    /// A CloudEvent 1.0 (see [`cloudevents`]).
+    CloudEvents(CloudEventsFormat),
+}
+
+impl BodyFormat {
+    /// The name a route's `format` key gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BodyFormat::Raw => "raw",
+            BodyFormat::Envelope => "envelope",
+            BodyFormat::CloudEvents(_) => "cloudevents",
+        }
+    }
+}
+
+impl fmt::Display for BodyFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyFormat::CloudEvents(ce) => write!(
+                f,
+                "cloudevents ({}, source {:?})",
+                ce.mode.name(),
+                ce.source.as_str()
+            ),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// A CloudEvents route's settings: the content mode and the `source` attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloudEventsFormat {
+    pub mode: CloudEventsMode,
+    pub source: CeSource,
+}
+
+/// Where a CloudEvent's attributes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudEventsMode {
+    /// The payload as the body, the attributes as headers (`ce_*` on Kafka, `ce-*` on NATS):
+    /// consumers that know nothing of CloudEvents read the same body as with `raw`.
+    #[default]
+    Binary,
+    /// The whole event as `application/cloudevents+json` in the body, the payload in `data`
+    /// (JSON content types) or `data_base64` (anything else).
+    Structured,
+}
+
+impl CloudEventsMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CloudEventsMode::Binary => "binary",
+            CloudEventsMode::Structured => "structured",
+        }
+    }
+}
+
+/// A route's CloudEvents `source`, interned: each distinct value is kept once for the life of
+/// the process (a handful of strings from the configuration), so [`BodyFormat`] stays `Copy`.
+/// Config validation checks it ([`cloudevents::source_problem`]); the encoder refuses an
+/// empty one rather than send an event without a source.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CeSource(&'static str);
+
+impl CeSource {
+    pub fn new(source: &str) -> CeSource {
+        use std::collections::BTreeSet;
+        use std::sync::{Mutex, OnceLock};
+        static INTERNED: OnceLock<Mutex<BTreeSet<&'static str>>> = OnceLock::new();
+        let mut set = INTERNED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = set.get(source) {
+            return CeSource(s);
+        }
+        let s: &'static str = Box::leak(source.to_owned().into_boxed_str());
+        set.insert(s);
+        CeSource(s)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl fmt::Debug for CeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
 }
 
 /// Why a row cannot be published. Each is permanent: the row is marked failed with this text,
@@ -109,6 +203,14 @@ pub enum InvalidEvent {
     /// The topic breaks the backend's own naming rules (a NATS subject, a Kafka topic name).
     #[error("field topic: {0}")]
     BackendTopic(String),
+    /// A field that becomes a CloudEvents attribute holds what the attribute cannot.
+    #[error("field {field}: {value} {problem} (CloudEvents attribute {attribute})")]
+    CloudEventsAttribute {
+        field: &'static str,
+        attribute: &'static str,
+        value: String,
+        problem: String,
+    },
     /// The body could not be made in the route's format.
     #[error("field payload: cannot be encoded as {format}: {reason}")]
     Body {
@@ -135,6 +237,259 @@ pub fn shown(value: &str) -> String {
             format!("{head:?}... ({} bytes)", value.len())
         }
     }
+}
+
+/// CloudEvents 1.0: the attributes an event maps to, their names in each protocol binding,
+/// and the checks the spec asks of their values.
+///
+/// | attribute | from |
+/// |---|---|
+/// | `specversion` | `1.0` |
+/// | `id` | `event_id` |
+/// | `source` | the route's `cloudevents_source` |
+/// | `type` | `event_type` |
+/// | `subject` | `aggregate_id` |
+/// | `time` | `occurred_at` (RFC 3339, UTC, microseconds) |
+/// | `datacontenttype` | `content_type`, when set and not empty |
+/// | `traceparent` | `traceparent`, when set (the Distributed Tracing extension) |
+/// | `partitionkey` | `aggregate_id` (the Partitioning extension: the Kafka key, the order) |
+/// | `aggregatetype` | `aggregate_type`, when set and not empty |
+/// | `correlationid` | `correlation_id`, when set and not empty |
+/// | `eventversion` | `event_version` (an Integer) |
+///
+/// Extension names are lowercase letters and digits, at most 20 characters, as the spec asks.
+pub mod cloudevents {
+    use std::borrow::Cow;
+
+    pub const SPECVERSION: &str = "1.0";
+    /// The `content-type` of a structured-mode message (the JSON event format).
+    pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json; charset=UTF-8";
+    /// The attribute prefix of the Kafka binding's binary mode.
+    pub const KAFKA_PREFIX: &str = "ce_";
+    /// The attribute prefix of the NATS (and HTTP) binding's binary mode.
+    pub const NATS_PREFIX: &str = "ce-";
+    /// The longest `cloudevents_source` taken: it travels with every message.
+    pub const MAX_SOURCE_BYTES: usize = 1024;
+
+    /// Every attribute the relay writes, in the order it writes them: (name, Kafka header,
+    /// NATS header). Kafka carries `datacontenttype` as `content-type` instead.
+    pub const ATTRIBUTES: [(&str, &str, &str); 12] = [
+        ("specversion", "ce_specversion", "ce-specversion"),
+        ("id", "ce_id", "ce-id"),
+        ("source", "ce_source", "ce-source"),
+        ("type", "ce_type", "ce-type"),
+        ("subject", "ce_subject", "ce-subject"),
+        ("time", "ce_time", "ce-time"),
+        (
+            "datacontenttype",
+            "ce_datacontenttype",
+            "ce-datacontenttype",
+        ),
+        ("traceparent", "ce_traceparent", "ce-traceparent"),
+        ("partitionkey", "ce_partitionkey", "ce-partitionkey"),
+        ("aggregatetype", "ce_aggregatetype", "ce-aggregatetype"),
+        ("correlationid", "ce_correlationid", "ce-correlationid"),
+        ("eventversion", "ce_eventversion", "ce-eventversion"),
+    ];
+
+    /// Whether a row header would read as a CloudEvents attribute in binary mode (under either
+    /// binding's prefix, in any case). Such a header fails the row on CloudEvents routes: it
+    /// could stand in for the event's id or source, and SDKs take any `ce_` header on Kafka as
+    /// the sign of binary mode.
+    pub fn is_attribute_header(name: &str) -> bool {
+        name.get(..3).is_some_and(|p| {
+            p.eq_ignore_ascii_case(KAFKA_PREFIX) || p.eq_ignore_ascii_case(NATS_PREFIX)
+        })
+    }
+
+    /// Whether a media type is JSON: `application/json`, `text/json` or any `*/*+json`,
+    /// parameters and case aside. Such a payload goes into `data` as JSON in structured mode.
+    pub fn is_json_media_type(content_type: &str) -> bool {
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        let Some((kind, subtype)) = essence.split_once('/') else {
+            return false;
+        };
+        let subtype = subtype.to_ascii_lowercase();
+        !kind.is_empty()
+            && (subtype == "json"
+                && ["application", "text"]
+                    .iter()
+                    .any(|k| k.eq_ignore_ascii_case(kind))
+                || subtype.len() > "+json".len() && subtype.ends_with("+json"))
+    }
+
+    /// Whether a content type marks a structured CloudEvent (`application/cloudevents...`):
+    /// consumers decide the mode by it, so a binary-mode message must not carry it.
+    pub fn is_structured_media_type(content_type: &str) -> bool {
+        content_type
+            .trim_start()
+            .get(..23)
+            .is_some_and(|p| p.eq_ignore_ascii_case("application/cloudevents"))
+    }
+
+    /// Why `value` cannot be a CloudEvents String: the spec forbids control characters
+    /// (U+0000-U+001F, U+007F-U+009F) and Unicode noncharacters (surrogates cannot occur in
+    /// Rust strings).
+    pub fn string_problem(value: &str) -> Option<String> {
+        let (i, ch) = value.chars().enumerate().find(|(_, c)| {
+            let u = *c as u32;
+            c.is_control() || (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE
+        })?;
+        let what = if ch.is_control() {
+            "a control character"
+        } else {
+            "a Unicode noncharacter"
+        };
+        Some(format!(
+            "has {what} (U+{:04X}) at position {}, which CloudEvents strings cannot hold",
+            ch as u32,
+            i + 1
+        ))
+    }
+
+    /// The NATS binding's header value encoding: space, `"`, `%` and everything outside
+    /// printable ASCII percent-encoded as UTF-8 bytes, upper-case hex.
+    pub fn percent_encode(value: &str) -> Cow<'_, str> {
+        let plain = |b: u8| (0x21..=0x7E).contains(&b) && b != b'"' && b != b'%';
+        if value.bytes().all(plain) {
+            return Cow::Borrowed(value);
+        }
+        let mut out = String::with_capacity(value.len() * 3);
+        for b in value.bytes() {
+            if plain(b) {
+                out.push(b as char);
+            } else {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(HEX[(b >> 4) as usize] as char);
+                out.push(HEX[(b & 0xF) as usize] as char);
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// Why `source` cannot be a route's `cloudevents_source`: it must be a non-empty
+    /// URI-reference (RFC 3986) of at most [`MAX_SOURCE_BYTES`], written in its characters
+    /// (percent-encode the others), and a scheme, if any, starts with a letter.
+    pub fn source_problem(source: &str) -> Option<String> {
+        const EXAMPLES: &str =
+            "e.g. \"https://orders.example.com\", \"urn:example:orders\" or \"/orders/service\"";
+        if source.is_empty() {
+            return Some(format!(
+                "is required when format = \"cloudevents\": a URI-reference naming the \
+                 producer, {EXAMPLES}"
+            ));
+        }
+        if source.len() > MAX_SOURCE_BYTES {
+            return Some(format!(
+                "is {} bytes long, at most {MAX_SOURCE_BYTES} are allowed",
+                source.len()
+            ));
+        }
+        let bytes = source.as_bytes();
+        for (position, (i, ch)) in source.char_indices().enumerate() {
+            let allowed = ch.is_ascii_alphanumeric() || "-._~:/?#[]@!$&'()*+,;=%".contains(ch);
+            if !allowed {
+                return Some(format!(
+                    "{}: character {ch:?} (U+{:04X}) at position {} is not allowed in a \
+                     URI-reference (RFC 3986); percent-encode it, {EXAMPLES}",
+                    super::shown(source),
+                    ch as u32,
+                    position + 1
+                ));
+            }
+            let hex = |j: usize| bytes.get(j).is_some_and(|b| b.is_ascii_hexdigit());
+            if ch == '%' && !(hex(i + 1) && hex(i + 2)) {
+                return Some(format!(
+                    "{}: '%' at position {} is not followed by two hex digits",
+                    super::shown(source),
+                    position + 1
+                ));
+            }
+        }
+        // A colon before any '/', '?' or '#' ends a scheme, which RFC 3986 starts with a letter
+        // followed by letters, digits, '+', '-' or '.'.
+        let head = source.split(['/', '?', '#']).next().unwrap_or_default();
+        if let Some((scheme, _)) = head.split_once(':') {
+            let mut chars = scheme.chars();
+            let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+                && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+            if !ok {
+                return Some(format!(
+                    "{}: {scheme:?} before ':' is not a URI scheme (a letter, then letters, \
+                     digits, '+', '-' or '.'); {EXAMPLES}",
+                    super::shown(source)
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// The attributes of one event as a CloudEvent, checked; see [`cloudevents`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CloudEventAttributes<'a> {
+    pub specversion: &'static str,
+    pub id: String,
+    pub source: &'static str,
+    #[serde(rename = "type")]
+    pub ty: &'a str,
+    pub subject: &'a str,
+    pub time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<&'a str>,
+    pub partitionkey: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregatetype: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlationid: Option<&'a str>,
+    pub eventversion: i32,
+}
+
+/// A message as headers (name, value) and a body; see [`Event::message`].
+pub type WireMessage<'a> = (Vec<(&'a str, String)>, Vec<u8>);
+
+/// One row of [`cloudevents::ATTRIBUTES`]: (name, Kafka header, NATS header).
+pub type CloudEventAttribute = (&'static str, &'static str, &'static str);
+
+impl CloudEventAttributes<'_> {
+    /// Each attribute that is set, with its canonical string, in [`cloudevents::ATTRIBUTES`]'
+    /// order.
+    pub fn values(&self) -> Vec<(&'static CloudEventAttribute, String)> {
+        let all = [
+            Some(self.specversion.to_string()),
+            Some(self.id.clone()),
+            Some(self.source.to_string()),
+            Some(self.ty.to_string()),
+            Some(self.subject.to_string()),
+            Some(self.time.clone()),
+            self.datacontenttype.map(str::to_string),
+            self.traceparent.map(str::to_string),
+            Some(self.partitionkey.to_string()),
+            self.aggregatetype.map(str::to_string),
+            self.correlationid.map(str::to_string),
+            Some(self.eventversion.to_string()),
+        ];
+        cloudevents::ATTRIBUTES
+            .iter()
+            .zip(all)
+            .filter_map(|(a, v)| v.map(|v| (a, v)))
+            .collect()
+    }
+}
+
+/// A structured-mode CloudEvent: the attributes, then the payload as `data` (JSON, verbatim)
+/// or `data_base64`; neither for an empty payload (an event without data).
+#[derive(Serialize)]
+struct StructuredCloudEvent<'a> {
+    #[serde(flatten)]
+    attributes: CloudEventAttributes<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a serde_json::value::RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
 }
 
 /// Which wire format's rules a row must follow, beyond [`Event::validate`]'s.
@@ -537,13 +892,241 @@ impl Event {
                     reason: e.to_string(),
                 })
             }
+            BodyFormat::CloudEvents(ce) => {
+                let attributes = self.cloudevent(&ce)?;
+                self.cloudevent_body(attributes, ce.mode)
+            }
         }
     }
 
-    /// As [`Event::try_body`]; the envelope holds only strings and integers, so it always
-    /// serialises, and an empty body stands in rather than a panic if it ever did not.
+    /// As [`Event::try_body`], for callers that checked the event first
+    /// ([`Event::validate_format`]): an empty body stands in for an error rather than a panic.
     pub fn body(&self, format: BodyFormat) -> Vec<u8> {
         self.try_body(format).unwrap_or_default()
+    }
+
+    /// Checks what the route's format needs beyond [`Event::validate`]: for CloudEvents, the
+    /// attributes' values (see [`Event::cloudevent`]). Raw and envelope take any valid row.
+    pub fn validate_format(&self, format: BodyFormat) -> Result<(), InvalidEvent> {
+        match format {
+            BodyFormat::CloudEvents(ce) => self.cloudevent(&ce).map(drop),
+            BodyFormat::Raw | BodyFormat::Envelope => Ok(()),
+        }
+    }
+
+    /// The headers and body of the event's message on `wire` in the route's format, or why
+    /// the row cannot be sent that way. Raw and envelope: [`Event::wire_headers`] and
+    /// [`Event::try_body`]. CloudEvents: see [`Event::headers_for`].
+    pub fn message(&self, format: BodyFormat, wire: Wire) -> Result<WireMessage<'_>, InvalidEvent> {
+        match format {
+            BodyFormat::CloudEvents(ce) => {
+                let attributes = self.cloudevent(&ce)?;
+                let headers = self.cloudevent_headers(&attributes, ce.mode, wire);
+                Ok((headers, self.cloudevent_body(attributes, ce.mode)?))
+            }
+            other => Ok((self.wire_headers(), self.try_body(other)?)),
+        }
+    }
+
+    /// The message headers on `wire` in the route's format. Raw and envelope:
+    /// [`Event::wire_headers`]. CloudEvents keep those (so deduplication by `X-Event-ID` and
+    /// trace propagation work the same on every route), leave out an empty `content-type`,
+    /// and add:
+    /// * binary mode: every attribute as a header, `ce_<name>` with the value as UTF-8 on
+    ///   Kafka (`datacontenttype` is the `content-type` header there, per the Kafka binding),
+    ///   `ce-<name>` percent-encoded on NATS (`ce-datacontenttype` too, per the NATS binding);
+    /// * structured mode: `content-type` = [`cloudevents::STRUCTURED_CONTENT_TYPE`] and no
+    ///   `ce` header (SDKs read any `ce_` header on Kafka as binary mode).
+    pub fn headers_for(
+        &self,
+        format: BodyFormat,
+        wire: Wire,
+    ) -> Result<Vec<(&str, String)>, InvalidEvent> {
+        match format {
+            BodyFormat::CloudEvents(ce) => {
+                let attributes = self.cloudevent(&ce)?;
+                Ok(self.cloudevent_headers(&attributes, ce.mode, wire))
+            }
+            BodyFormat::Raw | BodyFormat::Envelope => Ok(self.wire_headers()),
+        }
+    }
+
+    /// The event as a CloudEvent's attributes (see [`cloudevents`] for the mapping), or why it
+    /// cannot be one: a field with a character CloudEvents strings forbid (naming the field
+    /// and the attribute), an `occurred_at` outside years 1-9999 (RFC 3339 writes four
+    /// digits), a row header under a `ce_`/`ce-` prefix, in binary mode a content type that
+    /// marks a structured CloudEvent, or a route without a source.
+    pub fn cloudevent(
+        &self,
+        ce: &CloudEventsFormat,
+    ) -> Result<CloudEventAttributes<'_>, InvalidEvent> {
+        if ce.source.as_str().is_empty() {
+            return Err(InvalidEvent::Body {
+                format: "cloudevents",
+                reason: "the route has no cloudevents_source".into(),
+            });
+        }
+        for (field, value) in [
+            ("aggregate_id", &self.aggregate_id),
+            ("event_type", &self.event_type),
+        ] {
+            if value.is_empty() {
+                return Err(InvalidEvent::Empty { field });
+            }
+        }
+        // An empty optional field is left out: CloudEvents has no empty attribute values.
+        fn optional(v: &Option<String>) -> Option<&str> {
+            v.as_deref().filter(|v| !v.is_empty())
+        }
+        let attributes = CloudEventAttributes {
+            specversion: cloudevents::SPECVERSION,
+            id: self.event_id.to_string(),
+            source: ce.source.as_str(),
+            ty: &self.event_type,
+            subject: &self.aggregate_id,
+            time: self.cloudevent_time()?,
+            datacontenttype: optional(&self.content_type),
+            traceparent: optional(&self.traceparent),
+            partitionkey: &self.aggregate_id,
+            aggregatetype: optional(&self.aggregate_type),
+            correlationid: optional(&self.correlation_id),
+            eventversion: self.event_version,
+        };
+        let strings = [
+            ("event_type", "type", Some(attributes.ty)),
+            ("aggregate_id", "subject", Some(attributes.subject)),
+            (
+                "content_type",
+                "datacontenttype",
+                attributes.datacontenttype,
+            ),
+            ("traceparent", "traceparent", attributes.traceparent),
+            ("aggregate_type", "aggregatetype", attributes.aggregatetype),
+            ("correlation_id", "correlationid", attributes.correlationid),
+        ];
+        for (field, attribute, value) in strings {
+            let Some(value) = value else { continue };
+            if let Some(problem) = cloudevents::string_problem(value) {
+                return Err(InvalidEvent::CloudEventsAttribute {
+                    field,
+                    attribute,
+                    value: shown(value),
+                    problem,
+                });
+            }
+        }
+        if ce.mode == CloudEventsMode::Binary {
+            if let Some(ct) = attributes
+                .datacontenttype
+                .filter(|ct| cloudevents::is_structured_media_type(ct))
+            {
+                return Err(InvalidEvent::CloudEventsAttribute {
+                    field: "content_type",
+                    attribute: "datacontenttype",
+                    value: shown(ct),
+                    problem: "marks a structured CloudEvent, so consumers would read the \
+                              payload of this binary-mode route as the event itself"
+                        .into(),
+                });
+            }
+        }
+        for (k, _) in &self.headers {
+            if cloudevents::is_attribute_header(k) {
+                return Err(InvalidEvent::ReservedHeader {
+                    name: shown(k),
+                    owner: "CloudEvents attributes (ce_* and ce-* headers) on a CloudEvents route",
+                });
+            }
+        }
+        Ok(attributes)
+    }
+
+    /// `occurred_at` as a CloudEvents `time`: RFC 3339 in UTC with microseconds (what Postgres
+    /// stores), which has four-digit years; Postgres takes years up to 294276 and BC dates.
+    fn cloudevent_time(&self) -> Result<String, InvalidEvent> {
+        use chrono::Datelike as _;
+        let text = self
+            .occurred_at
+            .to_rfc3339_opts(SecondsFormat::Micros, true);
+        if (1..=9999).contains(&self.occurred_at.year()) {
+            Ok(text)
+        } else {
+            Err(InvalidEvent::CloudEventsAttribute {
+                field: "occurred_at",
+                attribute: "time",
+                value: shown(&text),
+                problem: "is outside the years 0001-9999 that an RFC 3339 timestamp can hold"
+                    .into(),
+            })
+        }
+    }
+
+    fn cloudevent_headers(
+        &self,
+        attributes: &CloudEventAttributes<'_>,
+        mode: CloudEventsMode,
+        wire: Wire,
+    ) -> Vec<(&str, String)> {
+        let mut out = self.wire_headers();
+        out.retain(|(k, v)| !(*k == headers::CONTENT_TYPE && v.is_empty()));
+        match mode {
+            CloudEventsMode::Structured => {
+                let ct = cloudevents::STRUCTURED_CONTENT_TYPE.to_string();
+                match out.iter_mut().find(|(k, _)| *k == headers::CONTENT_TYPE) {
+                    Some((_, v)) => *v = ct,
+                    None => out.push((headers::CONTENT_TYPE, ct)),
+                }
+            }
+            CloudEventsMode::Binary => {
+                for ((name, kafka, nats), value) in attributes.values() {
+                    match wire {
+                        // The content-type header already carries it.
+                        Wire::Kafka if *name == "datacontenttype" => {}
+                        Wire::Kafka => out.push((kafka, value)),
+                        Wire::Nats => {
+                            let value = match cloudevents::percent_encode(&value) {
+                                std::borrow::Cow::Borrowed(_) => value,
+                                std::borrow::Cow::Owned(encoded) => encoded,
+                            };
+                            out.push((nats, value))
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn cloudevent_body(
+        &self,
+        attributes: CloudEventAttributes<'_>,
+        mode: CloudEventsMode,
+    ) -> Result<Vec<u8>, InvalidEvent> {
+        if mode == CloudEventsMode::Binary {
+            return Ok(self.payload.clone());
+        }
+        // No datacontenttype means application/json in the JSON event format. A payload that
+        // claims JSON but is not (invalid UTF-8, a syntax error, nesting past serde_json's
+        // limit) goes as data_base64 rather than failing: consumers still get its bytes.
+        let json = attributes
+            .datacontenttype
+            .is_none_or(cloudevents::is_json_media_type);
+        let data = if json && !self.payload.is_empty() {
+            serde_json::from_slice::<&serde_json::value::RawValue>(&self.payload).ok()
+        } else {
+            None
+        };
+        let data_base64 = (data.is_none() && !self.payload.is_empty())
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&self.payload));
+        serde_json::to_vec(&StructuredCloudEvent {
+            attributes,
+            data,
+            data_base64,
+        })
+        .map_err(|e| InvalidEvent::Body {
+            format: "cloudevents",
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -853,6 +1436,451 @@ mod tests {
         e.payload.clear();
         assert_eq!(e.validate(1024), Ok(()));
         assert_eq!(e.body(BodyFormat::Raw), Vec::<u8>::new());
+    }
+
+    fn ce(mode: CloudEventsMode) -> BodyFormat {
+        BodyFormat::CloudEvents(CloudEventsFormat {
+            mode,
+            source: CeSource::new("https://orders.example.com/relay"),
+        })
+    }
+
+    fn header<'a>(h: &'a [(&str, String)], name: &str) -> Option<&'a str> {
+        h.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn cloudevents_binary_mode_on_kafka_follows_the_kafka_binding() {
+        let e = sample_event(7, "order-1");
+        let (h, body) = e.message(ce(CloudEventsMode::Binary), Wire::Kafka).unwrap();
+        assert_eq!(body, e.payload, "the payload is the body");
+        let id = e.event_id.to_string();
+        let time = e.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+        for (name, want) in [
+            ("ce_specversion", "1.0"),
+            ("ce_id", id.as_str()),
+            ("ce_source", "https://orders.example.com/relay"),
+            ("ce_type", "OrderCreated"),
+            ("ce_subject", "order-1"),
+            ("ce_time", time.as_str()),
+            ("ce_partitionkey", "order-1"),
+            ("ce_aggregatetype", "order"),
+            ("ce_correlationid", "corr-1"),
+            ("ce_eventversion", "1"),
+            (
+                "ce_traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            // datacontenttype travels as content-type on Kafka, and only there.
+            ("content-type", "application/json"),
+            // The relay's own headers stay, so deduplication and tracing read the same.
+            ("X-Event-ID", id.as_str()),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tenant", "acme"),
+        ] {
+            assert_eq!(header(&h, name), Some(want), "{name}");
+        }
+        assert!(time.ends_with('Z'), "{time}");
+        assert_eq!(header(&h, "ce_datacontenttype"), None);
+        assert!(h.iter().all(|(k, _)| !k.starts_with("ce-")));
+    }
+
+    #[test]
+    fn cloudevents_binary_mode_on_nats_percent_encodes_ce_headers() {
+        let mut e = sample_event(7, "ordér 1");
+        e.event_type = "Order \"Created\" 100%".into();
+        let (h, body) = e.message(ce(CloudEventsMode::Binary), Wire::Nats).unwrap();
+        assert_eq!(body, e.payload);
+        assert_eq!(header(&h, "ce-subject"), Some("ord%C3%A9r%201"));
+        assert_eq!(header(&h, "ce-partitionkey"), Some("ord%C3%A9r%201"));
+        assert_eq!(
+            header(&h, "ce-type"),
+            Some("Order%20%22Created%22%20100%25")
+        );
+        assert_eq!(header(&h, "ce-datacontenttype"), Some("application/json"));
+        assert_eq!(
+            header(&h, "ce-source"),
+            Some("https://orders.example.com/relay")
+        );
+        // The relay's header keeps the value as it is, as on every route.
+        assert_eq!(header(&h, "X-Aggregate-ID"), Some("ordér 1"));
+        assert!(h.iter().all(|(k, _)| !k.starts_with("ce_")));
+        assert_eq!(
+            cloudevents::percent_encode("Euro \u{20AC} \u{1F600}"),
+            "Euro%20%E2%82%AC%20%F0%9F%98%80",
+            "the binding's own example"
+        );
+    }
+
+    #[test]
+    fn cloudevents_structured_mode_embeds_json_payloads_verbatim() {
+        let mut e = sample_event(7, "order-1");
+        // Beyond 64-bit integers and floats: re-parsing would change it, verbatim does not.
+        e.payload = br#" {"n": 123456789012345678901234567890, "x": 1e400} "#.to_vec();
+        let (h, body) = e
+            .message(ce(CloudEventsMode::Structured), Wire::Kafka)
+            .unwrap();
+        assert_eq!(
+            header(&h, "content-type"),
+            Some(cloudevents::STRUCTURED_CONTENT_TYPE)
+        );
+        assert!(
+            h.iter().all(|(k, _)| !cloudevents::is_attribute_header(k)),
+            "no ce_ header in structured mode: SDKs would read it as binary"
+        );
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(
+            text.contains(r#""data":{"n": 123456789012345678901234567890, "x": 1e400}"#),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text.replace("1e400", "1")).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["id"], e.event_id.to_string());
+        assert_eq!(v["source"], "https://orders.example.com/relay");
+        assert_eq!(v["type"], "OrderCreated");
+        assert_eq!(v["subject"], "order-1");
+        assert_eq!(v["datacontenttype"], "application/json");
+        assert_eq!(v["partitionkey"], "order-1");
+        assert_eq!(v["aggregatetype"], "order");
+        assert_eq!(v["correlationid"], "corr-1");
+        assert_eq!(v["eventversion"], 1);
+        assert_eq!(
+            v["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert!(v.get("data_base64").is_none());
+        assert_eq!(e.body(ce(CloudEventsMode::Structured)), body);
+    }
+
+    #[test]
+    fn cloudevents_structured_mode_uses_data_base64_for_anything_but_valid_json() {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let cases: &[(Option<&str>, &[u8], bool)] = &[
+            // (content type, payload, goes as JSON data)
+            (Some("application/json"), br#"{"a":1}"#, true),
+            (
+                Some("application/vnd.orders+json; charset=utf-8"),
+                b"[1,2]",
+                true,
+            ),
+            (Some("TEXT/JSON"), b"\"s\"", true),
+            (None, br#"{"a":1}"#, true),
+            (None, b"\x00\x01binary", false),
+            (Some("application/protobuf"), br#"{"a":1}"#, false),
+            (Some("text/plain"), b"hello", false),
+            // Declared JSON but not: invalid UTF-8, a syntax error, two values, a BOM.
+            (Some("application/json"), b"{\"a\":\"\xff\xfe\"}", false),
+            (Some("application/json"), b"{\"a\":", false),
+            (Some("application/json"), b"{} {}", false),
+            (Some("application/json"), b"\xef\xbb\xbf{}", false),
+        ];
+        for (ct, payload, json) in cases {
+            let mut e = sample_event(1, "a");
+            e.content_type = ct.map(str::to_string);
+            e.payload = payload.to_vec();
+            let body = e.try_body(ce(CloudEventsMode::Structured)).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            if *json {
+                let want: serde_json::Value = serde_json::from_slice(payload).unwrap();
+                assert_eq!(v["data"], want, "{ct:?}");
+                assert!(v.get("data_base64").is_none(), "{ct:?}");
+            } else {
+                assert_eq!(v["data_base64"], b64(payload), "{ct:?} {payload:?}");
+                assert!(v.get("data").is_none(), "{ct:?}");
+            }
+            assert_eq!(v.get("datacontenttype").and_then(|v| v.as_str()), *ct);
+        }
+        // An empty payload is an event without data.
+        let mut e = sample_event(1, "a");
+        e.payload.clear();
+        let v: serde_json::Value =
+            serde_json::from_slice(&e.try_body(ce(CloudEventsMode::Structured)).unwrap()).unwrap();
+        assert!(
+            v.get("data").is_none() && v.get("data_base64").is_none(),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn cloudevents_leave_out_empty_optional_fields() {
+        let mut e = sample_event(1, "a");
+        e.content_type = Some(String::new());
+        e.aggregate_type = Some(String::new());
+        e.correlation_id = None;
+        e.traceparent = None;
+        for wire in [Wire::Kafka, Wire::Nats] {
+            let (h, _) = e.message(ce(CloudEventsMode::Binary), wire).unwrap();
+            for absent in [
+                "content-type",
+                "ce_aggregatetype",
+                "ce-aggregatetype",
+                "ce_correlationid",
+                "ce_traceparent",
+                "ce-datacontenttype",
+            ] {
+                assert_eq!(header(&h, absent), None, "{absent}");
+            }
+        }
+        let body = e.try_body(ce(CloudEventsMode::Structured)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        for absent in [
+            "datacontenttype",
+            "aggregatetype",
+            "correlationid",
+            "traceparent",
+        ] {
+            assert!(v.get(absent).is_none(), "{absent}: {v}");
+        }
+    }
+
+    #[test]
+    fn cloudevents_refuse_what_attributes_cannot_hold_naming_field_and_attribute() {
+        type Set = fn(&mut Event);
+        let cases: &[(Set, &str)] = &[
+            (|e| e.aggregate_id = "a\tb".into(), "field aggregate_id: \"a\\tb\" has a control character (U+0009) at position 2"),
+            (|e| e.event_type = "T\u{85}".into(), "(CloudEvents attribute type)"),
+            (|e| e.aggregate_type = Some("x\u{7f}".into()), "(CloudEvents attribute aggregatetype)"),
+            (|e| e.correlation_id = Some("c\u{FFFF}".into()), "a Unicode noncharacter"),
+            (|e| e.content_type = Some("text/plain\n".into()), "(CloudEvents attribute datacontenttype)"),
+            (
+                |e| e.occurred_at = "+12000-01-01T00:00:00Z".parse().unwrap(),
+                "field occurred_at: \"+12000-01-01T00:00:00.000000Z\" is outside the years 0001-9999",
+            ),
+            (|e| e.occurred_at = "-0044-03-15T12:00:00Z".parse().unwrap(), "(CloudEvents attribute time)"),
+            (|e| e.headers.push(("ce_id".into(), "spoofed".into())), "header \"ce_id\" is reserved for CloudEvents"),
+            (|e| e.headers.push(("CE-Source".into(), "x".into())), "header \"CE-Source\" is reserved"),
+            (|e| e.aggregate_id.clear(), "field aggregate_id: must not be empty"),
+        ];
+        for (set, want) in cases {
+            let mut e = sample_event(1, "a");
+            set(&mut e);
+            for mode in [CloudEventsMode::Binary, CloudEventsMode::Structured] {
+                for wire in [Wire::Kafka, Wire::Nats] {
+                    let err = e.message(ce(mode), wire).unwrap_err().to_string();
+                    assert!(err.contains(want), "{mode:?} {wire:?}: {err}");
+                }
+                assert!(e.validate_format(ce(mode)).is_err());
+                assert_eq!(e.body(ce(mode)), Vec::<u8>::new());
+            }
+            // Raw and envelope routes take these rows as before (the headers aside).
+            assert_eq!(e.validate_format(BodyFormat::Raw), Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_structured_content_type_is_refused_in_binary_mode_only() {
+        let mut e = sample_event(1, "a");
+        e.content_type = Some("Application/CloudEvents+json".into());
+        let err = e
+            .message(ce(CloudEventsMode::Binary), Wire::Kafka)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("field content_type:") && err.contains("structured CloudEvent"),
+            "{err}"
+        );
+        assert!(e
+            .message(ce(CloudEventsMode::Structured), Wire::Kafka)
+            .is_ok());
+    }
+
+    #[test]
+    fn a_cloudevents_route_without_a_source_sends_nothing() {
+        let f = BodyFormat::CloudEvents(CloudEventsFormat {
+            mode: CloudEventsMode::Binary,
+            source: CeSource::new(""),
+        });
+        let err = sample_event(1, "a").message(f, Wire::Kafka).unwrap_err();
+        assert!(err.to_string().contains("cloudevents_source"), "{err}");
+    }
+
+    #[test]
+    fn cloudevents_attribute_names_follow_the_spec() {
+        for (name, kafka, nats) in cloudevents::ATTRIBUTES {
+            assert!(
+                !name.is_empty()
+                    && name.len() <= 20
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+                "{name}: lowercase letters and digits, at most 20"
+            );
+            assert_eq!(kafka, format!("ce_{name}"));
+            assert_eq!(nats, format!("ce-{name}"));
+        }
+        // The JSON keys of structured mode are the same names.
+        let e = sample_event(1, "a");
+        let v: serde_json::Value = serde_json::to_value(
+            e.cloudevent(&CloudEventsFormat {
+                mode: CloudEventsMode::Structured,
+                source: CeSource::new("/x"),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        for k in &keys {
+            assert!(
+                cloudevents::ATTRIBUTES.iter().any(|(n, _, _)| n == k),
+                "{k} is not in ATTRIBUTES"
+            );
+        }
+    }
+
+    #[test]
+    fn cloudevents_sources_must_be_uri_references() {
+        for ok in [
+            "https://orders.example.com/relay",
+            "urn:example:orders",
+            "/orders/service",
+            "orders",
+            "mailto:ops@example.com",
+            "https://example.com/a%20b?x=1#frag",
+            "urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66",
+        ] {
+            assert_eq!(cloudevents::source_problem(ok), None, "{ok}");
+        }
+        for (bad, want) in [
+            ("", "is required"),
+            ("https://example.com/a b", "' ' (U+0020) at position 22"),
+            ("https://exämple.com", "'ä'"),
+            ("a%2", "'%' at position 2"),
+            ("a%zz", "two hex digits"),
+            ("1http://x", "not a URI scheme"),
+            (":x", "not a URI scheme"),
+            ("line\nbreak", "'\\n'"),
+        ] {
+            let problem = cloudevents::source_problem(bad).unwrap_or_default();
+            assert!(problem.contains(want), "{bad:?}: {problem}");
+        }
+        let long = format!("urn:{}", "x".repeat(cloudevents::MAX_SOURCE_BYTES));
+        assert!(cloudevents::source_problem(&long)
+            .unwrap()
+            .contains("at most 1024"));
+        // Interned: one copy per distinct value.
+        assert_eq!(
+            CeSource::new("urn:a").as_str().as_ptr(),
+            CeSource::new(&String::from("urn:a")).as_str().as_ptr()
+        );
+    }
+
+    #[test]
+    fn json_media_types_are_recognised_by_their_essence() {
+        for t in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "text/json",
+            "application/cloudevents+json",
+            "application/vnd.api+json",
+        ] {
+            assert!(cloudevents::is_json_media_type(t), "{t}");
+        }
+        for t in [
+            "",
+            "json",
+            "application/jsonx",
+            "application/+json",
+            "text/plain",
+            "/json",
+        ] {
+            assert!(!cloudevents::is_json_media_type(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn cloudevents_encoding_never_panics_on_hostile_rows() {
+        let payloads: [&[u8]; 6] = [
+            b"",
+            b"\xff",
+            b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+            b"\"\\ud800\"",
+            b"nul\x00l",
+            b"{\"a\":\"\\u0000\"}",
+        ];
+        let strings = [
+            "",
+            "\u{0}",
+            "\u{10FFFF}",
+            "\u{FDD0}",
+            "a\r\nb",
+            "%",
+            "\"",
+            "\u{1F600}",
+        ];
+        for payload in payloads {
+            for s in strings {
+                let mut e = sample_event(1, "a");
+                e.payload = payload.to_vec();
+                e.content_type = Some(s.to_string());
+                e.correlation_id = Some(s.to_string());
+                for mode in [CloudEventsMode::Binary, CloudEventsMode::Structured] {
+                    for wire in [Wire::Kafka, Wire::Nats] {
+                        if let Ok((h, _)) = e.message(ce(mode), wire) {
+                            if wire == Wire::Nats {
+                                for (k, v) in h.iter().filter(|(k, _)| k.starts_with("ce-")) {
+                                    assert!(
+                                        v.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+                                        "{k}: {v:?}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a row holds, CloudEvents encoding gives a message or a reason, never a
+        /// panic; what it gives is valid: structured bodies are JSON with the event's id, and
+        /// NATS `ce-` values are printable ASCII.
+        #[test]
+        fn any_row_encodes_as_a_cloudevent_or_says_why(
+            aggregate in "\\PC{0,12}|[\\x00-\\x7f]{0,6}",
+            kind in "\\PC{0,8}",
+            content_type in proptest::option::of("\\PC{0,12}|application/json|text/plain"),
+            correlation in proptest::option::of("\\PC{0,8}"),
+            header in "(ce[-_])?[a-zA-Z]{0,4}",
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            json_payload in proptest::bool::ANY,
+            year in -5000i32..15000,
+        ) {
+            use chrono::TimeZone as _;
+            let mut e = sample_event(1, &aggregate);
+            e.event_type = kind;
+            e.content_type = content_type;
+            e.correlation_id = correlation;
+            e.headers = vec![(header, "v".into())];
+            e.payload = if json_payload { br#"{"a":[1,2.5,"x"]}"#.to_vec() } else { payload };
+            if let chrono::LocalResult::Single(t) = Utc.with_ymd_and_hms(year, 1, 2, 3, 4, 5) {
+                e.occurred_at = t;
+            }
+            for mode in [CloudEventsMode::Binary, CloudEventsMode::Structured] {
+                for wire in [Wire::Kafka, Wire::Nats] {
+                    match e.message(ce(mode), wire) {
+                        Ok((h, body)) => {
+                            if mode == CloudEventsMode::Structured {
+                                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                                proptest::prop_assert_eq!(&v["id"], &e.event_id.to_string());
+                            } else {
+                                proptest::prop_assert_eq!(&body, &e.payload);
+                            }
+                            for (k, v) in h.iter().filter(|(k, _)| k.starts_with("ce-")) {
+                                proptest::prop_assert!(
+                                    v.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+                                    "{}: {:?}", k, v
+                                );
+                            }
+                        }
+                        Err(err) => proptest::prop_assert!(!err.to_string().is_empty()),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

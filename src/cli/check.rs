@@ -109,7 +109,7 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
     }
     for r in &cfg.routes {
         println!(
-            "ok       route      {} -> {} ({:?} body)",
+            "ok       route      {} -> {} ({} body)",
             r.topic, r.backend, r.format
         );
     }

@@ -222,6 +222,14 @@ impl Publisher for MemoryPublisher {
 
     fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {
         for o in burst {
+            // A row the route's format cannot carry fails as it would on a broker (only
+            // CloudEvents has such rows; raw and envelope skip the check).
+            if let BodyFormat::CloudEvents(_) = o.format {
+                if let Err(e) = o.event.validate_format(o.format) {
+                    self.settle(o, Err(PublishError::permanent(e.to_string())));
+                    continue;
+                }
+            }
             if !self.record && self.script.is_none() {
                 self.settle(o, Ok(()));
                 continue;
@@ -259,5 +267,51 @@ impl Publisher for MemoryPublisher {
 
     fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
         futures::future::ready(()).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{sample_event, CeSource, CloudEventsFormat, CloudEventsMode};
+    use crate::publisher::AckTicket;
+
+    #[tokio::test]
+    async fn a_row_its_cloudevents_route_cannot_carry_fails_as_on_a_broker() {
+        let p = MemoryPublisher::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let format = BodyFormat::CloudEvents(CloudEventsFormat {
+            mode: CloudEventsMode::Binary,
+            source: CeSource::new("/orders"),
+        });
+        let mut bad = sample_event(1, "a");
+        bad.headers = vec![("ce_id".into(), "spoofed".into())];
+        let good = sample_event(2, "b");
+        let burst = [bad, good]
+            .into_iter()
+            .map(|e| {
+                let e = Arc::new(e);
+                Outgoing {
+                    ticket: AckTicket::new(
+                        e.id,
+                        1,
+                        e.event_id,
+                        e.topic.as_str().into(),
+                        tx.clone(),
+                    ),
+                    event: e,
+                    format,
+                }
+            })
+            .collect();
+        p.publish(burst).await;
+        let bad = rx.recv().await.unwrap();
+        let err = bad.outcome.unwrap_err();
+        assert!(
+            !err.is_retryable() && err.reason.contains("ce_id"),
+            "{err:?}"
+        );
+        assert!(rx.recv().await.unwrap().outcome.is_ok());
+        assert_eq!(p.log().acked().len(), 1);
     }
 }

@@ -5,7 +5,7 @@
 //! means the event was delivered before the relay marked it.
 
 use super::{Health, Outgoing, PublishError, Publisher};
-use crate::envelope::BodyFormat;
+use crate::envelope::{InvalidEvent, Wire};
 use base64::Engine as _;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -15,7 +15,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 enum Cmd {
-    Write(Outgoing),
+    /// A message and its rendered line.
+    Write(Outgoing, Vec<u8>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -47,20 +48,35 @@ impl Default for StdoutPublisher {
 }
 
 /// One event as a JSON line: metadata, headers and the body. A JSON body is embedded as JSON;
-/// any other body as base64.
+/// any other body as base64. An event the route's format cannot carry gets a line saying why
+/// (the backend itself fails such a row before rendering it; see [`try_render_line`]).
 pub fn render_line(o: &Outgoing) -> Vec<u8> {
+    try_render_line(o).unwrap_or_else(|e| {
+        let mut line = serde_json::to_vec(&json!({
+            "event_id": o.event.event_id,
+            "error": format!("cannot render: {e}"),
+        }))
+        .unwrap_or_default();
+        line.push(b'\n');
+        line
+    })
+}
+
+/// As [`render_line`], or why the route's format cannot carry the event (see
+/// [`crate::envelope::Event::message`]). CloudEvents headers are named as on Kafka (`ce_*`,
+/// values as they are): JSON carries any string.
+pub fn try_render_line(o: &Outgoing) -> Result<Vec<u8>, InvalidEvent> {
     let e = &o.event;
-    let headers: serde_json::Map<String, serde_json::Value> = e
-        .wire_headers()
+    let (wire, body) = e.message(o.format, Wire::Kafka)?;
+    let headers: serde_json::Map<String, serde_json::Value> = wire
         .into_iter()
         .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
         .collect();
-    let body = o.body();
     let mut line = json!({
         "topic": e.topic,
         "key": e.aggregate_id,
         "event_id": e.event_id,
-        "format": match o.format { BodyFormat::Raw => "raw", BodyFormat::Envelope => "envelope" },
+        "format": o.format.name(),
         "headers": headers,
     });
     match serde_json::from_slice::<serde_json::Value>(&body) {
@@ -81,7 +97,7 @@ pub fn render_line(o: &Outgoing) -> Vec<u8> {
         .into_bytes()
     });
     out.push(b'\n');
-    out
+    Ok(out)
 }
 
 fn e_id(o: &Outgoing) -> String {
@@ -97,8 +113,8 @@ async fn writer<W: AsyncWrite + Unpin>(mut out: W, mut rx: mpsc::Receiver<Cmd>) 
         // Take whatever is queued, then write and flush it in one go.
         while let Some(cmd) = next {
             match cmd {
-                Cmd::Write(o) => {
-                    buf.extend_from_slice(&render_line(&o));
+                Cmd::Write(o, line) => {
+                    buf.extend_from_slice(&line);
                     pending.push(o);
                 }
                 Cmd::Flush(done) => flushes.push(done),
@@ -142,10 +158,19 @@ impl Publisher for StdoutPublisher {
         async move {
             let tx = self.tx.lock().await.clone();
             for o in burst {
+                // Rendered here so that a row the format cannot carry fails at once, as on
+                // the brokers.
+                let line = match try_render_line(&o) {
+                    Ok(line) => line,
+                    Err(e) => {
+                        o.ticket.nack(PublishError::permanent(e.to_string()));
+                        continue;
+                    }
+                };
                 match &tx {
                     Some(tx) => {
-                        if let Err(mpsc::error::SendError(Cmd::Write(o))) =
-                            tx.send(Cmd::Write(o)).await
+                        if let Err(mpsc::error::SendError(Cmd::Write(o, _))) =
+                            tx.send(Cmd::Write(o, line)).await
                         {
                             o.ticket
                                 .nack(PublishError::retryable("stdout backend is closed"));
@@ -181,7 +206,7 @@ impl Publisher for StdoutPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::sample_event;
+    use crate::envelope::{sample_event, BodyFormat};
     use crate::publisher::AckTicket;
     use std::sync::Arc;
 
@@ -210,5 +235,49 @@ mod tests {
         assert_eq!(v["key"], "order-9");
         assert_eq!(v["body"]["n"], 1);
         assert_eq!(v["headers"]["X-Event-ID"], e.event_id.to_string());
+    }
+
+    #[tokio::test]
+    async fn cloudevents_lines_carry_the_event_and_rows_it_cannot_carry_fail() {
+        use crate::envelope::{CeSource, CloudEventsFormat, CloudEventsMode};
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let p = StdoutPublisher::to_writer(client);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let format = BodyFormat::CloudEvents(CloudEventsFormat {
+            mode: CloudEventsMode::Structured,
+            source: CeSource::new("urn:example:orders"),
+        });
+        let good = Arc::new(sample_event(1, "order-9"));
+        let bad = Arc::new(sample_event(2, "a\tb"));
+        let outgoing = |e: &Arc<crate::envelope::Event>| Outgoing {
+            event: e.clone(),
+            format,
+            ticket: AckTicket::new(e.id, 1, e.event_id, e.topic.as_str().into(), tx.clone()),
+        };
+        p.publish(vec![outgoing(&bad), outgoing(&good)]).await;
+        let first = rx.recv().await.unwrap();
+        assert_eq!(first.row_id, 2);
+        let err = first.outcome.unwrap_err();
+        assert!(
+            !err.is_retryable() && err.reason.contains("CloudEvents attribute subject"),
+            "{err:?}"
+        );
+        let second = rx.recv().await.unwrap();
+        assert!(second.outcome.is_ok());
+        p.close(Duration::from_secs(1)).await;
+        use tokio::io::AsyncReadExt;
+        let mut chunk = vec![0u8; 8192];
+        let n = server.read(&mut chunk).await.unwrap();
+        let text = std::str::from_utf8(&chunk[..n]).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["format"], "cloudevents");
+        assert_eq!(v["body"]["id"], good.event_id.to_string());
+        assert_eq!(v["body"]["source"], "urn:example:orders");
+        assert_eq!(v["body"]["data"]["n"], 1);
+        assert_eq!(
+            v["headers"]["content-type"],
+            "application/cloudevents+json; charset=UTF-8"
+        );
     }
 }

@@ -185,10 +185,13 @@ pub struct KafkaMessage {
 }
 
 /// Builds the Kafka record of an event without a broker, or says why the row cannot be sent:
-/// a topic name Kafka refuses, a header name librdkafka cannot take, or a record larger than
-/// `max_message_bytes` (the producer's `message.max.bytes`, when given; librdkafka checks it
-/// again with its own framing). Kafka takes any bytes in header values and keys, so the fields
-/// the relay sends as headers need no check here. Never panics, whatever the row holds.
+/// a topic name Kafka refuses, a header name librdkafka cannot take, a row the route's format
+/// cannot carry (see [`Event::message`]), or a record larger than `max_message_bytes` (the
+/// producer's `message.max.bytes`, when given; librdkafka checks it again with its own
+/// framing). Kafka takes any bytes in header values and keys, so the fields the relay sends as
+/// headers need no check here. CloudEvents in binary mode follow the Kafka binding: `ce_*`
+/// headers with UTF-8 values, `datacontenttype` as `content-type`. Never panics, whatever the
+/// row holds.
 pub fn kafka_message(
     event: &Event,
     format: BodyFormat,
@@ -197,7 +200,7 @@ pub fn kafka_message(
     // Also what keeps librdkafka's topic CString free of NUL bytes.
     config::validate_kafka_topic(&event.topic).map_err(InvalidEvent::BackendTopic)?;
     event.validate_for(Wire::Kafka)?;
-    let wire = event.wire_headers();
+    let (wire, body) = event.message(format, Wire::Kafka)?;
     let mut headers = OwnedHeaders::new_with_capacity(wire.len());
     let mut overhead = event.aggregate_id.len();
     for (k, v) in &wire {
@@ -208,7 +211,6 @@ pub fn kafka_message(
             value: Some(v.as_bytes()),
         });
     }
-    let body = event.try_body(format)?;
     if let Some(limit) = max_message_bytes {
         let size = overhead.saturating_add(body.len());
         if size > limit {

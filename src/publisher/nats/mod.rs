@@ -159,16 +159,19 @@ pub struct NatsMessage {
 
 /// Builds the NATS message of an event without a connection, or says why the row cannot be
 /// sent: a subject NATS refuses, headers HPUB cannot carry, a row header standing in for a
-/// `Nats-*` control header, or (with the server's `max_payload`, when known) a message larger
-/// than the server takes. Never panics, whatever the row holds.
+/// `Nats-*` control header, a row the route's format cannot carry (see [`Event::message`]),
+/// or (with the server's `max_payload`, when known) a message larger than the server takes.
+/// CloudEvents in binary mode follow the NATS binding: `ce-*` headers, values
+/// percent-encoded. Never panics, whatever the row holds.
 pub fn nats_message(
     event: &Event,
     format: BodyFormat,
     max_payload: Option<usize>,
 ) -> Result<NatsMessage, InvalidEvent> {
     config::validate_subject(&event.topic).map_err(InvalidEvent::BackendTopic)?;
-    let headers = nats_headers(event)?;
-    let body = event.try_body(format)?;
+    event.validate_for(Wire::Nats)?;
+    let (wire, body) = event.message(format, Wire::Nats)?;
+    let headers = header_map(event, wire)?;
     if let Some(limit) = max_payload.filter(|m| *m > 0) {
         let overhead = nats_headers_size(&headers);
         let size = overhead.saturating_add(body.len());
@@ -186,13 +189,19 @@ pub fn nats_message(
     Ok(NatsMessage { headers, body })
 }
 
-/// The headers of an event's NATS message; see [`nats_message`].
-pub fn nats_headers(event: &Event) -> Result<HeaderMap, InvalidEvent> {
+/// The headers of an event's NATS message in the route's format; see [`nats_message`].
+pub fn nats_headers(event: &Event, format: BodyFormat) -> Result<HeaderMap, InvalidEvent> {
     event.validate_for(Wire::Nats)?;
+    header_map(event, event.headers_for(format, Wire::Nats)?)
+}
+
+/// The message's headers as the client's map, with `Nats-Msg-Id` = event id.
+fn header_map(event: &Event, wire: Vec<(&str, String)>) -> Result<HeaderMap, InvalidEvent> {
     let mut h = HeaderMap::new();
-    // validate_for has checked every name and value; the fallible conversions keep a rule
-    // the client adds later from becoming a panic (its `&str` conversions assert).
-    for (k, v) in event.wire_headers() {
+    // validate_for has checked every name and value (and CloudEvents values are
+    // percent-encoded); the fallible conversions keep a rule the client adds later from
+    // becoming a panic (its `&str` conversions assert).
+    for (k, v) in wire {
         let name = HeaderName::from_str(k).map_err(|e| InvalidEvent::Header {
             name: shown(k),
             problem: e.to_string(),
