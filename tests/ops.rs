@@ -652,3 +652,107 @@ async fn status_watch_refreshes_until_interrupted() {
     assert!(child.wait().unwrap().success(), "exits 0 on SIGINT");
     db.drop_schema().await;
 }
+
+/// Replay and purge racing a relay that keeps holding new events behind failed ones: no event
+/// is ever left held without a failed event ahead of it (it would wait forever), so once the
+/// failures stop everything goes out, and every aggregate's events are acknowledged in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_purge_racing_a_relay_never_strand_a_held_event() {
+    use outbox_relay::store::ops::{Filter, Target};
+    use rand::Rng;
+    let db = TestDb::new().await;
+    let failing = Arc::new(AtomicBool::new(true));
+    let flag = failing.clone();
+    // While failing, every fifth event of an aggregate is refused for good: its successors
+    // are held behind it until a replay or a purge.
+    let mem = MemoryPublisher::new().with_script(Arc::new(move |e, _| {
+        let v: Value = serde_json::from_slice(&e.payload).unwrap();
+        if flag.load(Ordering::SeqCst) && v["seq"].as_i64().unwrap() % 5 == 0 {
+            Verdict::Fail(PublishError::permanent("refused by the test"))
+        } else {
+            Verdict::Ack
+        }
+    }));
+    let mut cfg = db.config();
+    cfg.relay.poll_interval = Dur::ms(50);
+    let relay = db.relay(&cfg, Arc::new(mem.clone())).await;
+    let (h, stop) = spawn(relay);
+    let store =
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+            .await
+            .unwrap();
+    let aggregates: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
+    let mut replayed = 0;
+    for round in 0..12 {
+        let events: Vec<_> = aggregates
+            .iter()
+            .flat_map(|a| (0..5).map(move |s| numbered(a, round * 5 + s)))
+            .collect();
+        db.enqueue(&events).await;
+        // A random moment in the relay's claim, hold and defer cycle.
+        let pause = rand::thread_rng().gen_range(0..40);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        // Odd aggregates are purged now and then, the rest replayed.
+        if round % 4 == 3 {
+            let filter = Filter {
+                aggregate_id: Some(format!("r{}", round % 10 | 1)),
+                ..Default::default()
+            };
+            store.purge(&filter).await.unwrap();
+        }
+        replayed += store
+            .replay(Target::Failed, &Filter::default())
+            .await
+            .unwrap()
+            .events;
+    }
+    failing.store(false, Ordering::SeqCst);
+    // An event refused just before the failures stopped may be recorded failed after any one
+    // replay, as an operator would see: replay until nothing is left. A held event without a
+    // failed one ahead of it would never be released by a replay, and this would time out.
+    wait_for(
+        Duration::from_secs(90),
+        "every event published or purged: none stranded behind a failure that is gone",
+        || async {
+            store
+                .replay(Target::Failed, &Filter::default())
+                .await
+                .unwrap();
+            db.total().await == 0
+        },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let refused = mem
+        .log()
+        .records()
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.kind,
+                outbox_relay::publisher::memory::RecordKind::Failed(_)
+            )
+        })
+        .count();
+    assert!(
+        refused >= 10 && replayed > 0,
+        "the race did not happen: {refused} refusals, {replayed} replayed mid-flight"
+    );
+    // Per aggregate, acknowledgements in event order (purged events simply missing).
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for e in mem.log().acked() {
+        let v: Value = serde_json::from_slice(&e.payload).unwrap();
+        let (agg, seq) = (
+            v["agg"].as_str().unwrap().to_string(),
+            v["seq"].as_i64().unwrap(),
+        );
+        if let Some(prev) = last.insert(agg.clone(), seq) {
+            assert!(
+                seq > prev,
+                "aggregate {agg}: #{seq} acknowledged after #{prev}"
+            );
+        }
+    }
+    db.drop_schema().await;
+}

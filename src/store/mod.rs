@@ -383,9 +383,9 @@ impl Statements {
             // A deferral to the predecessor's time is applied only while the predecessor is
             // still as the claim saw it, checked under a share lock (SKIP LOCKED: never wait on
             // another relay). Replay and purge change the predecessor before releasing held
-            // rows, so a hold either sees their change (and defers briefly instead) or commits
-            // first and is released by them; a row is never held behind a predecessor that is
-            // already gone.
+            // rows, in passes until one releases nothing (see `release_held`), so a hold either
+            // sees their change (and defers briefly instead) or commits first and is released
+            // by a later pass; a row is never held behind a predecessor that is already gone.
             defer: format!(
                 "UPDATE {t} SET next_attempt_at = CASE WHEN ok.held \
                      THEN d.until ELSE now() + $5 * interval '1 second' END \
@@ -941,6 +941,14 @@ impl Store {
     }
 
     /// Releases events held behind a failed predecessor in the given aggregates.
+    ///
+    /// In passes until one releases nothing. A relay may be holding a row behind a *held*
+    /// predecessor at this very moment: its hold checked the predecessor (still held, under a
+    /// share lock) before this transaction reached it, so a pass waits for that hold to commit
+    /// and then releases the predecessor, but the pass's snapshot, taken before the hold
+    /// committed, does not see the newly held row. The next pass does. Holds checked after a
+    /// pass locked their predecessor see the lock and defer briefly instead of holding, so the
+    /// passes end.
     pub(crate) async fn release_held(
         &self,
         tx: &mut ClaimTx,
@@ -949,17 +957,25 @@ impl Store {
         let mut aggs = aggregates.to_vec();
         aggs.sort();
         aggs.dedup();
-        let r = sqlx::query(&format!(
+        let sql = format!(
             "UPDATE {} SET next_attempt_at = now() \
              WHERE aggregate_id = ANY($1) AND status = 'pending' AND next_attempt_at = $2",
             self.names.qualified()
-        ))
-        .bind(&aggs)
-        .bind(held_until())
-        .execute(&mut **tx)
-        .await
-        .map_err(StoreError::sql("release held events"))?;
-        Ok(r.rows_affected())
+        );
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(&sql)
+                .bind(&aggs)
+                .bind(held_until())
+                .execute(&mut **tx)
+                .await
+                .map_err(StoreError::sql("release held events"))?
+                .rows_affected();
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
     }
 
     /// Asks Postgres to wake listeners now (after a replay, say).
