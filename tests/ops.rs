@@ -695,7 +695,7 @@ async fn replay_and_purge_racing_a_relay_never_strand_a_held_event() {
         // Odd aggregates are purged now and then, the rest replayed.
         if round % 4 == 3 {
             let filter = Filter {
-                aggregate_id: Some(format!("r{}", round % 10 | 1)),
+                aggregate_id: Some(format!("r{}", (round % 10) | 1)),
                 ..Default::default()
             };
             store.purge(&filter).await.unwrap();
