@@ -395,13 +395,7 @@ async fn relay_numbered(
     let relay = db
         .relay_with(&db.config(), vec![(backend, publisher)], &routes)
         .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "every row published", || async {
-        db.total().await == 0
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
+    common::run_until_empty(&db, relay, DEADLINE).await;
     db.drop_schema().await;
     events
 }

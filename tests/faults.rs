@@ -6,7 +6,7 @@
 mod common;
 
 use common::nats::{self as n, PrivateNats};
-use common::{conformance, interleaved, relay_bin, spawn, wait_for, watchdog, TestDb};
+use common::{conformance, interleaved, relay_bin, wait_for, watchdog, TestDb};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -206,15 +206,7 @@ async fn sigterm_exits_in_time_with_a_frozen_broker_and_a_black_holed_database()
             &[common::route("*", "nats")],
         )
         .await;
-    let (h, stop) = spawn(relay);
-    wait_for(
-        DEADLINE,
-        "every event published by the next relay",
-        || async { db.total().await == 0 },
-    )
-    .await;
-    stop.cancel();
-    h.await.unwrap();
+    common::run_until_empty(&db, relay, DEADLINE).await;
     let got = n::read_stream(&js, &stream).await;
     conformance::assert_every_event_arrived(&got, first.iter().chain(&second));
     db.drop_schema().await;

@@ -7,7 +7,7 @@ mod common;
 
 use common::nats::PrivateNats;
 use common::{free_port, relay_bin, wait_for, watchdog, PrivatePostgres, TestDb};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,18 +66,7 @@ impl RelayProcess {
 
     /// GET `path`: (status code, body); `None` while nothing listens.
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).ok()?;
-        let (head, body) = raw.split_once("\r\n\r\n")?;
-        let code = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, body.to_string()))
+        common::http_get(self.port, path)
     }
 
     fn status(&self, path: &str) -> u16 {

@@ -14,8 +14,7 @@
 
 mod common;
 
-use common::{free_port, numbered_on, relay_bin, wait_for, watchdog, TestDb};
-use std::io::{Read, Write};
+use common::{free_port, http_get, numbered_on, relay_bin, wait_for, watchdog, TestDb};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,23 +57,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// GET over HTTP/1.0, so the answer is never chunked and ends when the server closes:
-/// (status code, body), or `None` while nothing listens.
-fn http_get(port: u16, path_and_query: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path_and_query} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
 }
 
 fn url_encode(s: &str) -> String {

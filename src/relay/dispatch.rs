@@ -167,12 +167,12 @@ pub struct Dispatcher {
     /// Per backend: unavailable results since its last success.
     outage: Vec<u32>,
     /// The latest result from any backend said the broker could not be asked, and no success
-    /// has arrived since: the relay then claims only small probes (see `Relay::run`).
+    /// has arrived since: the relay then spaces its claims (see `Relay::run`).
     unavailable: bool,
 }
 
 /// The longest an event waits between looks while its broker is unavailable.
-pub const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(5);
+const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// May a waiting row go now?
 enum Gate {
@@ -217,6 +217,12 @@ impl Dispatcher {
     /// (or a hand-off timed out unanswered) and nothing has succeeded since.
     pub fn brokers_unavailable(&self) -> bool {
         self.unavailable
+    }
+
+    /// How long to wait before asking an unavailable broker again, after `rounds` unanswered
+    /// asks: the retry backoff, capped at OUTAGE_RETRY_MAX.
+    pub fn outage_delay(&self, rounds: u32) -> Duration {
+        self.backoff.delay(rounds.min(16)).min(OUTAGE_RETRY_MAX)
     }
 
     /// Rows claimed and not yet committed.
@@ -680,10 +686,7 @@ impl Dispatcher {
                 self.outage[backend] = self.outage[backend].saturating_add(1);
                 self.unavailable = true;
                 Verdict::Retry {
-                    delay: self
-                        .backoff
-                        .delay(self.outage[backend].min(16))
-                        .min(OUTAGE_RETRY_MAX),
+                    delay: self.outage_delay(self.outage[backend]),
                     reason: format!("waiting for the broker: {reason}"),
                     counted: false,
                 }

@@ -522,10 +522,9 @@ impl Relay {
         let mut claim_errors: u32 = 0;
         let mut claim_not_before = tokio::time::Instant::now();
         // While the brokers are unreachable, claiming pauses: a claim that hands events to a
-        // broker is followed by the next only after the retry backoff (capped at
-        // OUTAGE_RETRY_MAX), instead of claiming, failing and rewriting the whole backlog over
-        // and over. The first success resumes claiming at full speed.
-        let outage_backoff = Backoff::new(self.cfg.backoff_initial.0, self.cfg.backoff_max.0);
+        // broker is followed by the next only after the outage delay (the retry backoff, capped
+        // at 5 s), instead of claiming, failing and rewriting the whole backlog over and over.
+        // The first success resumes claiming at full speed.
         let mut probes: u32 = 0;
         let mut stopping = false;
         let mut stop_deadline: Option<tokio::time::Instant> = None;
@@ -626,10 +625,10 @@ impl Relay {
                     match res {
                         Ok(Claim { tx, rows, next, cut }) => {
                             // A claim made with an older share says nothing about where the
-                            // rows of partitions added since begin: start from the front. One
-                            // cut short by its byte budget holds rows past its last key until
-                            // it commits: the front again, to find them once released.
-                            cursor = if version == assignment.version && !cut {
+                            // rows of partitions added since begin: start from the front. (One
+                            // cut short by its byte budget has no `next`: the rows it holds
+                            // past its last key are found from the front once released.)
+                            cursor = if version == assignment.version {
                                 next
                             } else {
                                 None
@@ -670,8 +669,7 @@ impl Relay {
                                         tracing::warn!("brokers unavailable: claiming paused between probes until one answers");
                                     }
                                     probes += 1;
-                                    let wait = outage_backoff.delay(probes.min(16)).min(dispatch::OUTAGE_RETRY_MAX);
-                                    claim_not_before = tokio::time::Instant::now() + wait;
+                                    claim_not_before = tokio::time::Instant::now() + d.outage_delay(probes);
                                     want_claim = true;
                                 }
                                 self.publish(h, &ack_tx).await;

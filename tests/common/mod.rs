@@ -240,6 +240,36 @@ where
     }
 }
 
+/// GET over HTTP/1.0 from 127.0.0.1:`port`, so the answer is never chunked and ends when the
+/// server closes: (status code, body), or `None` while nothing listens.
+pub fn http_get(port: u16, path_and_query: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path_and_query} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// Runs `relay` until the test's outbox is empty (every row published or deleted), then stops
+/// it and hands it back.
+pub async fn run_until_empty(db: &TestDb, relay: Relay, deadline: Duration) -> Relay {
+    let (h, stop) = spawn(relay);
+    wait_for(deadline, "every row published", || async {
+        db.total().await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap()
+}
+
 pub fn relay_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"))
 }
