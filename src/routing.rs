@@ -34,6 +34,11 @@ impl Router {
             .map(|(_, b, f)| (*b, *f))
     }
 
+    /// How many backends routes may name (held by index).
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
     pub fn backend_name(&self, idx: usize) -> &str {
         self.backends.get(idx).map_or("?", String::as_str)
     }

@@ -211,3 +211,167 @@ async fn sigterm_exits_in_time_with_a_frozen_broker_and_a_black_holed_database()
     conformance::assert_every_event_arrived(&got, first.iter().chain(&second));
     db.drop_schema().await;
 }
+
+/// Counts the messages handed to the backend it wraps.
+struct Counting {
+    inner: Arc<dyn outbox_relay::publisher::Publisher>,
+    handed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl outbox_relay::publisher::Publisher for Counting {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn publish(
+        &self,
+        burst: Vec<outbox_relay::publisher::Outgoing>,
+    ) -> futures::future::BoxFuture<'_, ()> {
+        self.handed.fetch_add(burst.len() as u64, Ordering::Relaxed);
+        self.inner.publish(burst)
+    }
+    fn health(&self) -> futures::future::BoxFuture<'_, outbox_relay::publisher::Health> {
+        self.inner.health()
+    }
+    fn close(&self, timeout: Duration) -> futures::future::BoxFuture<'_, ()> {
+        self.inner.close(timeout)
+    }
+    fn keeps_order(&self) -> bool {
+        self.inner.keeps_order()
+    }
+}
+
+/// Two backends, one of them down for far longer than the retry budget: the other's events
+/// flow on meanwhile; the one that is down is asked once per outage delay (a probe), not once
+/// per waiting event; nothing fails; and once it is back its events are published in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_down_holds_back_only_its_own_events() {
+    use common::kafka::{self as k, GroupReader};
+    use outbox_relay::config::Dur;
+    use outbox_relay::publisher::kafka::KafkaPublisher;
+    let _watchdog = watchdog(
+        "one_backend_down_holds_back_only_its_own_events",
+        Duration::from_secs(300),
+    );
+    let mut server = PrivateNats::start();
+    let (prefix, stream) = n::unique();
+    let js = n::create_stream(&server.url(), &stream, &prefix).await;
+    let kafka_topic = k::unique_topic();
+    k::create_topic(&k::brokers(), &kafka_topic, 3).await;
+    let reader = GroupReader::start(&k::brokers(), &kafka_topic);
+    let db = TestDb::new().await;
+    let mut cfg = db.config();
+    cfg.relay.publish_timeout = Dur::secs(2);
+    cfg.relay.backoff_initial = Dur::ms(20);
+    cfg.relay.backoff_max = Dur::ms(200);
+    cfg.relay.max_attempts = 3;
+    let handed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let nats = Counting {
+        inner: Arc::new(
+            outbox_relay::publisher::nats::NatsPublisher::connect(&n::config(&server.url()))
+                .await
+                .unwrap(),
+        ),
+        handed: handed.clone(),
+    };
+    let kafka = Arc::new(
+        KafkaPublisher::new(&k::config(&k::brokers()), cfg.relay.publish_timeout).unwrap(),
+    );
+    let routes = vec![
+        common::route(&format!("{prefix}.*"), "nats"),
+        common::route("*", "kafka"),
+    ];
+    let relay = db
+        .relay_with(
+            &cfg,
+            vec![("nats", Arc::new(nats)), ("kafka", kafka)],
+            &routes,
+        )
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = common::spawn(relay);
+    let retried = || stats.retried.load(Ordering::Relaxed);
+    let nats_topic = format!("{prefix}.orders");
+    // Aggregates of their own per backend: an aggregate's events keep their order across
+    // topics, so a Kafka event of an aggregate waiting on NATS would rightly wait too.
+    let on = |topic: &str, n: usize, from: usize| -> Vec<outbox_relay::store::NewEvent> {
+        (0..n)
+            .map(|i| common::numbered_on(topic, &format!("{topic}-{}", i % 10), from + i / 10))
+            .collect()
+    };
+    let first = on(&nats_topic, 50, 0);
+    db.enqueue(&first).await;
+    wait_for(DEADLINE, "the first NATS events through", || async {
+        db.total().await == 0
+    })
+    .await;
+
+    server.stop_server();
+    let waiting = on(&nats_topic, 50, 5);
+    db.enqueue(&waiting).await;
+    // The down backend's head events come back again and again; wait for a stretch of that.
+    let before = retried();
+    wait_for(DEADLINE, "the NATS events rescheduled a while", || async {
+        retried() > before + 10 * 3 * 4
+    })
+    .await;
+    // Kafka's events flow meanwhile, at the relay's pace (no claim spacing).
+    let flowing = on(&kafka_topic, 2_000, 0);
+    let asked_before = handed.load(Ordering::Relaxed);
+    let retried_before = retried();
+    for chunk in flowing.chunks(500) {
+        db.enqueue(chunk).await;
+    }
+    let kafka_rows = format!("topic = '{kafka_topic}'");
+    wait_for(
+        DEADLINE,
+        "every Kafka event published while NATS is down",
+        || async { db.count(&kafka_rows).await == 0 },
+    )
+    .await;
+    wait_for(DEADLINE, "more NATS reschedules", || async {
+        retried() > retried_before + 100
+    })
+    .await;
+    let asked = handed.load(Ordering::Relaxed) - asked_before;
+    let rescheduled = retried() - retried_before;
+    assert!(
+        asked * 5 < rescheduled,
+        "the down backend was asked {asked} times for {rescheduled} reschedules: probes only"
+    );
+    assert_eq!(
+        db.count("status = 'failed'").await,
+        0,
+        "an outage failed events"
+    );
+    assert_eq!(db.count("status = 'pending'").await, 50, "NATS events wait");
+    wait_for(
+        DEADLINE,
+        "the consumer group to have every Kafka event",
+        || async {
+            let got = reader.received();
+            flowing.iter().all(|e| {
+                got.iter()
+                    .any(|r| r.headers["X-Event-ID"] == e.event_id.to_string())
+            })
+        },
+    )
+    .await;
+
+    server.start_server();
+    wait_for(
+        DEADLINE,
+        "every NATS event published once it is back",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let got = n::read_stream(&async_nats::jetstream::new(client), &stream).await;
+    conformance::assert_every_event_arrived(&got, first.iter().chain(&waiting));
+    conformance::assert_in_order(&got);
+    conformance::assert_first_deliveries_in_order(&reader.received());
+    drop(js);
+    db.drop_schema().await;
+}

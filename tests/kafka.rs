@@ -360,3 +360,119 @@ async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
     h.await.unwrap();
     db.drop_schema().await;
 }
+
+/// The broker frozen (SIGSTOP: connections open, no answer) and then killed, each time for far
+/// longer than the whole retry budget (3 attempts, backoff capped at 100 ms): every event waits
+/// for it instead of using its attempts up; none fails; all are published once it is back.
+#[tokio::test]
+async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
+    let _watchdog = watchdog(
+        "an_outage_longer_than_the_retry_budget_fails_nothing",
+        Duration::from_secs(300),
+    );
+    let mut broker = PrivateKafka::start();
+    let topic = k::unique_topic();
+    k::create_topic(&broker.brokers(), &topic, 3).await;
+    let reader = GroupReader::start(&broker.brokers(), &topic);
+    let db = TestDb::new().await;
+    let mut cfg = db.config();
+    cfg.relay.publish_timeout = Dur::secs(2);
+    cfg.relay.backoff_initial = Dur::ms(20);
+    cfg.relay.backoff_max = Dur::ms(100);
+    cfg.relay.max_attempts = 3;
+    let publisher = Arc::new(
+        KafkaPublisher::new(&k::config(&broker.brokers()), cfg.relay.publish_timeout).unwrap(),
+    );
+    let relay = db
+        .relay_with(&cfg, vec![("kafka", publisher.clone())], &routes())
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
+    let failed = || stats.failed.load(std::sync::atomic::Ordering::Relaxed);
+    let round = |r: usize| -> Vec<NewEvent> {
+        (0..50)
+            .map(|i| numbered_on(&topic, &format!("a{}", i % 10), r * 5 + i / 10))
+            .collect()
+    };
+    let first = round(0);
+    db.enqueue(&first).await;
+    wait_for(DEADLINE, "the first events through", || async {
+        db.total().await == 0
+    })
+    .await;
+
+    // Frozen: every hand-off times out unanswered.
+    broker.pause();
+    let frozen = round(1);
+    db.enqueue(&frozen).await;
+    let before = retried();
+    wait_for(
+        DEADLINE,
+        "each waiting event tried past the budget while frozen",
+        || async { retried() > before + 10 * 3 * 4 },
+    )
+    .await;
+    assert_eq!(
+        db.count("status = 'failed'").await,
+        0,
+        "a frozen broker failed events"
+    );
+    broker.resume();
+    wait_for(
+        DEADLINE,
+        "every event published after the freeze",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    let seen: Vec<NewEvent> = first.iter().chain(&frozen).cloned().collect();
+    wait_for(DEADLINE, "the consumer group to have them", || async {
+        let got = reader.received();
+        seen.iter().all(|e| {
+            got.iter()
+                .any(|r| r.headers["X-Event-ID"] == e.event_id.to_string())
+        })
+    })
+    .await;
+    conformance::assert_first_deliveries_in_order(&reader.received());
+    drop(reader);
+
+    // Gone (connection refused): all brokers down.
+    broker.stop_server();
+    let gone = round(2);
+    db.enqueue(&gone).await;
+    let before = retried();
+    wait_for(
+        DEADLINE,
+        "each waiting event tried past the budget while the broker is gone",
+        || async { retried() > before + 10 * 3 * 4 },
+    )
+    .await;
+    assert_eq!(
+        db.count("status = 'failed'").await,
+        0,
+        "a dead broker failed events"
+    );
+    broker.start_server();
+    k::create_topic(&broker.brokers(), &topic, 3).await;
+    let reader = GroupReader::start(&broker.brokers(), &topic);
+    wait_for(
+        DEADLINE,
+        "every event published after the restart",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    wait_for(DEADLINE, "the new broker to have them all", || async {
+        let got = reader.received();
+        gone.iter().all(|e| {
+            got.iter()
+                .any(|r| r.headers["X-Event-ID"] == e.event_id.to_string())
+        })
+    })
+    .await;
+    conformance::assert_first_deliveries_in_order(&reader.received());
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(failed(), 0);
+    db.drop_schema().await;
+}

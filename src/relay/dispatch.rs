@@ -166,9 +166,16 @@ pub struct Dispatcher {
     ordered: Vec<bool>,
     /// Per backend: unavailable results since its last success.
     outage: Vec<u32>,
-    /// The latest result from any backend said the broker could not be asked, and no success
-    /// has arrived since: the relay then spaces its claims (see `Relay::run`).
-    unavailable: bool,
+    /// Per backend in an outage: when it may be asked again (one probe event). Until then its
+    /// rows are not handed over but rescheduled, so a broker that is down is asked once per
+    /// outage delay, however many of its events are claimed, and other backends flow on.
+    next_probe: Vec<Instant>,
+    /// Per backend: the row sent as its latest probe. While that row is in flight no other
+    /// goes, so a down backend keeps at most one claim open (a probe waits up to the publish
+    /// timeout) and the others' claims keep flowing.
+    probe: Vec<Option<i64>>,
+    /// Rows rescheduled so far without being handed over, their backend being down.
+    held_back: u64,
 }
 
 /// The longest an event waits between looks while its broker is unavailable.
@@ -201,7 +208,9 @@ impl Dispatcher {
             window: 1,
             ordered: Vec::new(),
             outage: Vec::new(),
-            unavailable: false,
+            next_probe: Vec::new(),
+            probe: Vec::new(),
+            held_back: 0,
         }
     }
 
@@ -213,10 +222,54 @@ impl Dispatcher {
         self
     }
 
-    /// Whether the brokers are known to be unreachable: the latest result was "unavailable"
-    /// (or a hand-off timed out unanswered) and nothing has succeeded since.
+    /// Whether every backend is known to be unreachable: the latest result from each was
+    /// "unavailable" (or a hand-off timed out unanswered) and nothing has succeeded since. The
+    /// relay then spaces its claims (see `Relay::run`).
     pub fn brokers_unavailable(&self) -> bool {
-        self.unavailable
+        let n = self.router.backend_count();
+        n > 0 && (0..n).all(|b| self.down(b))
+    }
+
+    /// Whether backend `b` is in an outage: its latest result was "unavailable".
+    fn down(&self, b: usize) -> bool {
+        self.outage.get(b).is_some_and(|&n| n > 0)
+    }
+
+    /// Rows rescheduled so far without a hand-off because their backend was down.
+    pub fn held_back(&self) -> u64 {
+        self.held_back
+    }
+
+    /// For a row about to be handed over: `None` to hand it, or the verdict rescheduling it
+    /// when its backend is down and was asked less than an outage delay ago. The first row
+    /// after that delay goes as the probe.
+    fn hold(&mut self, id: i64) -> Option<Verdict> {
+        let backend = self.rows.get(&id)?.route?.0;
+        if !self.down(backend) {
+            return None;
+        }
+        let now = Instant::now();
+        let delay = self.outage_delay(self.outage[backend]);
+        let probing = self.probe.get(backend).copied().flatten().is_some_and(|p| {
+            self.rows
+                .get(&p)
+                .is_some_and(|r| matches!(r.state, State::Handed { .. }))
+        });
+        let due = self.next_probe.get(backend).is_some_and(|t| now >= *t);
+        if due && !probing {
+            self.next_probe[backend] = now + delay;
+            self.probe[backend] = Some(id);
+            return None;
+        }
+        self.held_back += 1;
+        Some(Verdict::Retry {
+            delay,
+            reason: format!(
+                "waiting for the broker: backend {} is unavailable; asked again once it answers",
+                self.router.backend_name(backend)
+            ),
+            counted: false,
+        })
     }
 
     /// How long to wait before asking an unavailable broker again, after `rounds` unanswered
@@ -325,7 +378,10 @@ impl Dispatcher {
                 Gate::Wait => {}
                 // An invalid row fails only now, in its turn, never ahead of its predecessor.
                 Gate::Go => match invalid {
-                    None => out.push(self.hand(id)),
+                    None => match self.hold(id) {
+                        None => out.push(self.hand(id)),
+                        Some(v) => self.decide(id, v, &mut out, &mut completed_rows),
+                    },
                     Some(reason) => self.decide(
                         id,
                         Verdict::Failed {
@@ -493,6 +549,10 @@ impl Dispatcher {
                         }
                         Gate::Go => match self.rows[&s].invalid.clone() {
                             None => {
+                                if let Some(v) = self.hold(s) {
+                                    work.push((s, v));
+                                    break;
+                                }
                                 out.push(self.hand(s));
                                 cur = self.rows[&s].successor;
                             }
@@ -658,7 +718,6 @@ impl Dispatcher {
                 if let Some(s) = self.outage.get_mut(backend) {
                     *s = 0;
                 }
-                self.unavailable = false;
                 Verdict::Published
             }
             Err(e) => self.failure_verdict(backend, attempts, e.kind, e.reason),
@@ -682,11 +741,19 @@ impl Dispatcher {
                 // is looked at again promptly once the broker is back.
                 if self.outage.len() <= backend {
                     self.outage.resize(backend + 1, 0);
+                    self.next_probe.resize(backend + 1, Instant::now());
+                    self.probe.resize(backend + 1, None);
                 }
                 self.outage[backend] = self.outage[backend].saturating_add(1);
-                self.unavailable = true;
+                let delay = self.outage_delay(self.outage[backend]);
+                // The first unanswered result starts the wait for the next probe; results of
+                // events already in flight do not push it further.
+                let now = Instant::now();
+                if self.next_probe[backend] <= now {
+                    self.next_probe[backend] = now + delay;
+                }
                 Verdict::Retry {
-                    delay: self.outage_delay(self.outage[backend]),
+                    delay,
                     reason: format!("waiting for the broker: {reason}"),
                     counted: false,
                 }
@@ -995,6 +1062,125 @@ mod tests {
         assert!(!counted, "no attempt counted");
         assert!(*delay <= OUTAGE_RETRY_MAX.as_secs_f64());
         assert!(reason.contains("waiting for the broker"), "{reason}");
+    }
+
+    /// Backend "n" takes `orders.*`, backend "k" everything else.
+    fn two_backends(backoff: Backoff) -> Dispatcher {
+        let route = |topic: &str, backend: &str| RouteConfig {
+            topic: topic.into(),
+            backend: backend.into(),
+            format: BodyFormat::Raw,
+        };
+        let router = Router::new(
+            &[route("orders.*", "n"), route("*", "k")],
+            &["n".to_string(), "k".to_string()],
+        );
+        Dispatcher::new(Arc::new(router), backoff, 3, 1024)
+    }
+
+    fn on_topic(id: i64, agg: &str, topic: &str) -> Claimed {
+        let mut r = row(id, agg, None);
+        r.event.topic = topic.into();
+        r
+    }
+
+    #[test]
+    fn a_backend_that_is_down_is_not_asked_again_until_its_probe_while_others_flow() {
+        let mut d = two_backends(Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        ));
+        let (out, _) = d.add_batch(1, 1, vec![on_topic(1, "a", "orders.x")]);
+        d.on_result(ack(
+            &out[0],
+            Err(PublishError::unavailable("not connected")),
+        ));
+        assert!(
+            !d.brokers_unavailable(),
+            "the other backend was never asked"
+        );
+        // Within the outage delay: backend n's rows are rescheduled without an attempt and
+        // without a hand-off; backend k's go.
+        let (out, done) = d.add_batch(
+            2,
+            2,
+            vec![
+                on_topic(2, "b", "orders.x"),
+                on_topic(3, "c", "payments.x"),
+                on_topic(4, "d", "orders.y"),
+            ],
+        );
+        assert_eq!(ids(&out), vec![3]);
+        assert_eq!(out[0].backend, 1);
+        assert_eq!(d.held_back(), 2);
+        assert!(done.is_empty(), "row 3 is still in flight");
+        let (_, done) = d.on_result(ack(&out[0], Ok(())));
+        let m = &done[0].marks;
+        assert_eq!(m.published, vec![3]);
+        let mut held: Vec<_> = m.retry.iter().map(|r| (r.0, r.3)).collect();
+        held.sort();
+        assert_eq!(held, vec![(2, false), (4, false)], "held back uncounted");
+        assert!(m
+            .retry
+            .iter()
+            .all(|r| r.2.contains("backend n is unavailable")));
+        // The other backend's success says nothing about n: its rows still wait.
+        let (out, _) = d.add_batch(3, 3, vec![on_topic(5, "e", "orders.x")]);
+        assert!(out.is_empty());
+        // Both down: the relay spaces its claims.
+        let (out, _) = d.add_batch(4, 4, vec![on_topic(6, "f", "payments.x")]);
+        d.on_result(ack(
+            &out[0],
+            Err(PublishError::unavailable("all brokers down")),
+        ));
+        assert!(d.brokers_unavailable());
+    }
+
+    #[test]
+    fn after_the_outage_delay_one_probe_goes_and_its_success_ends_the_outage() {
+        // No delay at all: every claim may probe.
+        let mut d = two_backends(Backoff::new(Duration::ZERO, Duration::ZERO));
+        let (out, _) = d.add_batch(1, 1, vec![on_topic(1, "a", "orders.x")]);
+        d.on_result(ack(
+            &out[0],
+            Err(PublishError::unavailable("not connected")),
+        ));
+        let (out, _) = d.add_batch(2, 2, vec![on_topic(2, "b", "orders.x")]);
+        assert_eq!(ids(&out), vec![2], "the probe");
+        d.on_result(ack(&out[0], Ok(())));
+        let (out, _) = d.add_batch(
+            3,
+            3,
+            vec![on_topic(3, "c", "orders.x"), on_topic(4, "d", "orders.x")],
+        );
+        assert_eq!(ids(&out), vec![3, 4], "back: everything goes");
+        assert_eq!(d.held_back(), 0);
+    }
+
+    #[test]
+    fn a_held_back_row_defers_the_rest_of_its_chain() {
+        let mut d = two_backends(Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        ));
+        let (out, _) = d.add_batch(1, 1, vec![on_topic(1, "z", "orders.x")]);
+        d.on_result(ack(
+            &out[0],
+            Err(PublishError::unavailable("not connected")),
+        ));
+        let mut second = on_topic(3, "a", "orders.x");
+        second.prev = Some(Prev {
+            id: 2,
+            status: status::PENDING.into(),
+            next_attempt_at: Utc::now() - chrono::Duration::seconds(1),
+        });
+        let (out, done) = d.add_batch(2, 2, vec![on_topic(2, "a", "orders.x"), second]);
+        assert!(out.is_empty());
+        let m = &done[0].marks;
+        assert_eq!(m.retry.len(), 1);
+        assert_eq!(m.retry[0].0, 2);
+        assert_eq!(m.deferred.len(), 1);
+        assert_eq!(m.deferred[0].0, 3);
     }
 
     #[test]

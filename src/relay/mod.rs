@@ -521,10 +521,11 @@ impl Relay {
         let mut want_claim = true;
         let mut claim_errors: u32 = 0;
         let mut claim_not_before = tokio::time::Instant::now();
-        // While the brokers are unreachable, claiming pauses: a claim that hands events to a
-        // broker is followed by the next only after the outage delay (the retry backoff, capped
-        // at 5 s), instead of claiming, failing and rewriting the whole backlog over and over.
-        // The first success resumes claiming at full speed.
+        // While every broker is unreachable, claiming pauses: a claim with events for them is
+        // followed by the next only after the outage delay (the retry backoff, capped at 5 s),
+        // instead of claiming and rewriting the whole backlog over and over. The first success
+        // resumes claiming at full speed. With one backend down among others, claims go on and
+        // the dispatcher holds that backend's events back (one probe per outage delay).
         let mut probes: u32 = 0;
         let mut stopping = false;
         let mut stop_deadline: Option<tokio::time::Instant> = None;
@@ -660,11 +661,13 @@ impl Relay {
                                 }
                                 txs.insert(next_batch, tx);
                                 claim_versions.insert(next_batch, version);
+                                let held = d.held_back();
                                 let (h, c) = d.add_batch(next_batch, claims_started, rows);
-                                if d.brokers_unavailable() && !h.is_empty() {
-                                    // This claim asks the brokers again; the next one waits.
-                                    // Claims that hand nothing over (rows deferred behind
-                                    // waiting events) ask nothing and are not spaced.
+                                if d.brokers_unavailable() && (!h.is_empty() || d.held_back() > held) {
+                                    // Every backend is down and this claim had events for
+                                    // them (a probe handed, the rest rescheduled): the next
+                                    // claim waits. Claims that only defer rows behind waiting
+                                    // events ask nothing and are not spaced.
                                     if probes == 0 {
                                         tracing::warn!("brokers unavailable: claiming paused between probes until one answers");
                                     }

@@ -144,6 +144,23 @@ pub fn assert_every_event_arrived<'a>(
     }
 }
 
+/// Per key, the first delivery of each event comes in sequence (from the first one seen);
+/// re-deliveries of events already seen (at-least-once, same event id) may come at any point.
+pub fn assert_first_deliveries_in_order(got: &[Received]) {
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for r in got {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let seq = v["seq"].as_i64().unwrap();
+        match last.get(&r.key).copied() {
+            Some(prev) if seq <= prev => {}
+            Some(prev) => assert_eq!(prev + 1, seq, "order broken for {}", r.key),
+            None => {}
+        }
+        let top = last.entry(r.key.clone()).or_insert(seq);
+        *top = (*top).max(seq);
+    }
+}
+
 /// Per aggregate (the key), the `seq` numbers of the bodies arrive as 0, 1, 2, ...
 pub fn assert_in_order(got: &[Received]) {
     let mut last: HashMap<String, i64> = HashMap::new();
