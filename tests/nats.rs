@@ -508,3 +508,88 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
     drop(js);
     db.drop_schema().await;
 }
+
+/// "No responders" while JetStream is not answering (here: the server back without JetStream,
+/// as while a stream's leader is elected) says nothing about the event: it waits, far past
+/// the retry budget, and is published once JetStream is back. Only "no stream covers the
+/// subject", which JetStream itself answers, fails an event (see the bad-subjects test).
+#[tokio::test]
+async fn no_responders_while_jetstream_is_away_fail_nothing() {
+    let _watchdog = watchdog(
+        "no_responders_while_jetstream_is_away_fail_nothing",
+        Duration::from_secs(300),
+    );
+    let mut server = PrivateNats::start();
+    let (prefix, stream) = n::unique();
+    let js = n::create_stream(&server.url(), &stream, &prefix).await;
+    let db = TestDb::new().await;
+    let publisher = Arc::new(
+        NatsPublisher::connect(&n::config(&server.url()))
+            .await
+            .unwrap(),
+    );
+    let mut cfg = db.config();
+    cfg.relay.publish_timeout = Dur::secs(2);
+    cfg.relay.backoff_initial = Dur::ms(20);
+    cfg.relay.backoff_max = Dur::ms(100);
+    cfg.relay.max_attempts = 3;
+    let relay = db
+        .relay_with(&cfg, vec![("nats", publisher.clone())], &routes())
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    let topic = format!("{prefix}.orders");
+    let round = |r: usize| -> Vec<NewEvent> {
+        (0..50)
+            .map(|i| numbered_on(&topic, &format!("a{}", i % 10), r * 5 + i / 10))
+            .collect()
+    };
+    let first = round(0);
+    db.enqueue(&first).await;
+    wait_for(DEADLINE, "the first events through", || async {
+        db.total().await == 0
+    })
+    .await;
+
+    server.stop_server();
+    server.start_server_without_jetstream();
+    let waiting = round(1);
+    db.enqueue(&waiting).await;
+    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for(
+        DEADLINE,
+        "each waiting event tried past the budget without JetStream",
+        || async { retried() > 10 * 3 * 4 },
+    )
+    .await;
+    assert_eq!(
+        db.count("status = 'failed'").await,
+        0,
+        "no responders failed events"
+    );
+    // The probes' answers: JetStream could not say which stream covers the subject.
+    let probed =
+        "last_error LIKE '%no responders for subject%' AND last_error LIKE 'waiting for the broker%'";
+    wait_for(DEADLINE, "a probe's reason on its row", || async {
+        db.count(probed).await > 0
+    })
+    .await;
+
+    server.stop_server();
+    server.start_server();
+    wait_for(
+        DEADLINE,
+        "every event published once JetStream is back",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let got = n::read_stream(&async_nats::jetstream::new(client), &stream).await;
+    conformance::assert_every_event_arrived(&got, first.iter().chain(&waiting));
+    conformance::assert_in_order(&got);
+    drop(js);
+    db.drop_schema().await;
+}

@@ -191,15 +191,23 @@ impl PrivateNats {
     }
 
     pub fn start_server(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+        self.launch(true);
+    }
+
+    /// The same server (port, store) with JetStream off: its API and streams answer nothing,
+    /// so a JetStream publish gets "no responders".
+    pub fn start_server_without_jetstream(&mut self) {
+        self.launch(false);
+    }
+
+    fn launch(&mut self, jetstream: bool) {
+        let mut cmd = Command::new(nats_server_bin());
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if jetstream {
+            cmd.arg("-js");
+        }
+        let child = cmd
+            .arg("-sd")
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -9,6 +9,10 @@
 //!   by the server within the stream's duplicate window; a PubAck marked duplicate is a success.
 //! * The client reconnects by itself with capped exponential backoff; publishes made while it
 //!   is away time out into retryable results, and the rows stay pending.
+//! * "No responders" to a JetStream publish means no stream took the subject: either none
+//!   covers it, or the one that does has no leader right now (an election, servers
+//!   restarting). [`NoResponders`] asks JetStream which: the first fails the event, the second
+//!   waits for the stream like any outage.
 
 pub mod config;
 pub mod error;
@@ -26,6 +30,7 @@ use config::Persistence;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -125,7 +130,10 @@ impl NatsPublisher {
             .backpressure_on_inflight(true)
             .build(client.clone());
         let (acks, rx) = mpsc::unbounded_channel();
-        tokio::spawn(collect_acks(rx));
+        tokio::spawn(collect_acks(
+            rx,
+            Arc::new(NoResponders::new(js.clone(), cfg.ack_timeout.0)),
+        ));
         Ok(NatsPublisher {
             client,
             js,
@@ -235,42 +243,104 @@ pub fn nats_headers_size(headers: &HeaderMap) -> usize {
 }
 
 /// Awaits PubAcks as they come and resolves their tickets.
-async fn collect_acks(mut rx: mpsc::UnboundedReceiver<PendingAck>) {
+async fn collect_acks(mut rx: mpsc::UnboundedReceiver<PendingAck>, lookup: Arc<NoResponders>) {
     let mut waiting = FuturesUnordered::new();
     loop {
         tokio::select! {
             next = rx.recv() => match next {
-                Some((fut, ticket, subject)) => waiting.push(async move {
-                    let result = fut.await;
-                    (result, ticket, subject)
-                }),
+                Some((fut, ticket, subject)) => {
+                    let lookup = lookup.clone();
+                    waiting.push(async move {
+                        let outcome = match fut.await {
+                            // A duplicate PubAck means the stream already has this event id:
+                            // delivered.
+                            Ok(_) => Ok(()),
+                            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                                Err(lookup.classify(&subject).await)
+                            }
+                            Err(e) => Err(error::classify(&subject, &e)),
+                        };
+                        (outcome, ticket)
+                    })
+                }
                 None if waiting.is_empty() => return,
                 None => {
-                    while let Some((result, ticket, subject)) = waiting.next().await {
-                        resolve(result, ticket, &subject);
+                    while let Some((outcome, ticket)) = waiting.next().await {
+                        ticket.resolve(outcome);
                     }
                     return;
                 }
             },
-            Some((result, ticket, subject)) = waiting.next(), if !waiting.is_empty() => {
-                resolve(result, ticket, &subject);
+            Some((outcome, ticket)) = waiting.next(), if !waiting.is_empty() => {
+                ticket.resolve(outcome);
             }
         }
     }
 }
 
-fn resolve(
-    result: Result<
-        async_nats::jetstream::publish::PublishAck,
-        async_nats::jetstream::context::PublishError,
-    >,
-    ticket: AckTicket,
-    subject: &str,
-) {
-    match result {
-        // A duplicate PubAck means the stream already has this event id: delivered.
-        Ok(_) => ticket.ack(),
-        Err(e) => ticket.nack(error::classify(subject, &e)),
+/// How long an answer about a subject's stream is reused: a burst of "no responders" costs
+/// one lookup, and a stream created or elected since is seen within this.
+const STREAM_LOOKUP_TTL: Duration = Duration::from_secs(1);
+
+/// When a subject's stream was looked up, and its name (`None`: no stream covers it).
+type StreamSeen = (std::time::Instant, Option<String>);
+
+/// Tells the two meanings of "no responders" apart by asking JetStream which stream covers
+/// the subject (`STREAM.NAMES` with a subject filter).
+struct NoResponders {
+    js: async_nats::jetstream::Context,
+    timeout: Duration,
+    /// Per subject: when it was looked up, and the covering stream (`None`: none covers it).
+    known: std::sync::Mutex<HashMap<Arc<str>, StreamSeen>>,
+}
+
+impl NoResponders {
+    fn new(js: async_nats::jetstream::Context, timeout: Duration) -> Self {
+        NoResponders {
+            js,
+            timeout,
+            known: Default::default(),
+        }
+    }
+
+    async fn classify(&self, subject: &Arc<str>) -> PublishError {
+        let cached = self
+            .known
+            .lock()
+            .ok()
+            .and_then(|k| k.get(subject).cloned())
+            .filter(|(at, _)| at.elapsed() < STREAM_LOOKUP_TTL);
+        let stream = match cached {
+            Some((_, stream)) => stream,
+            None => {
+                let found = tokio::time::timeout(
+                    self.timeout,
+                    self.js.stream_by_subject(subject.to_string()),
+                )
+                .await;
+                let stream = match found {
+                    Ok(Ok(name)) => Some(name),
+                    Ok(Err(e))
+                        if e.kind()
+                            == async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound =>
+                    {
+                        None
+                    }
+                    // JetStream itself did not answer: nothing is known about the stream.
+                    Ok(Err(e)) => return error::no_responders_unknown(subject, &e.to_string()),
+                    Err(_) => return error::no_responders_unknown(subject, "no answer in time"),
+                };
+                if let Ok(mut k) = self.known.lock() {
+                    // Subjects are topics, few; a flood of distinct ones only costs lookups.
+                    if k.len() >= 4096 {
+                        k.clear();
+                    }
+                    k.insert(subject.clone(), (std::time::Instant::now(), stream.clone()));
+                }
+                stream
+            }
+        };
+        error::no_responders(subject, stream.as_deref())
     }
 }
 
