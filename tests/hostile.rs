@@ -193,6 +193,16 @@ fn cases(wire: Wire, topic: &str) -> Vec<Case> {
             Published,
         ),
         (
+            "next_attempt_at infinity (never due)",
+            vec![("next_attempt_at", q("infinity"))],
+            Fails("field next_attempt_at: infinity is never due"),
+        ),
+        (
+            "next_attempt_at past the relay's hold marker",
+            vec![("next_attempt_at", q("20000-01-01 00:00:00+00"))],
+            Fails("field next_attempt_at"),
+        ),
+        (
             "topic not ASCII",
             vec![("topic", q(&format!("{topic}{sep}ordérs")))],
             Fails("topic"),
@@ -449,5 +459,85 @@ async fn hostile_rows_never_crash_or_stall_a_relay_on_kafka() {
     })
     .await;
     check_received(&reader.received(), &expected, &good, &cases);
+    db.drop_schema().await;
+}
+
+/// An aggregate whose first event a producer wrote with `next_attempt_at = infinity`, and two
+/// good events after it: the first fails naming the value, the others are held behind it
+/// (not lost, not published ahead of it), and a replay sends all three, in order.
+#[tokio::test]
+async fn a_never_due_head_fails_and_holds_its_aggregate_until_replayed() {
+    let b = JetStream::new().await;
+    let db = TestDb::new().await;
+    let topic = format!("{}.orders", b.prefix);
+    let events: Vec<NewEvent> = (0..3).map(|seq| numbered_on(&topic, "inf", seq)).collect();
+    db.enqueue(&events).await;
+    db.sql(&format!(
+        "UPDATE {{t}} SET next_attempt_at = 'infinity' WHERE event_id = '{}'",
+        events[0].event_id
+    ))
+    .await;
+    let monitor = outbox_relay::config::MonitorConfig {
+        backlog_interval: outbox_relay::config::Dur::ms(200),
+        ..Default::default()
+    };
+    let relay = db
+        .relay_with(
+            &db.config(),
+            vec![("nats", b.publisher.clone())],
+            &[common::route("*", "nats")],
+        )
+        .await
+        .with_monitor(monitor, "never-due".into());
+    let (h, stop) = spawn(relay);
+    let held = format!(
+        "status = 'pending' AND next_attempt_at = '{}'",
+        outbox_relay::store::HELD_UNTIL
+    );
+    wait_for(DEADLINE, "the head failed and the rest held", || async {
+        db.count("status = 'failed'").await == 1 && db.count(&held).await == 2
+    })
+    .await;
+    let (status, _, err) = db.row(events[0].event_id).await.unwrap();
+    assert_eq!(status, "failed");
+    let err = err.unwrap();
+    assert!(
+        err.contains("field next_attempt_at: infinity is never due"),
+        "{err}"
+    );
+    assert!(
+        n::read_stream(&b.js, &b.stream).await.is_empty(),
+        "nothing overtook it"
+    );
+    let store = outbox_relay::store::Store::connect(
+        &db.config().database,
+        &outbox_relay::store::Session {
+            application_name: "never-due-replay".into(),
+            idle_in_transaction_timeout: None,
+            operator: true,
+        },
+    )
+    .await
+    .unwrap();
+    store
+        .replay(
+            outbox_relay::store::ops::Target::Failed,
+            &outbox_relay::store::ops::Filter {
+                aggregate_id: Some("inf".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    wait_for(DEADLINE, "all three published after the replay", || async {
+        db.total().await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let got = n::read_stream(&b.js, &b.stream).await;
+    assert_eq!(got.len(), 3);
+    assert_in_order(&got);
+    b.delete().await;
     db.drop_schema().await;
 }

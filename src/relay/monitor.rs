@@ -183,7 +183,10 @@ impl Monitor {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = health.tick() => self.probe(&mut reconnects_seen).await,
-                _ = backlog.tick() => self.count(&mut levels).await,
+                _ = backlog.tick() => {
+                    self.count(&mut levels).await;
+                    self.settle_never_due().await;
+                }
                 _ = beat.tick() => self.beat().await,
                 _ = prune.tick(), if keep => self.prune().await,
             }
@@ -331,6 +334,18 @@ impl Monitor {
         self.heartbeat.partitions = s.owned_partitions.load(Ordering::Relaxed) as i32;
         if let Err(e) = self.store.heartbeat(&self.heartbeat).await {
             tracing::debug!(error = %e, "could not write the relay's heartbeat");
+        }
+    }
+
+    async fn settle_never_due(&self) {
+        match self.store.settle_never_due(self.relay.prune_batch).await {
+            Ok((0, 0)) => {}
+            Ok((failed, due)) => tracing::warn!(
+                failed,
+                made_due = due,
+                "rows with a next_attempt_at that never comes: the first of each aggregate failed naming it"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not look for rows that are never due"),
         }
     }
 

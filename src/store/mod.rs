@@ -332,6 +332,7 @@ struct Statements {
     fail: String,
     retry: String,
     defer: String,
+    never_due: String,
 }
 
 impl Statements {
@@ -366,6 +367,26 @@ impl Statements {
                 "DELETE FROM {t} WHERE id IN ( \
                    SELECT id FROM {t} WHERE status = 'published' AND published_at < $1 \
                    ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            ),
+            // Rows no time ever reaches (`infinity`, or past the relay's hold marker: only a
+            // producer writes those): a row that heads its aggregate fails naming the value;
+            // one behind an unfinished earlier row is made due, so the relay orders it (and
+            // holds it behind its failed predecessor). On the claim index, at its far end.
+            never_due: format!(
+                "WITH c AS ( \
+                   SELECT o.id, EXISTS ( \
+                       SELECT 1 FROM {t} p WHERE p.aggregate_id = o.aggregate_id \
+                         AND p.id < o.id AND p.status <> 'published') AS behind \
+                   FROM {t} o WHERE o.status = 'pending' AND o.next_attempt_at > $1 \
+                   ORDER BY o.next_attempt_at, o.id LIMIT $2 FOR UPDATE OF o SKIP LOCKED) \
+                 UPDATE {t} SET \
+                   status = CASE WHEN c.behind THEN 'pending' ELSE 'failed' END, \
+                   last_error = CASE WHEN c.behind THEN {t}.last_error ELSE \
+                     'field next_attempt_at: ' || {t}.next_attempt_at::text || \
+                     ' is never due; allowed: a time before ' || $1::text || \
+                     ' (leave it to its default, now(), to publish at once)' END, \
+                   next_attempt_at = now() \
+                 FROM c WHERE {t}.id = c.id RETURNING c.behind"
             ),
             fail: format!(
                 "UPDATE {t} SET status = 'failed', attempts = attempts + d.inc, \
@@ -798,6 +819,27 @@ impl Store {
                 .map_err(StoreError::sql("defer blocked rows"))?;
         }
         tx.commit().await.map_err(StoreError::sql("commit"))
+    }
+
+    /// Settles pending rows that would never come due (a producer set `next_attempt_at` to
+    /// `infinity` or past the hold marker), `batch` at a time until none is left: (failed,
+    /// made due). See `Statements::never_due`.
+    pub async fn settle_never_due(&self, batch: u32) -> Result<(u64, u64), StoreError> {
+        let (mut failed, mut due) = (0, 0);
+        loop {
+            let behind: Vec<bool> = sqlx::query_scalar(&self.stmts.never_due)
+                .bind(held_until())
+                .bind(batch as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::sql("settle rows that are never due"))?;
+            let n = behind.iter().filter(|b| **b).count() as u64;
+            due += n;
+            failed += behind.len() as u64 - n;
+            if behind.len() < batch as usize {
+                return Ok((failed, due));
+            }
+        }
     }
 
     /// Deletes kept published rows older than `older_than`, `batch` at a time, until none is
