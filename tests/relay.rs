@@ -596,7 +596,8 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
     db.drop_schema().await;
 }
 
-/// The claim stays on its partial index, and the predecessor probe on the aggregate index,
+/// The claim stays on its partial index, and the predecessor probe on the aggregate index (its
+/// gate on the waiting index),
 /// whatever the table holds and whatever the statistics say: here they were taken on an empty
 /// table (as in the steady state) before a 30 000-row backlog arrived.
 #[tokio::test]
@@ -624,7 +625,8 @@ async fn the_claim_runs_on_the_partial_indexes_even_with_stale_statistics() {
         let mut q = sqlx::query_scalar::<_, String>(&sql)
             .bind(1000i64)
             .bind(1i64 << 20)
-            .bind(8i64 << 20);
+            .bind(8i64 << 20)
+            .bind(None::<i64>);
         if with_cursor {
             q = q
                 .bind(chrono::Utc::now() - chrono::Duration::hours(1))
@@ -649,6 +651,7 @@ async fn the_claim_runs_on_the_partial_indexes_even_with_stale_statistics() {
             .bind(0i16)
             .bind(127i16)
             .bind(true)
+            .bind(Some(1000i64))
             .fetch_all(store.pool())
             .await
             .unwrap()
@@ -659,6 +662,10 @@ async fn the_claim_runs_on_the_partial_indexes_even_with_stale_statistics() {
         "the range is an index condition: {plan}"
     );
     assert!(plan.contains("outbox_aggregate_idx"), "{plan}");
+    // The probe runs behind a gate evaluated once per claimed row, whose own look for rows
+    // waiting in the aggregate is one descent of the small waiting index.
+    assert!(plan.contains("One-Time Filter"), "{plan}");
+    assert!(plan.contains("outbox_waiting_idx"), "{plan}");
     assert!(
         !plan.contains("Seq Scan") && !plan.contains("Bitmap") && !plan.contains("Sort"),
         "{plan}"
@@ -797,7 +804,10 @@ async fn claims_are_bounded_in_bytes_and_oversized_payloads_are_never_fetched() 
     .execute(&db.pool)
     .await
     .unwrap();
-    let claim = store.claim_share(100, None, &share).await.unwrap();
+    let claim = store
+        .claim_share(100, outbox_relay::store::Walk::Front, &share)
+        .await
+        .unwrap();
     assert_eq!(claim.rows.len(), 4, "rows under a 1 MB budget");
     assert!(claim.cut, "the budget cut the claim");
     assert!(
@@ -836,5 +846,85 @@ async fn claims_are_bounded_in_bytes_and_oversized_payloads_are_never_fetched() 
         "{err}"
     );
     assert_handed_only_after_predecessor_acked(&mem.log().records());
+    db.drop_schema().await;
+}
+
+/// An aggregate written one transaction after another by a producer whose first transaction
+/// stayed open while the relay's claims walked far past its row (a long business
+/// transaction): its second event, committed after the first, is claimed by a claim that
+/// continues the walk, before any claim from the front has seen the first. The relay must
+/// still publish the first before the second (the claim probes rows written since its walk
+/// began, and finds the late one).
+#[tokio::test]
+async fn an_event_committed_behind_the_claims_walk_still_goes_first() {
+    let db = TestDb::new().await;
+    let mut cfg = db.config();
+    // Small full claims keep the walk going; no poll restarts it from the front meanwhile.
+    cfg.relay.batch_size = 5;
+    cfg.relay.poll_interval = Dur::secs(600);
+    let mem = MemoryPublisher::new();
+    let (h, stop) = spawn(db.relay(&cfg, Arc::new(mem.clone())).await);
+    let first = common::numbered("late", 0);
+    let second = common::numbered("late", 1);
+    let mut open = db.pool.begin().await.unwrap();
+    db.outbox
+        .enqueue(&mut open, std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    // Rows after it, committed: the walk goes past the open row's key.
+    let others = common::interleaved(100, 20, 0);
+    db.enqueue(&others).await;
+    wait_for(DEADLINE, "the walk well past the open row", || async {
+        mem.log().acked().len() >= 200
+    })
+    .await;
+    open.commit().await.unwrap();
+    db.enqueue(std::slice::from_ref(&second)).await;
+    // The second is claimed by a claim continuing the walk (full claims, no poll) and must
+    // wait: it is rescheduled behind the first, which the walk has passed.
+    wait_for(DEADLINE, "the others published", || async {
+        mem.log().acked().len() >= others.len()
+    })
+    .await;
+    let second_waits = format!(
+        "event_id = '{}' AND next_attempt_at <> '-infinity'",
+        second.event_id
+    );
+    let second_acked = || {
+        mem.log()
+            .acked()
+            .iter()
+            .any(|a| a.event_id == second.event_id)
+    };
+    wait_for(
+        DEADLINE,
+        "the second rescheduled (or published)",
+        || async { db.count(&second_waits).await == 1 || second_acked() },
+    )
+    .await;
+    assert!(!second_acked(), "the second event overtook the first");
+    // Commits wake the relay (standing in for the poll, which this test turned off); the
+    // claims start from the front and find the first, then the second once it is due.
+    let mut n = 0;
+    wait_for(DEADLINE, "everything published", || {
+        n += 1;
+        let nudge = common::numbered(&format!("nudge{n}"), 0);
+        let db = &db;
+        async move {
+            if db.total().await == 0 {
+                return true;
+            }
+            db.enqueue(&[nudge]).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            false
+        }
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let acked = mem.log().acked();
+    let at = |e: &NewEvent| acked.iter().position(|a| a.event_id == e.event_id);
+    let (p, r) = (at(&first).expect("first"), at(&second).expect("second"));
+    assert!(p < r, "the second event overtook the first ({p} vs {r})");
     db.drop_schema().await;
 }

@@ -152,6 +152,10 @@ pub struct Dispatcher {
     max_attempts: u32,
     max_payload_bytes: usize,
     rows: HashMap<i64, RowState>,
+    /// Per aggregate (by a hash of its id), the rows of it in `rows`. The claim probes the
+    /// database for a row's predecessor only where its own order could have missed one (see
+    /// `store::claim_sql`); otherwise the row's predecessors are these, or done.
+    by_aggregate: HashMap<u64, Vec<i64>>,
     batches: HashMap<u64, BatchState>,
     /// Rows this relay published and committed lately: a claim that started before that commit
     /// still sees them as predecessors. Each is tagged with the number of claims started when
@@ -201,6 +205,7 @@ impl Dispatcher {
             max_attempts,
             max_payload_bytes,
             rows: HashMap::new(),
+            by_aggregate: HashMap::new(),
             batches: HashMap::new(),
             recent: HashSet::new(),
             recent_order: VecDeque::new(),
@@ -278,6 +283,41 @@ impl Dispatcher {
         self.backoff.delay(rounds.min(16)).min(OUTAGE_RETRY_MAX)
     }
 
+    /// The latest row of `aggregate` before `id` this relay tracks.
+    fn tracked_before(&self, aggregate: &str, id: i64) -> Option<i64> {
+        self.by_aggregate
+            .get(&aggregate_key(aggregate))?
+            .iter()
+            .copied()
+            .filter(|t| *t < id)
+            .filter(|t| {
+                self.rows
+                    .get(t)
+                    .is_some_and(|r| r.event.aggregate_id == aggregate)
+            })
+            .max()
+    }
+
+    fn track(&mut self, aggregate: &str, id: i64) {
+        let ids = self
+            .by_aggregate
+            .entry(aggregate_key(aggregate))
+            .or_default();
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+
+    fn untrack(&mut self, aggregate: &str, id: i64) {
+        let key = aggregate_key(aggregate);
+        if let Some(ids) = self.by_aggregate.get_mut(&key) {
+            ids.retain(|t| *t != id);
+            if ids.is_empty() {
+                self.by_aggregate.remove(&key);
+            }
+        }
+    }
+
     /// Rows claimed and not yet committed.
     pub fn in_flight(&self) -> usize {
         self.rows.len()
@@ -343,6 +383,14 @@ impl Dispatcher {
                         .is_none()
                         .then(|| self.router.no_route_reason(&c.event.topic))
                 });
+            // The probe's answer, or the aggregate's latest row still in memory if that is later
+            // (or the probe was skipped).
+            let prev = match (c.prev, self.tracked_before(&c.event.aggregate_id, id)) {
+                (Some(p), Some(t)) if t > p.id => Some(tracked_prev(t, now)),
+                (Some(p), _) => Some(p),
+                (None, t) => t.map(|t| tracked_prev(t, now)),
+            };
+            self.track(&c.event.aggregate_id, id);
             let event = Arc::new(c.event);
             self.rows.insert(
                 id,
@@ -361,7 +409,7 @@ impl Dispatcher {
             );
             // Order first: an invalid row still may not be decided before its predecessor,
             // or a later valid row could be published while an earlier one retries.
-            let gate = match self.place(id, c.prev.as_ref(), now) {
+            let gate = match self.place(id, prev.as_ref(), now) {
                 Placement::Ready => Gate::Go,
                 Placement::Behind(prev) => {
                     if let Some(p) = self.rows.get_mut(&prev) {
@@ -867,6 +915,7 @@ impl Dispatcher {
                 continue;
             }
             if let Some(r) = self.rows.remove(id) {
+                self.untrack(&r.event.aggregate_id, *id);
                 if ok && matches!(r.state, State::Done(Verdict::Published)) {
                     self.recent.insert(*id);
                     self.recent_order.push_back((claims_started, *id));
@@ -874,6 +923,22 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// A row this relay tracks, as a predecessor.
+fn tracked_prev(id: i64, now: chrono::DateTime<chrono::Utc>) -> Prev {
+    Prev {
+        id,
+        status: status::PENDING.into(),
+        next_attempt_at: now,
+    }
+}
+
+fn aggregate_key(aggregate: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    aggregate.hash(&mut h);
+    h.finish()
 }
 
 enum Placement {
@@ -1181,6 +1246,34 @@ mod tests {
         assert_eq!(m.retry[0].0, 2);
         assert_eq!(m.deferred.len(), 1);
         assert_eq!(m.deferred[0].0, 3);
+    }
+
+    #[test]
+    fn a_row_without_a_probe_still_waits_behind_its_aggregates_rows_in_memory() {
+        // The claim skipped the probe (prev None), but an earlier row of the aggregate is in
+        // flight from an earlier claim, and another waits in this one.
+        let mut d = dispatcher(5);
+        let (out, _) = d.add_batch(1, 1, vec![row(1, "a", None)]);
+        assert_eq!(ids(&out), vec![1]);
+        let (out2, _) = d.add_batch(
+            2,
+            2,
+            vec![row(5, "a", None), row(7, "a", None), row(6, "b", None)],
+        );
+        assert_eq!(ids(&out2), vec![6], "5 and 7 wait behind 1");
+        let (more, _) = d.on_result(ack(&out[0], Ok(())));
+        assert_eq!(ids(&more), vec![5]);
+        let (more, _) = d.on_result(ack(&more[0], Ok(())));
+        assert_eq!(ids(&more), vec![7]);
+        // A failure of the head defers what waits behind it, as with a probed predecessor.
+        let (out3, _) = d.add_batch(3, 3, vec![row(10, "c", None)]);
+        let (_, _) = d.add_batch(4, 4, vec![row(11, "c", None)]);
+        let (_, done) = d.on_result(ack(&out3[0], Err(PublishError::permanent("no"))));
+        let held: Vec<i64> = done
+            .iter()
+            .flat_map(|c| c.marks.deferred.iter().map(|(id, _)| *id))
+            .collect();
+        assert_eq!(held, vec![11]);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::publisher::stdout::StdoutPublisher;
 use crate::publisher::ProvisionReport;
 use crate::publisher::{AckSender, AckTicket, Outgoing, Publisher};
 use crate::routing::Router;
-use crate::store::{Claim, ClaimTx, Cursor, Session, Store, StoreError};
+use crate::store::{Claim, ClaimTx, Cursor, Session, Store, StoreError, Walk};
 use dispatch::{Completed, Dispatcher, Handoff, Tally, TopicTally};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -38,7 +38,7 @@ use opentelemetry::trace::{Span as _, Status};
 use opentelemetry_sdk::trace::Span;
 use prometheus_client::metrics::histogram::Histogram;
 use retry::Backoff;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -512,8 +512,16 @@ impl Relay {
         let mut claiming: Option<BoxFuture<'static, ClaimResult>> = None;
         // Claims start past the last key taken while they come back full; from the front of the
         // due index again when one comes back short and at least once per poll interval, so
-        // rows committed late (behind the cursor) are found too.
-        let mut cursor: Option<Cursor> = None;
+        // rows committed late (behind the cursor) are found too. With the key goes the oldest
+        // transaction running when the walk began (see `store::claim_sql`).
+        let mut cursor: Option<(Cursor, i64)> = None;
+        // Claims cut short by their byte budget and still open: they hold rows locked that
+        // nobody tracks, so claims started meanwhile probe every row.
+        let mut cut_open: HashSet<u64> = HashSet::new();
+        // The claim in progress was started before the loop heard that rows a walk had passed
+        // came back unchanged (released, a lost claim, a cut claim ended): its rows are given
+        // back untouched and the walk begins again from the front.
+        let mut suspect = false;
         let mut cursor_since = Instant::now();
         let mut claims_started: u64 = 0;
         let mut finishing: FuturesUnordered<Finishing> = FuturesUnordered::new();
@@ -606,7 +614,11 @@ impl Relay {
                 claims_started += 1;
                 let store = self.store.clone();
                 let limit = self.cfg.batch_size;
-                let from = cursor;
+                let from = match cursor {
+                    _ if !cut_open.is_empty() => Walk::ProbeAll(cursor.map(|(c, _)| c)),
+                    Some((c, xmin)) => Walk::After(c, xmin),
+                    None => Walk::Front,
+                };
                 let share = assignment.share.clone().expect("guarded");
                 claiming_version = Some(assignment.version);
                 // On a task of its own: decoding a batch overlaps with the loop's work.
@@ -624,13 +636,19 @@ impl Relay {
                     let version = claiming_version.take().unwrap_or(assignment.version);
                     self.stats.claims.fetch_add(1, Ordering::Relaxed);
                     match res {
-                        Ok(Claim { tx, rows, next, cut }) => {
+                        Ok(Claim { tx, .. }) if std::mem::take(&mut suspect) => {
+                            drop(tx);
+                            d.forget_recent_before(claims_started);
+                            cursor = None;
+                            want_claim = true;
+                        }
+                        Ok(Claim { tx, rows, next, cut, walk_xmin }) => {
                             // A claim made with an older share says nothing about where the
                             // rows of partitions added since begin: start from the front. (One
                             // cut short by its byte budget has no `next`: the rows it holds
                             // past its last key are found from the front once released.)
                             cursor = if version == assignment.version {
-                                next
+                                next.zip(walk_xmin)
                             } else {
                                 None
                             };
@@ -660,6 +678,9 @@ impl Relay {
                                     self.book().claims.insert(next_batch, span);
                                 }
                                 txs.insert(next_batch, tx);
+                                if cut {
+                                    cut_open.insert(next_batch);
+                                }
                                 claim_versions.insert(next_batch, version);
                                 let held = d.held_back();
                                 let (h, c) = d.add_batch(next_batch, claims_started, rows);
@@ -714,6 +735,12 @@ impl Relay {
                 }
                 Some((batch, res, tally, by_topic)) = finishing.next(), if !finishing.is_empty() => {
                     d.finished(batch, res.is_ok(), claims_started);
+                    let was_cut = cut_open.remove(&batch);
+                    if was_cut || tally.released > 0 || res.is_err() {
+                        // Rows are pending again unchanged, possibly behind the cursor.
+                        cursor = None;
+                        suspect = claiming.is_some();
+                    }
                     claim_versions.remove(&batch);
                     if self.tracer.is_on() {
                         if let Some(mut span) = self.book().claims.remove(&batch) {

@@ -229,16 +229,41 @@ pub struct Session {
 /// locked past the budget are released unchanged when the claim commits. The running sum
 /// follows the CTE's own (index) order, so no sort is added.
 ///
-/// The lateral probe finds each returned row's nearest unfinished predecessor on the
-/// aggregate index (one backward index probe per row): how the relay keeps one event per
-/// aggregate in flight.
+/// The lateral probe finds a returned row's nearest unfinished predecessor on the aggregate
+/// index (one backward index probe): how the relay keeps one event per aggregate in flight.
+/// It runs only where the claim order can have missed one (its gate is a one-time filter per
+/// row); elsewhere the relay's own memory of the aggregate's rows is the whole story:
+///
+/// * the row is not fresh (retried, deferred, held, scheduled): its key sorts it after every
+///   fresh row, so a fresh predecessor may not have been walked yet;
+/// * its aggregate has a row that is not fresh before it (the small `_waiting_idx` says so
+///   with one descent): a retry, deferral, hold or failure is waiting there;
+/// * it was written by a transaction at least as new as the oldest one running when the
+///   claims' walk began from the front (`young`): only then can an earlier event of its
+///   aggregate have committed *behind* the walk (a producer that writes an aggregate's events
+///   one transaction after another), where the cursor would not see it.
+///
+/// Otherwise every earlier unfinished row of the aggregate is fresh and was visible to the walk
+/// when it passed its key (fresh rows sort by id): it is in this claim, in an earlier claim
+/// this relay still tracks, or done. `relay::dispatch` chains the row behind its aggregate's
+/// rows in memory, with or without a probe.
 fn claim_sql(t: &str, cursor: bool) -> String {
     let after = if cursor {
-        "AND (next_attempt_at, id) > ($4, $5) "
+        cursor_after(5, 6)
     } else {
-        ""
+        String::new()
     };
-    claim_sql_where(t, after)
+    claim_sql_where(t, &after, 4)
+}
+
+/// Past the key (`$at`, `$id`) the previous claim took last. A fresh row's key is `-infinity`,
+/// which comes back as Postgres' earliest finite time; any time before year 1 stands for it
+/// again (so the walk never skips fresh rows; at worst it re-walks a few keys).
+fn cursor_after(at: u8, id: u8) -> String {
+    format!(
+        "AND (next_attempt_at, id) > (CASE WHEN ${at} < '0001-01-01 00:00:00+00' \
+              THEN '-infinity'::timestamptz ELSE ${at} END, ${id}) "
+    )
 }
 
 /// The claim of a relay that owns a share of the partitions (`$1`-`$3` as in `claim_sql`):
@@ -255,19 +280,21 @@ fn claim_sql(t: &str, cursor: bool) -> String {
 /// [`crate::relay::ownership`].
 fn claim_share_sql(t: &str, cursor: bool) -> String {
     let after = if cursor {
-        "AND (next_attempt_at, id) > ($9, $10) "
+        cursor_after(10, 11)
     } else {
-        ""
+        String::new()
     };
     let share = format!(
         "AND part BETWEEN $6 AND $7 AND ($8 OR part = ANY($4)) \
          AND (SELECT count(*) FROM {t}_partitions WHERE part = ANY($4) AND owner = $5) \
              = cardinality($4::int2[]) {after}"
     );
-    claim_sql_where(t, &share)
+    claim_sql_where(t, &share, 9)
 }
 
-fn claim_sql_where(t: &str, after: &str) -> String {
+/// `young` numbers the parameter holding the walk's oldest running transaction (a 32-bit
+/// xid as bigint; NULL: probe every row). See `Statements::new` on when a row needs its probe.
+fn claim_sql_where(t: &str, after: &str, young: u8) -> String {
     format!(
         "WITH c AS ( \
            SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, \
@@ -275,7 +302,8 @@ fn claim_sql_where(t: &str, after: &str) -> String {
                   CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
                   headers, content_type, traceparent, correlation_id, occurred_at, attempts, \
                   next_attempt_at, octet_length(payload)::bigint AS payload_size, \
-                  coalesce(pg_column_size(headers), 0)::bigint AS headers_size \
+                  coalesce(pg_column_size(headers), 0)::bigint AS headers_size, \
+                  xmin AS written_by \
            FROM {t} \
            WHERE status = 'pending' AND next_attempt_at <= now() {after}\
            ORDER BY next_attempt_at, id \
@@ -293,7 +321,14 @@ fn claim_sql_where(t: &str, after: &str) -> String {
                 k.payload_size, k.locked \
          FROM k LEFT JOIN LATERAL ( \
            SELECT id, status, next_attempt_at FROM {t} p \
-           WHERE p.aggregate_id = k.aggregate_id AND p.id < k.id \
+           WHERE (k.next_attempt_at <> '-infinity' \
+                  OR ${young}::bigint IS NULL \
+                  OR age(k.written_by) <= age(${young}::bigint::text::xid) \
+                  OR EXISTS (SELECT 1 FROM {t} w \
+                             WHERE w.aggregate_id = k.aggregate_id AND w.id < k.id \
+                               AND w.status <> 'published' \
+                               AND w.next_attempt_at <> '-infinity')) \
+             AND p.aggregate_id = k.aggregate_id AND p.id < k.id \
              AND p.status <> 'published' \
            ORDER BY p.id DESC LIMIT 1) p ON true \
          WHERE k.upto - least(k.payload_size, $2) - k.headers_size < $3"
@@ -319,6 +354,18 @@ pub struct Share {
 
 /// Where a claim starts in the due index: after this (next_attempt_at, id).
 pub type Cursor = (DateTime<Utc>, i64);
+
+/// Where a claim stands in the claims' walk through the due index, which decides the rows
+/// whose predecessor probe it may skip (see `claim_sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// From the front: a new walk begins, with the oldest transaction running now.
+    Front,
+    /// Past the key the previous claim took last, in the walk that began with that xid.
+    After(Cursor, i64),
+    /// Every row gets its probe (rows locked by another claim may come back unchanged).
+    ProbeAll(Option<Cursor>),
+}
 
 struct Statements {
     claim: String,
@@ -352,7 +399,12 @@ impl Statements {
             // relay taking a partition over waits out (exclusively) before its first claim
             // there, so it never claims beside a claim of the previous owner still open.
             // `try`, so a partition being taken over is left out instead of waited for.
-            fence: "SELECT coalesce(array_agg(p ORDER BY p), '{}') FROM unnest($2::int2[]) p \
+            // Also the oldest transaction running now, as a 32-bit xid: a front claim's start
+            // of the walk (see the claim's probe condition).
+            fence: "SELECT coalesce(array_agg(p ORDER BY p), '{}'), \
+                      (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::numeric \
+                               % 4294967296)::bigint) \
+                    FROM unnest($2::int2[]) p \
                     WHERE pg_try_advisory_xact_lock_shared($1, p::int)"
                 .to_string(),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
@@ -446,6 +498,9 @@ pub struct Claim {
     /// The byte budget cut the claim short: more rows are due at once (locked by this claim
     /// until it commits, so the next claim starts from the front).
     pub cut: bool,
+    /// The oldest transaction running when this claim's walk began from the front (a 32-bit
+    /// xid), for the claims that continue it.
+    pub walk_xmin: Option<i64>,
 }
 
 /// One relay's row in `<table>_relays`, written every few seconds while it runs.
@@ -631,10 +686,12 @@ impl Store {
             None => &self.stmts.claim,
             Some(_) => &self.stmts.claim_after,
         };
+        // No walk to speak of: every row gets its probe.
         let mut q = sqlx::query(sql)
             .bind(limit as i64)
             .bind(self.payload_cap)
-            .bind(self.batch_max_bytes);
+            .bind(self.batch_max_bytes)
+            .bind(None::<i64>);
         if let Some((at, id)) = cursor {
             q = q.bind(at).bind(id);
         }
@@ -650,24 +707,26 @@ impl Store {
     /// of `share`'s partitions, and only while every one of them is still fenced for this
     /// claim (see `claim_share_sql`). Partitions whose fence is taken (another relay is taking
     /// them over) are left out of this claim.
+    ///
+    /// `walk` is where the claims' walk through the due index stands (see [`Walk`]).
     pub async fn claim_share(
         &self,
         limit: u32,
-        cursor: Option<Cursor>,
+        walk: Walk,
         share: &Share,
     ) -> Result<Claim, StoreError> {
-        self.bounded("claim", self.claim_share_unbounded(limit, cursor, share))
+        self.bounded("claim", self.claim_share_unbounded(limit, walk, share))
             .await
     }
 
     async fn claim_share_unbounded(
         &self,
         limit: u32,
-        cursor: Option<Cursor>,
+        walk: Walk,
         share: &Share,
     ) -> Result<Claim, StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::sql("begin"))?;
-        let fenced: Vec<i16> = sqlx::query_scalar(&self.stmts.fence)
+        let (fenced, running): (Vec<i16>, Option<i64>) = sqlx::query_as(&self.stmts.fence)
             .bind(self.names.lock_space(LOCK_FENCE))
             .bind(&share.parts)
             .fetch_one(&mut *tx)
@@ -679,7 +738,13 @@ impl Store {
                 rows: Vec::new(),
                 next: None,
                 cut: false,
+                walk_xmin: None,
             });
+        };
+        let (cursor, walk_xmin) = match walk {
+            Walk::Front => (None, running),
+            Walk::After(cursor, xmin) => (Some(cursor), Some(xmin)),
+            Walk::ProbeAll(cursor) => (cursor, None),
         };
         let contiguous = (hi - lo + 1) as usize == fenced.len();
         let sql = if cursor.is_some() {
@@ -695,7 +760,8 @@ impl Store {
             .bind(&share.owner)
             .bind(lo)
             .bind(hi)
-            .bind(contiguous);
+            .bind(contiguous)
+            .bind(walk_xmin);
         if let Some((at, id)) = cursor {
             q = q.bind(at).bind(id);
         }
@@ -715,6 +781,7 @@ impl Store {
             rows,
             next,
             cut,
+            walk_xmin,
         })
     }
 
