@@ -24,7 +24,7 @@ use crate::envelope::{BodyFormat, Event};
 use crate::publisher::{AckResult, ErrorKind};
 use crate::routing::Router;
 use crate::store::{status, Claimed, DeferUntil, Marks, Prev};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -155,7 +155,8 @@ pub struct Dispatcher {
     /// Per aggregate (by a hash of its id), the rows of it in `rows`. The claim probes the
     /// database for a row's predecessor only where its own order could have missed one (see
     /// `store::claim_sql`); otherwise the row's predecessors are these, or done.
-    by_aggregate: HashMap<u64, Vec<i64>>,
+    /// Ordered, so a hot aggregate's thousands of rows in memory cost a tree step, not a scan.
+    by_aggregate: HashMap<u64, BTreeSet<i64>>,
     batches: HashMap<u64, BatchState>,
     /// Rows this relay published and committed lately: a claim that started before that commit
     /// still sees them as predecessors. Each is tagged with the number of claims started when
@@ -285,33 +286,30 @@ impl Dispatcher {
 
     /// The latest row of `aggregate` before `id` this relay tracks.
     fn tracked_before(&self, aggregate: &str, id: i64) -> Option<i64> {
+        // The latest before `id` whose aggregate really is this one (a hash may be shared).
         self.by_aggregate
             .get(&aggregate_key(aggregate))?
-            .iter()
+            .range(..id)
+            .rev()
             .copied()
-            .filter(|t| *t < id)
-            .filter(|t| {
+            .find(|t| {
                 self.rows
                     .get(t)
                     .is_some_and(|r| r.event.aggregate_id == aggregate)
             })
-            .max()
     }
 
     fn track(&mut self, aggregate: &str, id: i64) {
-        let ids = self
-            .by_aggregate
+        self.by_aggregate
             .entry(aggregate_key(aggregate))
-            .or_default();
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
+            .or_default()
+            .insert(id);
     }
 
     fn untrack(&mut self, aggregate: &str, id: i64) {
         let key = aggregate_key(aggregate);
         if let Some(ids) = self.by_aggregate.get_mut(&key) {
-            ids.retain(|t| *t != id);
+            ids.remove(&id);
             if ids.is_empty() {
                 self.by_aggregate.remove(&key);
             }
