@@ -246,6 +246,55 @@ async fn an_oversized_message_fails_with_the_reason_while_the_others_flow() {
     db.drop_schema().await;
 }
 
+/// A relay running on a private broker (for the tests that take it away) with the given
+/// publish timeout and retry budget, and a consumer group reading its topic.
+struct Away {
+    broker: PrivateKafka,
+    topic: String,
+    reader: GroupReader,
+    db: TestDb,
+    stats: Arc<outbox_relay::relay::Stats>,
+    h: tokio::task::JoinHandle<outbox_relay::relay::Relay>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Away {
+    async fn start(
+        publish_timeout: Dur,
+        backoff_initial: Dur,
+        backoff_max: Dur,
+        max_attempts: u32,
+    ) -> Away {
+        let broker = PrivateKafka::start();
+        let topic = k::unique_topic();
+        k::create_topic(&broker.brokers(), &topic, 3).await;
+        let reader = GroupReader::start(&broker.brokers(), &topic);
+        let db = TestDb::new().await;
+        let mut cfg = db.config();
+        cfg.relay.publish_timeout = publish_timeout;
+        cfg.relay.backoff_initial = backoff_initial;
+        cfg.relay.backoff_max = backoff_max;
+        cfg.relay.max_attempts = max_attempts;
+        let publisher = Arc::new(
+            KafkaPublisher::new(&k::config(&broker.brokers()), cfg.relay.publish_timeout).unwrap(),
+        );
+        let relay = db
+            .relay_with(&cfg, vec![("kafka", publisher)], &routes())
+            .await;
+        let stats = relay.stats();
+        let (h, stop) = spawn(relay);
+        Away {
+            broker,
+            topic,
+            reader,
+            db,
+            stats,
+            h,
+            stop,
+        }
+    }
+}
+
 /// The broker stopped for a while mid-stream, then going on; and later killed and replaced by
 /// a fresh one on the same port. Rows wait, retries back off, the same relay catches up by
 /// itself (replacing its producer where the new broker does not know its producer id), and a
@@ -257,24 +306,15 @@ async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
         "the_broker_stopped_and_restarted_mid_stream_loses_nothing",
         Duration::from_secs(300),
     );
-    let mut broker = PrivateKafka::start();
-    let topic = k::unique_topic();
-    k::create_topic(&broker.brokers(), &topic, 3).await;
-    let reader = GroupReader::start(&broker.brokers(), &topic);
-    let db = TestDb::new().await;
-    let mut cfg = db.config();
-    cfg.relay.publish_timeout = Dur::secs(5);
-    cfg.relay.backoff_initial = Dur::ms(100);
-    cfg.relay.backoff_max = Dur::secs(1);
-    cfg.relay.max_attempts = 1000;
-    let publisher = Arc::new(
-        KafkaPublisher::new(&k::config(&broker.brokers()), cfg.relay.publish_timeout).unwrap(),
-    );
-    let relay = db
-        .relay_with(&cfg, vec![("kafka", publisher.clone())], &routes())
-        .await;
-    let stats = relay.stats();
-    let (h, stop) = spawn(relay);
+    let Away {
+        mut broker,
+        topic,
+        reader,
+        db,
+        stats,
+        h,
+        stop,
+    } = Away::start(Dur::secs(5), Dur::ms(100), Dur::secs(1), 1000).await;
     let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
     let batch = |round: usize| -> Vec<NewEvent> {
         (0..300)
@@ -370,24 +410,15 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
         "an_outage_longer_than_the_retry_budget_fails_nothing",
         Duration::from_secs(300),
     );
-    let mut broker = PrivateKafka::start();
-    let topic = k::unique_topic();
-    k::create_topic(&broker.brokers(), &topic, 3).await;
-    let reader = GroupReader::start(&broker.brokers(), &topic);
-    let db = TestDb::new().await;
-    let mut cfg = db.config();
-    cfg.relay.publish_timeout = Dur::secs(2);
-    cfg.relay.backoff_initial = Dur::ms(20);
-    cfg.relay.backoff_max = Dur::ms(100);
-    cfg.relay.max_attempts = 3;
-    let publisher = Arc::new(
-        KafkaPublisher::new(&k::config(&broker.brokers()), cfg.relay.publish_timeout).unwrap(),
-    );
-    let relay = db
-        .relay_with(&cfg, vec![("kafka", publisher.clone())], &routes())
-        .await;
-    let stats = relay.stats();
-    let (h, stop) = spawn(relay);
+    let Away {
+        mut broker,
+        topic,
+        reader,
+        db,
+        stats,
+        h,
+        stop,
+    } = Away::start(Dur::secs(2), Dur::ms(20), Dur::ms(100), 3).await;
     let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
     let failed = || stats.failed.load(std::sync::atomic::Ordering::Relaxed);
     let round = |r: usize| -> Vec<NewEvent> {

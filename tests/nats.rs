@@ -358,6 +358,87 @@ async fn provisioning_creates_streams_with_limits_validates_drift_and_updates() 
     let _ = js.delete_stream(&stream).await;
 }
 
+/// A relay running on a private server's stream (its own JetStream, for the tests that take the
+/// server away), with the given publish timeout and retry budget.
+struct Away {
+    server: PrivateNats,
+    js: async_nats::jetstream::Context,
+    stream: String,
+    topic: String,
+    db: TestDb,
+    publisher: Arc<NatsPublisher>,
+    stats: Arc<outbox_relay::relay::Stats>,
+    h: tokio::task::JoinHandle<outbox_relay::relay::Relay>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Away {
+    async fn start(
+        publish_timeout: Dur,
+        backoff_initial: Dur,
+        backoff_max: Dur,
+        max_attempts: u32,
+    ) -> Away {
+        let server = PrivateNats::start();
+        let (prefix, stream) = n::unique();
+        let js = n::create_stream(&server.url(), &stream, &prefix).await;
+        let db = TestDb::new().await;
+        let publisher = Arc::new(
+            NatsPublisher::connect(&n::config(&server.url()))
+                .await
+                .unwrap(),
+        );
+        let mut cfg = db.config();
+        cfg.relay.publish_timeout = publish_timeout;
+        cfg.relay.backoff_initial = backoff_initial;
+        cfg.relay.backoff_max = backoff_max;
+        cfg.relay.max_attempts = max_attempts;
+        let relay = db
+            .relay_with(&cfg, vec![("nats", publisher.clone())], &routes())
+            .await;
+        let stats = relay.stats();
+        let (h, stop) = spawn(relay);
+        Away {
+            server,
+            js,
+            stream,
+            topic: format!("{prefix}.orders"),
+            db,
+            publisher,
+            stats,
+            h,
+            stop,
+        }
+    }
+}
+
+/// The end of an outage test: every row published (within the deadline), the relay stopped,
+/// nothing failed, and the stream holds `sent`, in order per aggregate.
+async fn published_in_order_once_back<'a>(
+    db: TestDb,
+    stats: &outbox_relay::relay::Stats,
+    h: tokio::task::JoinHandle<outbox_relay::relay::Relay>,
+    stop: tokio_util::sync::CancellationToken,
+    url: &str,
+    stream: &str,
+    sent: impl IntoIterator<Item = &'a NewEvent>,
+) {
+    wait_for(
+        DEADLINE,
+        "every event published once the server is back",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let client = async_nats::connect(url).await.unwrap();
+    let got = n::read_stream(&async_nats::jetstream::new(client), stream).await;
+    conformance::assert_every_event_arrived(&got, sent);
+    conformance::assert_in_order(&got);
+    db.drop_schema().await;
+}
+
 /// The server killed mid-stream and started again a while later on the same port and store:
 /// nothing is lost, and the same relay catches up by itself.
 #[tokio::test]
@@ -366,26 +447,17 @@ async fn the_server_restarted_mid_stream_loses_nothing() {
         "the_server_restarted_mid_stream_loses_nothing",
         Duration::from_secs(300),
     );
-    let mut server = PrivateNats::start();
-    let (prefix, stream) = n::unique();
-    let js = n::create_stream(&server.url(), &stream, &prefix).await;
-    let db = TestDb::new().await;
-    let publisher = Arc::new(
-        NatsPublisher::connect(&n::config(&server.url()))
-            .await
-            .unwrap(),
-    );
-    let mut cfg = db.config();
-    cfg.relay.publish_timeout = Dur::secs(3);
-    cfg.relay.backoff_initial = Dur::ms(100);
-    cfg.relay.backoff_max = Dur::ms(500);
-    cfg.relay.max_attempts = 1000;
-    let relay = db
-        .relay_with(&cfg, vec![("nats", publisher.clone())], &routes())
-        .await;
-    let stats = relay.stats();
-    let (h, stop) = spawn(relay);
-    let topic = format!("{prefix}.orders");
+    let Away {
+        mut server,
+        js,
+        stream,
+        topic,
+        db,
+        publisher,
+        stats,
+        h,
+        stop,
+    } = Away::start(Dur::secs(3), Dur::ms(100), Dur::ms(500), 1000).await;
     let mut all = Vec::new();
     for round in 0..6 {
         let batch: Vec<NewEvent> = (0..500)
@@ -444,26 +516,17 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
         "an_outage_longer_than_the_retry_budget_fails_nothing",
         Duration::from_secs(300),
     );
-    let mut server = PrivateNats::start();
-    let (prefix, stream) = n::unique();
-    let js = n::create_stream(&server.url(), &stream, &prefix).await;
-    let db = TestDb::new().await;
-    let publisher = Arc::new(
-        NatsPublisher::connect(&n::config(&server.url()))
-            .await
-            .unwrap(),
-    );
-    let mut cfg = db.config();
-    cfg.relay.publish_timeout = Dur::secs(2);
-    cfg.relay.backoff_initial = Dur::ms(20);
-    cfg.relay.backoff_max = Dur::ms(100);
-    cfg.relay.max_attempts = 3;
-    let relay = db
-        .relay_with(&cfg, vec![("nats", publisher.clone())], &routes())
-        .await;
-    let stats = relay.stats();
-    let (h, stop) = spawn(relay);
-    let topic = format!("{prefix}.orders");
+    let Away {
+        mut server,
+        js,
+        stream,
+        topic,
+        db,
+        publisher: _,
+        stats,
+        h,
+        stop,
+    } = Away::start(Dur::secs(2), Dur::ms(20), Dur::ms(100), 3).await;
     let first: Vec<NewEvent> = (0..50)
         .map(|i| numbered_on(&topic, &format!("a{}", i % 10), i / 10))
         .collect();
@@ -492,21 +555,17 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
         "an outage failed events"
     );
     server.start_server();
-    wait_for(
-        DEADLINE,
-        "every event published after the outage",
-        || async { db.total().await == 0 },
+    drop(js);
+    published_in_order_once_back(
+        db,
+        &stats,
+        h,
+        stop,
+        &server.url(),
+        &stream,
+        first.iter().chain(&during),
     )
     .await;
-    stop.cancel();
-    h.await.unwrap();
-    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 0);
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let got = n::read_stream(&async_nats::jetstream::new(client), &stream).await;
-    conformance::assert_every_event_arrived(&got, first.iter().chain(&during));
-    conformance::assert_in_order(&got);
-    drop(js);
-    db.drop_schema().await;
 }
 
 /// "No responders" while JetStream is not answering (here: the server back without JetStream,
@@ -519,26 +578,17 @@ async fn no_responders_while_jetstream_is_away_fail_nothing() {
         "no_responders_while_jetstream_is_away_fail_nothing",
         Duration::from_secs(300),
     );
-    let mut server = PrivateNats::start();
-    let (prefix, stream) = n::unique();
-    let js = n::create_stream(&server.url(), &stream, &prefix).await;
-    let db = TestDb::new().await;
-    let publisher = Arc::new(
-        NatsPublisher::connect(&n::config(&server.url()))
-            .await
-            .unwrap(),
-    );
-    let mut cfg = db.config();
-    cfg.relay.publish_timeout = Dur::secs(2);
-    cfg.relay.backoff_initial = Dur::ms(20);
-    cfg.relay.backoff_max = Dur::ms(100);
-    cfg.relay.max_attempts = 3;
-    let relay = db
-        .relay_with(&cfg, vec![("nats", publisher.clone())], &routes())
-        .await;
-    let stats = relay.stats();
-    let (h, stop) = spawn(relay);
-    let topic = format!("{prefix}.orders");
+    let Away {
+        mut server,
+        js,
+        stream,
+        topic,
+        db,
+        publisher: _,
+        stats,
+        h,
+        stop,
+    } = Away::start(Dur::secs(2), Dur::ms(20), Dur::ms(100), 3).await;
     let round = |r: usize| -> Vec<NewEvent> {
         (0..50)
             .map(|i| numbered_on(&topic, &format!("a{}", i % 10), r * 5 + i / 10))
@@ -577,19 +627,15 @@ async fn no_responders_while_jetstream_is_away_fail_nothing() {
 
     server.stop_server();
     server.start_server();
-    wait_for(
-        DEADLINE,
-        "every event published once JetStream is back",
-        || async { db.total().await == 0 },
+    drop(js);
+    published_in_order_once_back(
+        db,
+        &stats,
+        h,
+        stop,
+        &server.url(),
+        &stream,
+        first.iter().chain(&waiting),
     )
     .await;
-    stop.cancel();
-    h.await.unwrap();
-    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 0);
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let got = n::read_stream(&async_nats::jetstream::new(client), &stream).await;
-    conformance::assert_every_event_arrived(&got, first.iter().chain(&waiting));
-    conformance::assert_in_order(&got);
-    drop(js);
-    db.drop_schema().await;
 }

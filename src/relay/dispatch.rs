@@ -1141,6 +1141,18 @@ mod tests {
         Dispatcher::new(Arc::new(router), backoff, 3, 1024)
     }
 
+    /// Two backends, "n" down: its first event (row 1, aggregate "down") was answered
+    /// "unavailable".
+    fn with_n_down(backoff: Backoff) -> Dispatcher {
+        let mut d = two_backends(backoff);
+        let (out, _) = d.add_batch(1, 1, vec![on_topic(1, "down", "orders.x")]);
+        d.on_result(ack(
+            &out[0],
+            Err(PublishError::unavailable("not connected")),
+        ));
+        d
+    }
+
     fn on_topic(id: i64, agg: &str, topic: &str) -> Claimed {
         let mut r = row(id, agg, None);
         r.event.topic = topic.into();
@@ -1149,14 +1161,9 @@ mod tests {
 
     #[test]
     fn a_backend_that_is_down_is_not_asked_again_until_its_probe_while_others_flow() {
-        let mut d = two_backends(Backoff::new(
+        let mut d = with_n_down(Backoff::new(
             Duration::from_secs(1),
             Duration::from_secs(10),
-        ));
-        let (out, _) = d.add_batch(1, 1, vec![on_topic(1, "a", "orders.x")]);
-        d.on_result(ack(
-            &out[0],
-            Err(PublishError::unavailable("not connected")),
         ));
         assert!(
             !d.brokers_unavailable(),
@@ -1202,12 +1209,7 @@ mod tests {
     #[test]
     fn after_the_outage_delay_one_probe_goes_and_its_success_ends_the_outage() {
         // No delay at all: every claim may probe.
-        let mut d = two_backends(Backoff::new(Duration::ZERO, Duration::ZERO));
-        let (out, _) = d.add_batch(1, 1, vec![on_topic(1, "a", "orders.x")]);
-        d.on_result(ack(
-            &out[0],
-            Err(PublishError::unavailable("not connected")),
-        ));
+        let mut d = with_n_down(Backoff::new(Duration::ZERO, Duration::ZERO));
         let (out, _) = d.add_batch(2, 2, vec![on_topic(2, "b", "orders.x")]);
         assert_eq!(ids(&out), vec![2], "the probe");
         d.on_result(ack(&out[0], Ok(())));
@@ -1222,14 +1224,9 @@ mod tests {
 
     #[test]
     fn a_held_back_row_defers_the_rest_of_its_chain() {
-        let mut d = two_backends(Backoff::new(
+        let mut d = with_n_down(Backoff::new(
             Duration::from_secs(1),
             Duration::from_secs(10),
-        ));
-        let (out, _) = d.add_batch(1, 1, vec![on_topic(1, "z", "orders.x")]);
-        d.on_result(ack(
-            &out[0],
-            Err(PublishError::unavailable("not connected")),
         ));
         let mut second = on_topic(3, "a", "orders.x");
         second.prev = Some(Prev {
