@@ -347,13 +347,7 @@ async fn one_backend_down_holds_back_only_its_own_events() {
     wait_for(
         DEADLINE,
         "the consumer group to have every Kafka event",
-        || async {
-            let got = reader.received();
-            flowing.iter().all(|e| {
-                got.iter()
-                    .any(|r| r.headers["X-Event-ID"] == e.event_id.to_string())
-            })
-        },
+        || async { reader.has_all(&flowing) },
     )
     .await;
 

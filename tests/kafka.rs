@@ -321,14 +321,6 @@ async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
             .map(|i| numbered_on(&topic, &format!("a{}", i % 30), round * 10 + i / 30))
             .collect()
     };
-    let all_arrived = |reader: &GroupReader, events: &[NewEvent]| {
-        let ids: HashSet<String> = reader
-            .received()
-            .iter()
-            .map(|r| r.headers["X-Event-ID"].clone())
-            .collect();
-        events.iter().all(|e| ids.contains(&e.event_id.to_string()))
-    };
 
     // Stopped for a while mid-stream (SIGSTOP), then going on. Events keep coming while it is
     // stopped, so there is always something to retry (the relay may have drained the first
@@ -361,7 +353,7 @@ async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
     wait_for(
         DEADLINE,
         "the consumer group to have every event",
-        || async { all_arrived(&reader, &paused) },
+        || async { reader.has_all(&paused) },
     )
     .await;
     drop(reader);
@@ -393,7 +385,7 @@ async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
     wait_for(
         DEADLINE,
         "the new broker's consumer group to have every event",
-        || async { all_arrived(&reader, &after) },
+        || async { reader.has_all(&after) },
     )
     .await;
     stop.cancel();
@@ -456,13 +448,8 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
         || async { db.total().await == 0 },
     )
     .await;
-    let seen: Vec<NewEvent> = first.iter().chain(&frozen).cloned().collect();
     wait_for(DEADLINE, "the consumer group to have them", || async {
-        let got = reader.received();
-        seen.iter().all(|e| {
-            got.iter()
-                .any(|r| r.headers["X-Event-ID"] == e.event_id.to_string())
-        })
+        reader.has_all(first.iter().chain(&frozen))
     })
     .await;
     conformance::assert_first_deliveries_in_order(&reader.received());
@@ -494,11 +481,7 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
     )
     .await;
     wait_for(DEADLINE, "the new broker to have them all", || async {
-        let got = reader.received();
-        gone.iter().all(|e| {
-            got.iter()
-                .any(|r| r.headers["X-Event-ID"] == e.event_id.to_string())
-        })
+        reader.has_all(&gone)
     })
     .await;
     conformance::assert_first_deliveries_in_order(&reader.received());

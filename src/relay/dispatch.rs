@@ -169,18 +169,24 @@ pub struct Dispatcher {
     window: usize,
     /// Per backend: keeps the order of messages sent on it (see `Publisher::keeps_order`).
     ordered: Vec<bool>,
-    /// Per backend: unavailable results since its last success.
-    outage: Vec<u32>,
-    /// Per backend in an outage: when it may be asked again (one probe event). Until then its
-    /// rows are not handed over but rescheduled, so a broker that is down is asked once per
-    /// outage delay, however many of its events are claimed, and other backends flow on.
-    next_probe: Vec<Instant>,
-    /// Per backend: the row sent as its latest probe. While that row is in flight no other
-    /// goes, so a down backend keeps at most one claim open (a probe waits up to the publish
-    /// timeout) and the others' claims keep flowing.
-    probe: Vec<Option<i64>>,
+    /// Per backend (by index), its outage if any.
+    outage: Vec<Outage>,
     /// Rows rescheduled so far without being handed over, their backend being down.
     held_back: u64,
+}
+
+/// A backend's outage: while its latest result was "unavailable", its rows are not handed over
+/// but rescheduled, except one probe event per outage delay, so a broker that is down is asked
+/// once per delay however many of its events are claimed, and other backends flow on.
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    /// Unavailable results since the backend's last success (0: not down).
+    rounds: u32,
+    /// When it may be asked again.
+    next_probe: Instant,
+    /// The row sent as its latest probe. While that row is in flight no other goes, so a
+    /// down backend keeps at most one claim open (a probe waits up to the publish timeout).
+    probe: Option<i64>,
 }
 
 /// The longest an event waits between looks while its broker is unavailable.
@@ -200,6 +206,7 @@ impl Dispatcher {
         max_attempts: u32,
         max_payload_bytes: usize,
     ) -> Self {
+        let backends = router.backend_count();
         Dispatcher {
             router,
             backoff,
@@ -213,9 +220,14 @@ impl Dispatcher {
             next_token: 1,
             window: 1,
             ordered: Vec::new(),
-            outage: Vec::new(),
-            next_probe: Vec::new(),
-            probe: Vec::new(),
+            outage: vec![
+                Outage {
+                    rounds: 0,
+                    next_probe: Instant::now(),
+                    probe: None,
+                };
+                backends
+            ],
             held_back: 0,
         }
     }
@@ -238,7 +250,7 @@ impl Dispatcher {
 
     /// Whether backend `b` is in an outage: its latest result was "unavailable".
     fn down(&self, b: usize) -> bool {
-        self.outage.get(b).is_some_and(|&n| n > 0)
+        self.outage.get(b).is_some_and(|o| o.rounds > 0)
     }
 
     /// Rows rescheduled so far without a hand-off because their backend was down.
@@ -251,20 +263,17 @@ impl Dispatcher {
     /// after that delay goes as the probe.
     fn hold(&mut self, id: i64) -> Option<Verdict> {
         let backend = self.rows.get(&id)?.route?.0;
-        if !self.down(backend) {
-            return None;
-        }
+        let o = *self.outage.get(backend).filter(|o| o.rounds > 0)?;
         let now = Instant::now();
-        let delay = self.outage_delay(self.outage[backend]);
-        let probing = self.probe.get(backend).copied().flatten().is_some_and(|p| {
+        let delay = self.outage_delay(o.rounds);
+        let probing = o.probe.is_some_and(|p| {
             self.rows
                 .get(&p)
                 .is_some_and(|r| matches!(r.state, State::Handed { .. }))
         });
-        let due = self.next_probe.get(backend).is_some_and(|t| now >= *t);
-        if due && !probing {
-            self.next_probe[backend] = now + delay;
-            self.probe[backend] = Some(id);
+        if now >= o.next_probe && !probing {
+            self.outage[backend].next_probe = now + delay;
+            self.outage[backend].probe = Some(id);
             return None;
         }
         self.held_back += 1;
@@ -761,8 +770,8 @@ impl Dispatcher {
         let backend = ack.backend;
         let verdict = match ack.outcome {
             Ok(()) => {
-                if let Some(s) = self.outage.get_mut(backend) {
-                    *s = 0;
+                if let Some(o) = self.outage.get_mut(backend) {
+                    o.rounds = 0;
                 }
                 Verdict::Published
             }
@@ -785,18 +794,20 @@ impl Dispatcher {
                 // Waits for the broker, however long: the delay grows with the outage (per
                 // backend, reset by the next success) up to OUTAGE_RETRY_MAX, so the backlog
                 // is looked at again promptly once the broker is back.
-                if self.outage.len() <= backend {
-                    self.outage.resize(backend + 1, 0);
-                    self.next_probe.resize(backend + 1, Instant::now());
-                    self.probe.resize(backend + 1, None);
-                }
-                self.outage[backend] = self.outage[backend].saturating_add(1);
-                let delay = self.outage_delay(self.outage[backend]);
-                // The first unanswered result starts the wait for the next probe; results of
-                // events already in flight do not push it further.
+                let rounds = self
+                    .outage
+                    .get(backend)
+                    .map_or(0, |o| o.rounds)
+                    .saturating_add(1);
+                let delay = self.outage_delay(rounds);
                 let now = Instant::now();
-                if self.next_probe[backend] <= now {
-                    self.next_probe[backend] = now + delay;
+                if let Some(o) = self.outage.get_mut(backend) {
+                    o.rounds = rounds;
+                    // The first unanswered result starts the wait for the next probe; results
+                    // of events already in flight do not push it further.
+                    if o.next_probe <= now {
+                        o.next_probe = now + delay;
+                    }
                 }
                 Verdict::Retry {
                     delay,

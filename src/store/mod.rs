@@ -293,7 +293,7 @@ fn claim_share_sql(t: &str, cursor: bool) -> String {
 }
 
 /// `young` numbers the parameter holding the walk's oldest running transaction (a 32-bit
-/// xid as bigint; NULL: probe every row). See `Statements::new` on when a row needs its probe.
+/// xid as bigint; NULL: probe every row). See `claim_sql` on when a row needs its probe.
 fn claim_sql_where(t: &str, after: &str, young: u8) -> String {
     format!(
         "WITH c AS ( \
@@ -436,7 +436,7 @@ impl Statements {
                    last_error = CASE WHEN c.behind THEN {t}.last_error ELSE \
                      'field next_attempt_at: ' || {t}.next_attempt_at::text || \
                      ' is never due; allowed: a time before ' || $1::text || \
-                     ' (leave it to its default, now(), to publish at once)' END, \
+                     ' (leave it to its default to publish at once)' END, \
                    next_attempt_at = now() \
                  FROM c WHERE {t}.id = c.id RETURNING c.behind"
             ),

@@ -7,6 +7,7 @@ use super::free_port;
 use outbox_relay::config::Dur;
 use outbox_relay::publisher::kafka::{KafkaConfig, KafkaPublisher};
 use outbox_relay::publisher::Publisher;
+use outbox_relay::store::NewEvent;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
@@ -121,6 +122,18 @@ impl GroupReader {
 
     pub fn received(&self) -> Vec<Received> {
         self.got.lock().unwrap().clone()
+    }
+
+    /// Whether every one of `events` has arrived (by its `X-Event-ID`).
+    pub fn has_all<'a>(&self, events: impl IntoIterator<Item = &'a NewEvent>) -> bool {
+        let got = self.got.lock().unwrap();
+        let ids: std::collections::HashSet<&str> = got
+            .iter()
+            .map(|r| r.headers["X-Event-ID"].as_str())
+            .collect();
+        events
+            .into_iter()
+            .all(|e| ids.contains(e.event_id.to_string().as_str()))
     }
 }
 
