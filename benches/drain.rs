@@ -8,6 +8,7 @@
 //!   BENCH_SIZES=200000 cargo bench --bench drain       # other sizes
 //!   BENCH_BACKEND=nats cargo bench --bench drain       # JetStream at BENCH_NATS_URL
 //!   BENCH_BACKEND=kafka cargo bench --bench drain      # Kafka at BENCH_KAFKA_BROKERS
+//!   BENCH_ONLY_RELAY=1 ...                             # the relay's drain alone (to profile)
 //!
 //! Under `cargo test` (no `--bench` flag) it runs a 2 000-row smoke pass and checks the drain.
 
@@ -289,6 +290,17 @@ async fn main() {
         let m0 = machine_cpu_seconds();
         let relay = drain_with_relay(&cfg, n, &backend).await;
         let relay_machine = machine_cpu_seconds() - m0;
+        if std::env::var_os("BENCH_ONLY_RELAY").is_some() {
+            // For profiling the relay alone (perf record on this process).
+            println!(
+                "{n:>9} events: relay {:>9.0} ev/s ({:.2} CPU-s, machine {:.1} us/event, peak RSS {:.0} MB)",
+                relay.rows as f64 / relay.secs,
+                relay.cpu,
+                relay_machine / n as f64 * 1e6,
+                relay.rss
+            );
+            continue;
+        }
         db.fill(0, n, 10_000).await;
         let sql = drain_sql_only(&cfg, n).await;
         let rate = relay.rows as f64 / relay.secs;

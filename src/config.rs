@@ -275,7 +275,7 @@ impl Default for RelayConfig {
             prune_interval: Dur::secs(10),
             prune_batch: 10_000,
             ordering: OrderingMode::Strict,
-            aggregate_window: 64,
+            aggregate_window: 256,
             rebalance_interval: Dur::secs(1),
         }
     }

@@ -82,6 +82,30 @@ struct RowState {
     /// handed behind it.
     tainted: bool,
     claimed_at: Instant,
+    /// Its aggregate's chain (see [`Chain`]) and its place in it.
+    chain: u64,
+    seq: u64,
+}
+
+/// One aggregate's rows in memory, in order, so that settling an acknowledgement costs the
+/// same with a window of 1 000 events in flight as with 1: where the next row to hand is and
+/// how far the oldest unacknowledged row is behind it are kept, not found by walking the chain.
+///
+/// Slot `seq - base` holds the row placed `seq`-th; a row that left memory (its claim ended)
+/// leaves a hole, which counts as published: it was decided, and rows behind a row that was
+/// not published were settled (deferred) when it was.
+#[derive(Debug, Default)]
+struct Chain {
+    ids: VecDeque<i64>,
+    base: u64,
+    /// Every slot before it is published (or a hole): the oldest unacknowledged row is here
+    /// or later.
+    zone: u64,
+    /// Every slot before it is handed or decided (or a hole): the next row to hand is here
+    /// or later. Rows are handed in chain order and never become waiting again.
+    frontier: u64,
+    /// Rows in memory that belong to it; at 0 it goes.
+    members: usize,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +181,11 @@ pub struct Dispatcher {
     /// `store::claim_sql`); otherwise the row's predecessors are these, or done.
     /// Ordered, so a hot aggregate's thousands of rows in memory cost a tree step, not a scan.
     by_aggregate: HashMap<u64, BTreeSet<i64>>,
+    /// The chains, by number.
+    chains: HashMap<u64, Chain>,
+    next_chain: u64,
+    /// Shutting down: verdicts settle nothing behind them (see `release_all`).
+    closing: bool,
     batches: HashMap<u64, BatchState>,
     /// Rows this relay published and committed lately: a claim that started before that commit
     /// still sees them as predecessors. Each is tagged with the number of claims started when
@@ -214,6 +243,9 @@ impl Dispatcher {
             max_payload_bytes,
             rows: HashMap::new(),
             by_aggregate: HashMap::new(),
+            chains: HashMap::new(),
+            next_chain: 0,
+            closing: false,
             batches: HashMap::new(),
             recent: HashSet::new(),
             recent_order: VecDeque::new(),
@@ -325,6 +357,78 @@ impl Dispatcher {
         }
     }
 
+    /// The chain row `id` joins and its place in it: its predecessor's, at the end, when it
+    /// is placed behind one; a new chain otherwise.
+    fn join_chain(&mut self, id: i64, placement: &Placement) -> (u64, u64) {
+        let behind = match placement {
+            Placement::Behind(prev) => self.rows.get(prev).map(|p| p.chain),
+            _ => None,
+        };
+        let chain = behind.unwrap_or_else(|| {
+            self.next_chain += 1;
+            self.chains.insert(self.next_chain, Chain::default());
+            self.next_chain
+        });
+        let c = self.chains.entry(chain).or_default();
+        let seq = c.base + c.ids.len() as u64;
+        c.ids.push_back(id);
+        c.members += 1;
+        (chain, seq)
+    }
+
+    /// The row in slot `seq` of `chain`, if it is still in memory.
+    fn slot(&self, chain: u64, seq: u64) -> Option<i64> {
+        let c = self.chains.get(&chain)?;
+        let id = *c.ids.get(usize::try_from(seq.checked_sub(c.base)?).ok()?)?;
+        self.rows
+            .get(&id)
+            .is_some_and(|r| r.chain == chain && r.seq == seq)
+            .then_some(id)
+    }
+
+    /// The next waiting row of `chain`, moving its frontier past what is handed or decided.
+    fn frontier(&mut self, chain: u64) -> Option<i64> {
+        loop {
+            let c = self.chains.get(&chain)?;
+            let seq = c.frontier;
+            if seq >= c.base + c.ids.len() as u64 {
+                return None;
+            }
+            if let Some(id) = self.slot(chain, seq) {
+                if matches!(self.rows[&id].state, State::Waiting) {
+                    return Some(id);
+                }
+            }
+            if let Some(c) = self.chains.get_mut(&chain) {
+                c.frontier = seq + 1;
+            }
+        }
+    }
+
+    /// The place of the oldest row of `chain` before `upto` not yet published (`upto` if
+    /// none), moving its zone past what is published; rows passed are marked clear.
+    fn zone(&mut self, chain: u64, upto: u64) -> u64 {
+        loop {
+            let Some(c) = self.chains.get(&chain) else {
+                return upto;
+            };
+            let seq = c.zone;
+            if seq >= upto {
+                return upto;
+            }
+            if let Some(id) = self.slot(chain, seq) {
+                let r = self.rows.get_mut(&id).expect("a slot's row is in memory");
+                if !matches!(r.state, State::Done(Verdict::Published)) {
+                    return seq;
+                }
+                r.clear = true;
+            }
+            if let Some(c) = self.chains.get_mut(&chain) {
+                c.zone = seq + 1;
+            }
+        }
+    }
+
     /// Rows claimed and not yet committed.
     pub fn in_flight(&self) -> usize {
         self.rows.len()
@@ -398,6 +502,10 @@ impl Dispatcher {
                 (None, t) => t.map(|t| tracked_prev(t, now)),
             };
             self.track(&c.event.aggregate_id, id);
+            // Order first: an invalid row still may not be decided before its predecessor,
+            // or a later valid row could be published while an earlier one retries.
+            let placement = self.place(id, prev.as_ref(), now);
+            let (chain, seq) = self.join_chain(id, &placement);
             let event = Arc::new(c.event);
             self.rows.insert(
                 id,
@@ -412,11 +520,11 @@ impl Dispatcher {
                     clear: false,
                     tainted: false,
                     claimed_at: Instant::now(),
+                    chain,
+                    seq,
                 },
             );
-            // Order first: an invalid row still may not be decided before its predecessor,
-            // or a later valid row could be published while an earlier one retries.
-            let gate = match self.place(id, prev.as_ref(), now) {
+            let gate = match placement {
                 Placement::Ready => Gate::Go,
                 Placement::Behind(prev) => {
                     if let Some(p) = self.rows.get_mut(&prev) {
@@ -561,7 +669,7 @@ impl Dispatcher {
             let ok = matches!(verdict, Verdict::Published);
             let failed = matches!(verdict, Verdict::Failed { .. });
             r.state = State::Done(verdict);
-            let (batch, pred, mut cur) = (r.batch, r.pred, r.successor);
+            let (batch, pred, chain, seq) = (r.batch, r.pred, r.chain, r.seq);
             if let Some(b) = self.batches.get_mut(&batch) {
                 b.open -= 1;
                 if b.open == 0 {
@@ -571,58 +679,82 @@ impl Dispatcher {
             if ok && pred.is_none_or(|p| self.rows.get(&p).is_none_or(|p| p.clear)) {
                 self.mark_clear(id);
             }
-            while let Some(s) = cur {
-                let Some(sr) = self.rows.get_mut(&s) else {
-                    break;
+            if self.closing {
+                continue;
+            }
+            if ok {
+                self.hand_on(chain, out, &mut work);
+            } else {
+                let until = if failed {
+                    DeferUntil::Predecessor(Prev {
+                        id,
+                        status: status::FAILED.into(),
+                        next_attempt_at: chrono::Utc::now(),
+                    })
+                } else {
+                    DeferUntil::Soon
                 };
-                match sr.state {
-                    State::Handed { .. } | State::Done(Verdict::Published) => {
-                        if !ok {
-                            sr.tainted = true;
+                self.settle_behind(chain, seq, until, &mut work);
+            }
+        }
+    }
+
+    /// After a success in `chain`: hands its next waiting rows, as far as the gate allows.
+    fn hand_on(&mut self, chain: u64, out: &mut Vec<Handoff>, work: &mut Vec<(i64, Verdict)>) {
+        while let Some(s) = self.frontier(chain) {
+            match self.gate(s) {
+                Gate::Wait => return,
+                Gate::Defer(until) => {
+                    work.push((s, Verdict::Deferred(until)));
+                    return;
+                }
+                Gate::Go => match self.rows[&s].invalid.clone() {
+                    None => {
+                        if let Some(v) = self.hold(s) {
+                            work.push((s, v));
+                            return;
                         }
-                        cur = sr.successor;
+                        out.push(self.hand(s));
                     }
-                    State::Done(_) => break,
-                    State::Waiting if !ok => {
-                        let until = if failed {
-                            DeferUntil::Predecessor(Prev {
-                                id,
-                                status: status::FAILED.into(),
-                                next_attempt_at: chrono::Utc::now(),
-                            })
-                        } else {
-                            DeferUntil::Soon
-                        };
-                        work.push((s, Verdict::Deferred(until)));
-                        break;
+                    Some(reason) => {
+                        work.push((
+                            s,
+                            Verdict::Failed {
+                                attempted: false,
+                                reason,
+                            },
+                        ));
+                        return;
                     }
-                    State::Waiting => match self.gate(s) {
-                        Gate::Wait => break,
-                        Gate::Defer(until) => {
-                            work.push((s, Verdict::Deferred(until)));
-                            break;
-                        }
-                        Gate::Go => match self.rows[&s].invalid.clone() {
-                            None => {
-                                if let Some(v) = self.hold(s) {
-                                    work.push((s, v));
-                                    break;
-                                }
-                                out.push(self.hand(s));
-                                cur = self.rows[&s].successor;
-                            }
-                            Some(reason) => {
-                                work.push((
-                                    s,
-                                    Verdict::Failed {
-                                        attempted: false,
-                                        reason,
-                                    },
-                                ));
-                                break;
-                            }
-                        },
-                    },
+                },
+            }
+        }
+    }
+
+    /// After anything but a success at place `seq` of `chain`: taints the rows in flight
+    /// behind it and defers the first waiting one (whose verdict defers the next, and so on).
+    fn settle_behind(
+        &mut self,
+        chain: u64,
+        seq: u64,
+        until: DeferUntil,
+        work: &mut Vec<(i64, Verdict)>,
+    ) {
+        let end = self
+            .chains
+            .get(&chain)
+            .map_or(0, |c| c.base + c.ids.len() as u64);
+        for q in seq + 1..end {
+            let Some(id) = self.slot(chain, q) else {
+                continue;
+            };
+            let r = self.rows.get_mut(&id).expect("a slot's row is in memory");
+            match r.state {
+                State::Handed { .. } | State::Done(Verdict::Published) => r.tainted = true,
+                State::Done(_) => return,
+                State::Waiting => {
+                    work.push((id, Verdict::Deferred(until)));
+                    return;
                 }
             }
         }
@@ -647,42 +779,46 @@ impl Dispatcher {
     /// memory is published or (pipelined, same backend keeping order, same topic) in flight,
     /// `s` is fewer than the window behind the oldest of them not yet acknowledged, and none
     /// of them failed.
-    fn gate(&self, s: i64) -> Gate {
+    ///
+    /// Only the row just before `s` is looked at, and the window from the chain's zone: what
+    /// holds for every earlier row holds for that one. Rows are handed in order, each after
+    /// this gate compared it with the one before it, so the rows in flight share a backend
+    /// and topic; and a failure or retry of any of them tainted every row in flight behind it
+    /// and deferred the first waiting one (`settle_behind`).
+    fn gate(&mut self, s: i64) -> Gate {
         let Some(r) = self.rows.get(&s) else {
             return Gate::Wait;
         };
-        let mut ahead = 0usize;
-        let mut p = r.pred;
-        while let Some(pid) = p {
-            let Some(pr) = self.rows.get(&pid) else {
-                break;
-            };
-            if pr.clear {
-                break;
-            }
-            if pr.tainted {
-                return Gate::Defer(DeferUntil::Soon);
-            }
-            match &pr.state {
-                // The window is the distance from the oldest event not yet acknowledged, not
-                // the count in flight: that bounds what can overtake a failing event.
-                State::Done(Verdict::Published) | State::Handed { .. } => {
-                    ahead += 1;
-                    if ahead >= self.window || !self.may_overlap(pr, r) {
-                        return Gate::Wait;
-                    }
+        let (chain, seq) = (r.chain, r.seq);
+        let Some((pid, pr)) = r.pred.and_then(|p| self.rows.get(&p).map(|pr| (p, pr))) else {
+            return Gate::Go;
+        };
+        if pr.clear {
+            return Gate::Go;
+        }
+        if pr.tainted {
+            return Gate::Defer(DeferUntil::Soon);
+        }
+        match &pr.state {
+            // The window is the distance from the oldest event not yet acknowledged, not
+            // the count in flight: that bounds what can overtake a failing event.
+            State::Done(Verdict::Published) | State::Handed { .. } => {
+                if self.window <= 1 || !self.may_overlap(pr, r) {
+                    return Gate::Wait;
                 }
-                State::Waiting => return Gate::Wait,
-                State::Done(Verdict::Failed { .. }) => {
-                    return Gate::Defer(DeferUntil::Predecessor(Prev {
-                        id: pid,
-                        status: status::FAILED.into(),
-                        next_attempt_at: chrono::Utc::now(),
-                    }))
-                }
-                State::Done(_) => return Gate::Defer(DeferUntil::Soon),
             }
-            p = pr.pred;
+            State::Waiting => return Gate::Wait,
+            State::Done(Verdict::Failed { .. }) => {
+                return Gate::Defer(DeferUntil::Predecessor(Prev {
+                    id: pid,
+                    status: status::FAILED.into(),
+                    next_attempt_at: chrono::Utc::now(),
+                }))
+            }
+            State::Done(_) => return Gate::Defer(DeferUntil::Soon),
+        }
+        if seq - self.zone(chain, seq) >= self.window as u64 {
+            return Gate::Wait;
         }
         Gate::Go
     }
@@ -899,11 +1035,10 @@ impl Dispatcher {
         undecided.sort_unstable();
         let mut out = Vec::new();
         let mut done = Vec::new();
+        // Nothing behind a released row may be handed or deferred: release, never publish,
+        // on the way out.
+        self.closing = true;
         for id in undecided {
-            if let Some(r) = self.rows.get_mut(&id) {
-                // Successors must not be handed: release, never publish, on the way out.
-                r.successor = None;
-            }
             self.decide(id, Verdict::Released, &mut out, &mut done);
         }
         debug_assert!(out.is_empty());
@@ -925,12 +1060,39 @@ impl Dispatcher {
             }
             if let Some(r) = self.rows.remove(id) {
                 self.untrack(&r.event.aggregate_id, *id);
+                self.leave_chain(r.chain);
                 if ok && matches!(r.state, State::Done(Verdict::Published)) {
                     self.recent.insert(*id);
                     self.recent_order.push_back((claims_started, *id));
                 }
             }
         }
+    }
+
+    /// A row of `chain` left memory: the holes at its front go, and so does the chain once
+    /// no row of it is left.
+    fn leave_chain(&mut self, chain: u64) {
+        let Some(c) = self.chains.get_mut(&chain) else {
+            return;
+        };
+        c.members = c.members.saturating_sub(1);
+        if c.members == 0 {
+            self.chains.remove(&chain);
+            return;
+        }
+        while let Some(&id) = c.ids.front() {
+            let held = self
+                .rows
+                .get(&id)
+                .is_some_and(|r| r.chain == chain && r.seq == c.base);
+            if held {
+                break;
+            }
+            c.ids.pop_front();
+            c.base += 1;
+        }
+        c.zone = c.zone.max(c.base);
+        c.frontier = c.frontier.max(c.base);
     }
 }
 
@@ -1010,6 +1172,80 @@ mod tests {
 
     fn ids(h: &[Handoff]) -> Vec<i64> {
         h.iter().map(|h| h.event.id).collect()
+    }
+
+    fn chain_of(first: i64, n: i64, agg: &str) -> Vec<Claimed> {
+        (first..first + n)
+            .map(|id| row(id, agg, (id > first).then_some(id - 1)))
+            .collect()
+    }
+
+    #[test]
+    fn pipelined_rows_go_up_to_the_window_behind_the_oldest_unacknowledged() {
+        let mut d = dispatcher(5).pipelined(3, vec![true]);
+        let (out, _) = d.add_batch(1, 1, chain_of(1, 10, "a"));
+        assert_eq!(ids(&out), vec![1, 2, 3]);
+        // A later row acknowledged first moves nothing: the window counts from the oldest.
+        let (more, _) = d.on_result(ack(&out[1], Ok(())));
+        assert!(more.is_empty());
+        // The oldest acknowledged: 2 is acknowledged too, so the window moves by two.
+        let (more, _) = d.on_result(ack(&out[0], Ok(())));
+        assert_eq!(ids(&more), vec![4, 5]);
+        // Rows of a later claim join the same chain and the same window.
+        let (later, _) = d.add_batch(2, 2, chain_of(11, 2, "a"));
+        assert!(later.is_empty());
+        let mut queue: VecDeque<Handoff> = more.into();
+        queue.push_front(out.into_iter().nth(2).unwrap());
+        let mut order = Vec::new();
+        while let Some(h) = queue.pop_front() {
+            order.push(h.event.id);
+            let (next, _) = d.on_result(ack(&h, Ok(())));
+            queue.extend(next);
+        }
+        assert_eq!(order, vec![3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    }
+
+    #[test]
+    fn a_waiting_row_goes_when_its_predecessor_left_memory_before_the_oldest_was_acked() {
+        // Row 2's claim completes (2 acknowledged) while row 1 is still in flight; row 3 waits
+        // behind the full window. Row 1's acknowledgement must still let row 3 go.
+        let mut d = dispatcher(5).pipelined(2, vec![true]);
+        let (h1, _) = d.add_batch(1, 1, vec![row(1, "a", None)]);
+        let (h2, _) = d.add_batch(2, 2, vec![row(2, "a", Some(1))]);
+        assert_eq!(ids(&h2), vec![2]);
+        let (h3, _) = d.add_batch(3, 3, vec![row(3, "a", Some(2))]);
+        assert!(h3.is_empty(), "window of 2 is full");
+        let (none, done) = d.on_result(ack(&h2[0], Ok(())));
+        assert!(none.is_empty());
+        assert_eq!(done.len(), 1, "row 2's claim completes");
+        d.finished(2, true, 3);
+        let (h3, _) = d.on_result(ack(&h1[0], Ok(())));
+        assert_eq!(ids(&h3), vec![3]);
+    }
+
+    #[test]
+    fn a_pipelined_failure_taints_what_is_in_flight_and_defers_what_waits() {
+        let mut d = dispatcher(5).pipelined(2, vec![true]);
+        let (out, _) = d.add_batch(1, 1, chain_of(1, 4, "a"));
+        assert_eq!(ids(&out), vec![1, 2]);
+        let (more, _) = d.on_result(ack(
+            &out[0],
+            Err(PublishError::permanent("too large".to_string())),
+        ));
+        assert!(more.is_empty());
+        // Row 2 was in flight: its success hands nothing behind the failed row.
+        let (more, done) = d.on_result(ack(&out[1], Ok(())));
+        assert!(more.is_empty());
+        assert_eq!(done.len(), 1);
+        let m = &done[0].marks;
+        assert_eq!(m.failed.len(), 1);
+        assert_eq!(m.published, vec![2]);
+        let deferred: Vec<i64> = m.deferred.iter().map(|(id, _)| *id).collect();
+        assert_eq!(deferred, vec![3, 4]);
+        assert!(matches!(
+            m.deferred[0].1,
+            DeferUntil::Predecessor(Prev { id: 1, .. })
+        ));
     }
 
     #[test]

@@ -215,14 +215,26 @@ impl PrivateNats {
             .expect("start nats-server");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !self.answers() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "nats-server did not listen on {}",
+                "nats-server did not answer on {}",
                 self.port
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether a NATS server greets on the port (its INFO line), not merely whether something
+    /// accepts connections there.
+    fn answers(&self) -> bool {
+        use std::io::Read;
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut greeting = [0u8; 4];
+        conn.read_exact(&mut greeting).is_ok() && &greeting == b"INFO"
     }
 
     /// Stops (SIGSTOP) or resumes (SIGCONT) the server: a frozen broker keeps its connections
