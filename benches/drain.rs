@@ -272,6 +272,7 @@ async fn drain_sql_only(cfg: &Config, n: u64) -> Figures {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    outbox_relay::allocator::tune();
     let sizes = common::sizes("BENCH_SIZES", "100000,1000000");
     // Under `cargo test` the smoke pass uses the memory backend only.
     let backend = if common::is_bench() {

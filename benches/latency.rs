@@ -50,6 +50,7 @@ impl Publisher for Stopwatch {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    outbox_relay::allocator::tune();
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()

@@ -93,6 +93,7 @@ async fn drain(db: &BenchDb, cfg: &Config, backend: &str, relays: usize) -> (f64
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    outbox_relay::allocator::tune();
     let bench = common::is_bench();
     let backend = if bench {
         std::env::var("BENCH_BACKEND").unwrap_or_else(|_| "memory".into())

@@ -14,6 +14,7 @@
 //!
 //! docs/ARCHITECTURE.md has the data flow and the invariants.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod envelope;

@@ -2,11 +2,21 @@
 
 // The relay allocates small, short-lived buffers per event (headers, bodies, futures) on two
 // or more threads; mimalloc's thread-local free lists make that markedly cheaper than glibc's
-// allocator (see docs/ARCHITECTURE.md, Performance).
+// allocator, for librdkafka's allocations too (see `outbox_relay::allocator`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    outbox_relay::cli::main().await
+fn main() -> std::process::ExitCode {
+    // Before the runtime's threads allocate anything.
+    outbox_relay::allocator::tune();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(outbox_relay::cli::main()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -24,7 +24,8 @@ use crate::envelope::{BodyFormat, Event};
 use crate::publisher::{AckResult, ErrorKind};
 use crate::routing::Router;
 use crate::store::{status, Claimed, DeferUntil, Marks, Prev};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,8 @@ struct RowState {
     /// Its aggregate's chain (see [`Chain`]) and its place in it.
     chain: u64,
     seq: u64,
+    /// `aggregate_key` of its aggregate id.
+    aggregate_key: u64,
 }
 
 /// One aggregate's rows in memory, in order, so that settling an acknowledgement costs the
@@ -241,13 +244,13 @@ impl Dispatcher {
             backoff,
             max_attempts,
             max_payload_bytes,
-            rows: HashMap::new(),
-            by_aggregate: HashMap::new(),
-            chains: HashMap::new(),
+            rows: HashMap::default(),
+            by_aggregate: HashMap::default(),
+            chains: HashMap::default(),
             next_chain: 0,
             closing: false,
-            batches: HashMap::new(),
-            recent: HashSet::new(),
+            batches: HashMap::default(),
+            recent: HashSet::default(),
             recent_order: VecDeque::new(),
             next_token: 1,
             window: 1,
@@ -326,10 +329,10 @@ impl Dispatcher {
     }
 
     /// The latest row of `aggregate` before `id` this relay tracks.
-    fn tracked_before(&self, aggregate: &str, id: i64) -> Option<i64> {
+    fn tracked_before(&self, key: u64, aggregate: &str, id: i64) -> Option<i64> {
         // The latest before `id` whose aggregate really is this one (a hash may be shared).
         self.by_aggregate
-            .get(&aggregate_key(aggregate))?
+            .get(&key)?
             .range(..id)
             .rev()
             .copied()
@@ -340,15 +343,11 @@ impl Dispatcher {
             })
     }
 
-    fn track(&mut self, aggregate: &str, id: i64) {
-        self.by_aggregate
-            .entry(aggregate_key(aggregate))
-            .or_default()
-            .insert(id);
+    fn track(&mut self, key: u64, id: i64) {
+        self.by_aggregate.entry(key).or_default().insert(id);
     }
 
-    fn untrack(&mut self, aggregate: &str, id: i64) {
-        let key = aggregate_key(aggregate);
+    fn untrack(&mut self, key: u64, id: i64) {
         if let Some(ids) = self.by_aggregate.get_mut(&key) {
             ids.remove(&id);
             if ids.is_empty() {
@@ -451,6 +450,7 @@ impl Dispatcher {
         // In id order, so a row's predecessor within the same batch is registered first.
         claimed.sort_by_key(|c| c.event.id);
         let now = chrono::Utc::now();
+        let claimed_at = Instant::now();
         self.batches.insert(
             batch,
             BatchState {
@@ -496,12 +496,13 @@ impl Dispatcher {
                 });
             // The probe's answer, or the aggregate's latest row still in memory if that is later
             // (or the probe was skipped).
-            let prev = match (c.prev, self.tracked_before(&c.event.aggregate_id, id)) {
+            let key = aggregate_key(&c.event.aggregate_id);
+            let prev = match (c.prev, self.tracked_before(key, &c.event.aggregate_id, id)) {
                 (Some(p), Some(t)) if t > p.id => Some(tracked_prev(t, now)),
                 (Some(p), _) => Some(p),
                 (None, t) => t.map(|t| tracked_prev(t, now)),
             };
-            self.track(&c.event.aggregate_id, id);
+            self.track(key, id);
             // Order first: an invalid row still may not be decided before its predecessor,
             // or a later valid row could be published while an earlier one retries.
             let placement = self.place(id, prev.as_ref(), now);
@@ -519,9 +520,10 @@ impl Dispatcher {
                     pred: None,
                     clear: false,
                     tainted: false,
-                    claimed_at: Instant::now(),
+                    claimed_at,
                     chain,
                     seq,
+                    aggregate_key: key,
                 },
             );
             let gate = match placement {
@@ -1059,7 +1061,7 @@ impl Dispatcher {
                 continue;
             }
             if let Some(r) = self.rows.remove(id) {
-                self.untrack(&r.event.aggregate_id, *id);
+                self.untrack(r.aggregate_key, *id);
                 self.leave_chain(r.chain);
                 if ok && matches!(r.state, State::Done(Verdict::Published)) {
                     self.recent.insert(*id);
