@@ -38,10 +38,15 @@ pub fn nats_config() -> NatsConfig {
 }
 
 pub fn kafka_config() -> KafkaConfig {
-    KafkaConfig {
+    let mut c = KafkaConfig {
         bootstrap_servers: kafka_brokers(),
         ..KafkaConfig::default()
+    };
+    // To compare producer settings: BENCH_KAFKA_LINGER=1 sets linger.ms.
+    if let Ok(ms) = std::env::var("BENCH_KAFKA_LINGER") {
+        c.properties.insert("linger.ms".into(), ms);
     }
+    c
 }
 
 /// A fresh file-backed stream over `subjects`.

@@ -500,8 +500,11 @@ impl KafkaConfig {
         set("client.id", self.client_id.clone());
         set("enable.idempotence", self.idempotence.to_string());
         set("acks", "all".into());
-        // Batches of up to 5 ms: throughput at a latency cost well inside the targets.
-        set("linger.ms", "5".into());
+        // Batches of up to 1 ms. Under load batches fill long before that; and an aggregate in
+        // strict order moves one event per round trip, linger included: 5 ms (librdkafka's
+        // default) held one aggregate at ~170 ev/s and 300 aggregates at ~41k ev/s; 1 ms gives
+        // ~730 and ~79k, and the 1M drain the same or less CPU per event.
+        set("linger.ms", "1".into());
         set("batch.num.messages", "10000".into());
         // librdkafka gives up on a message before the relay's publish timeout does, so the
         // relay hears the broker's reason rather than its own timeout.
