@@ -83,12 +83,23 @@ struct RowState {
     /// handed behind it.
     tainted: bool,
     claimed_at: Instant,
-    /// Its aggregate's chain (see [`Chain`]) and its place in it.
+    /// Its aggregate's chain (see [`Chain`]; `NO_CHAIN` while no row was placed behind it)
+    /// and its place in it.
     chain: u64,
     seq: u64,
     /// `aggregate_key` of its aggregate id.
     aggregate_key: u64,
 }
+
+/// The rows of one aggregate (by key) this relay tracks: most aggregates have one at a time.
+#[derive(Debug)]
+enum Tracked {
+    One(i64),
+    Many(BTreeSet<i64>),
+}
+
+/// `RowState::chain` of a row no other row was placed behind.
+const NO_CHAIN: u64 = 0;
 
 /// One aggregate's rows in memory, in order, so that settling an acknowledgement costs the
 /// same with a window of 1 000 events in flight as with 1: where the next row to hand is and
@@ -183,7 +194,7 @@ pub struct Dispatcher {
     /// database for a row's predecessor only where its own order could have missed one (see
     /// `store::claim_sql`); otherwise the row's predecessors are these, or done.
     /// Ordered, so a hot aggregate's thousands of rows in memory cost a tree step, not a scan.
-    by_aggregate: HashMap<u64, BTreeSet<i64>>,
+    by_aggregate: HashMap<u64, Tracked>,
     /// The chains, by number.
     chains: HashMap<u64, Chain>,
     next_chain: u64,
@@ -331,43 +342,71 @@ impl Dispatcher {
     /// The latest row of `aggregate` before `id` this relay tracks.
     fn tracked_before(&self, key: u64, aggregate: &str, id: i64) -> Option<i64> {
         // The latest before `id` whose aggregate really is this one (a hash may be shared).
-        self.by_aggregate
-            .get(&key)?
-            .range(..id)
-            .rev()
-            .copied()
-            .find(|t| {
-                self.rows
-                    .get(t)
-                    .is_some_and(|r| r.event.aggregate_id == aggregate)
-            })
+        let ours = |t: &i64| {
+            self.rows
+                .get(t)
+                .is_some_and(|r| r.event.aggregate_id == aggregate)
+        };
+        match self.by_aggregate.get(&key)? {
+            Tracked::One(t) => Some(*t).filter(|t| *t < id && ours(t)),
+            Tracked::Many(ids) => ids.range(..id).rev().copied().find(ours),
+        }
     }
 
     fn track(&mut self, key: u64, id: i64) {
-        self.by_aggregate.entry(key).or_default().insert(id);
-    }
-
-    fn untrack(&mut self, key: u64, id: i64) {
-        if let Some(ids) = self.by_aggregate.get_mut(&key) {
-            ids.remove(&id);
-            if ids.is_empty() {
-                self.by_aggregate.remove(&key);
+        match self.by_aggregate.get_mut(&key) {
+            None => {
+                self.by_aggregate.insert(key, Tracked::One(id));
+            }
+            Some(Tracked::One(t)) => {
+                let t = *t;
+                self.by_aggregate
+                    .insert(key, Tracked::Many(BTreeSet::from([t, id])));
+            }
+            Some(Tracked::Many(ids)) => {
+                ids.insert(id);
             }
         }
     }
 
-    /// The chain row `id` joins and its place in it: its predecessor's, at the end, when it
-    /// is placed behind one; a new chain otherwise.
-    fn join_chain(&mut self, id: i64, placement: &Placement) -> (u64, u64) {
-        let behind = match placement {
-            Placement::Behind(prev) => self.rows.get(prev).map(|p| p.chain),
-            _ => None,
+    fn untrack(&mut self, key: u64, id: i64) {
+        let gone = match self.by_aggregate.get_mut(&key) {
+            None => false,
+            Some(Tracked::One(t)) => *t == id,
+            Some(Tracked::Many(ids)) => {
+                ids.remove(&id);
+                ids.is_empty()
+            }
         };
-        let chain = behind.unwrap_or_else(|| {
+        if gone {
+            self.by_aggregate.remove(&key);
+        }
+    }
+
+    /// The chain row `id` joins and its place in it: its predecessor's, at the end, when it
+    /// is placed behind one (the predecessor starts the chain if it has none yet). A row with
+    /// nothing behind it needs no chain (`NO_CHAIN`): most rows, with many aggregates.
+    fn join_chain(&mut self, id: i64, placement: &Placement) -> (u64, u64) {
+        let Placement::Behind(prev) = placement else {
+            return (NO_CHAIN, 0);
+        };
+        let Some(p) = self.rows.get_mut(prev) else {
+            return (NO_CHAIN, 0);
+        };
+        if p.chain == NO_CHAIN {
             self.next_chain += 1;
-            self.chains.insert(self.next_chain, Chain::default());
-            self.next_chain
-        });
+            p.chain = self.next_chain;
+            p.seq = 0;
+            self.chains.insert(
+                self.next_chain,
+                Chain {
+                    ids: VecDeque::from([*prev]),
+                    members: 1,
+                    ..Chain::default()
+                },
+            );
+        }
+        let chain = p.chain;
         let c = self.chains.entry(chain).or_default();
         let seq = c.base + c.ids.len() as u64;
         c.ids.push_back(id);
