@@ -1,19 +1,26 @@
 //! Commit-to-acknowledgement latency at a steady rate: producers commit small transactions
 //! into the outbox at BENCH_RATE events/s (default 10 000: 20 events per transaction) for
 //! BENCH_SECS seconds (default 10), while the relay publishes to a backend that acknowledges at
-//! once. Latency is from the producer's COMMIT returning to the backend's acknowledgement, both
-//! read from this process's clock; the first second is warm-up and not counted.
+//! once, or through a real broker. Latency is from the producer's COMMIT returning to the
+//! backend's acknowledgement, both read from this process's clock; the first second is warm-up
+//! and not counted.
 //!
 //!   cargo bench --bench latency
+//!   BENCH_BACKEND=kafka cargo bench --bench latency   # acknowledged by Kafka (BENCH_KAFKA_BROKERS)
+//!   BENCH_BACKEND=nats cargo bench --bench latency    # acknowledged by JetStream (BENCH_NATS_URL)
 //!
 //! Under `cargo test` it runs a one-second smoke pass at a low rate.
 
+#[allow(dead_code)] // the bare-client ceilings belong to the drain benchmark
+mod brokers;
 mod common;
 
 use common::{percentile_ms, BenchDb};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use outbox_relay::publisher::{Health, Outgoing, Publisher};
+use outbox_relay::publisher::kafka::KafkaPublisher;
+use outbox_relay::publisher::nats::NatsPublisher;
+use outbox_relay::publisher::{AckSender, AckTicket, Health, Outgoing, Publisher};
 use outbox_relay::store::{NewEvent, Outbox};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +55,72 @@ impl Publisher for Stopwatch {
     }
 }
 
+/// Hands events to a real broker's publisher and notes when each one's acknowledgement comes
+/// back from it (the relay's ticket is resolved right after, with the same outcome).
+struct Timed {
+    inner: Arc<dyn Publisher>,
+    waiting: Arc<Mutex<HashMap<Uuid, AckTicket>>>,
+    tx: AckSender,
+}
+
+impl Timed {
+    fn new(inner: Arc<dyn Publisher>, acked: Arc<Mutex<HashMap<Uuid, Instant>>>) -> Self {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<outbox_relay::publisher::AckResult>();
+        let waiting: Arc<Mutex<HashMap<Uuid, AckTicket>>> = Arc::default();
+        let (w, a) = (waiting.clone(), acked.clone());
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                if r.outcome.is_ok() {
+                    a.lock()
+                        .unwrap()
+                        .entry(r.event_id)
+                        .or_insert_with(Instant::now);
+                }
+                let ticket = w.lock().unwrap().remove(&r.event_id);
+                if let Some(t) = ticket {
+                    t.resolve(r.outcome);
+                }
+            }
+        });
+        Timed { inner, waiting, tx }
+    }
+}
+
+impl Publisher for Timed {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn keeps_order(&self) -> bool {
+        self.inner.keeps_order()
+    }
+    fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {
+        let mut waiting = self.waiting.lock().unwrap();
+        let burst: Vec<Outgoing> = burst
+            .into_iter()
+            .map(|o| {
+                let ticket = AckTicket::new(
+                    o.event.id,
+                    0,
+                    o.event.event_id,
+                    Arc::from(o.event.topic.as_str()),
+                    self.tx.clone(),
+                );
+                waiting.insert(o.event.event_id, o.ticket);
+                Outgoing { ticket, ..o }
+            })
+            .collect();
+        drop(waiting);
+        self.inner.publish(burst)
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.inner.health()
+    }
+    fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        self.inner.close(timeout)
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     outbox_relay::allocator::tune();
@@ -66,7 +139,30 @@ async fn main() {
     let producers = 2u64;
     let db = BenchDb::open("bench_latency", producers as u32 + 1).await;
     let watch = Stopwatch::default();
-    let relay = common::relay(&db.config(), "watch", Arc::new(watch.clone())).await;
+    let backend = if common::is_bench() {
+        std::env::var("BENCH_BACKEND").unwrap_or_else(|_| "memory".into())
+    } else {
+        "memory".into()
+    };
+    let cfg = db.config();
+    let publisher: Arc<dyn Publisher> = match backend.as_str() {
+        "memory" => Arc::new(watch.clone()),
+        "kafka" => {
+            brokers::kafka_topic("bench.latency").await;
+            let kafka = KafkaPublisher::new(&brokers::kafka_config(), cfg.relay.publish_timeout)
+                .expect("a Kafka producer");
+            Arc::new(Timed::new(Arc::new(kafka), watch.acked.clone()))
+        }
+        "nats" => {
+            brokers::nats_stream(brokers::RELAY_STREAM, "bench.>").await;
+            let nats = NatsPublisher::connect(&brokers::nats_config())
+                .await
+                .expect("connect to NATS");
+            Arc::new(Timed::new(Arc::new(nats), watch.acked.clone()))
+        }
+        other => panic!("BENCH_BACKEND={other}: memory, nats or kafka"),
+    };
+    let relay = common::relay(&cfg, &backend, publisher).await;
     let stop = CancellationToken::new();
     let relay_task = {
         let stop = stop.clone();
@@ -130,7 +226,7 @@ async fn main() {
         .collect();
     lat.sort();
     println!(
-        "latency benchmark: {:.0} events/s offered ({} per transaction, {} producers), {} measured",
+        "latency benchmark: backend={backend}, {:.0} events/s offered ({} per transaction, {} producers), {} measured",
         committed.len() as f64 / elapsed,
         per_tx,
         producers,
