@@ -456,7 +456,9 @@ impl Dispatcher {
             }
             if let Some(id) = self.slot(chain, seq) {
                 let r = self.rows.get_mut(&id).expect("a slot's row is in memory");
-                if !matches!(r.state, State::Done(Verdict::Published)) {
+                // A tainted row was sent behind a failure: nothing behind it goes, so it never
+                // counts as settled.
+                if r.tainted || !matches!(r.state, State::Done(Verdict::Published)) {
                     return seq;
                 }
                 r.clear = true;
@@ -535,9 +537,19 @@ impl Dispatcher {
                 });
             // The probe's answer, or the aggregate's latest row still in memory if that is later
             // (or the probe was skipped).
+            if let Some(old) = self.rows.remove(&id) {
+                // Its older claim completed: that claim's bookkeeping lets go of it here.
+                self.untrack(old.aggregate_key, id);
+                self.leave_chain(old.chain);
+            }
             let key = aggregate_key(&c.event.aggregate_id);
             let prev = match (c.prev, self.tracked_before(key, &c.event.aggregate_id, id)) {
-                (Some(p), Some(t)) if t > p.id => Some(tracked_prev(t, now)),
+                // A row this relay still tracks goes first; so it does when the database named
+                // a row published lately (the claim began before that commit), as an earlier
+                // row of the aggregate may still be in flight behind that one.
+                (Some(p), Some(t)) if t > p.id || self.recent.contains(&p.id) => {
+                    Some(tracked_prev(t, now))
+                }
                 (Some(p), _) => Some(p),
                 (None, t) => t.map(|t| tracked_prev(t, now)),
             };
@@ -808,7 +820,7 @@ impl Dispatcher {
             let Some(r) = self.rows.get_mut(&c) else {
                 break;
             };
-            if r.clear || !matches!(r.state, State::Done(Verdict::Published)) {
+            if r.clear || r.tainted || !matches!(r.state, State::Done(Verdict::Published)) {
                 break;
             }
             r.clear = true;
@@ -831,37 +843,53 @@ impl Dispatcher {
             return Gate::Wait;
         };
         let (chain, seq) = (r.chain, r.seq);
-        let Some((pid, pr)) = r.pred.and_then(|p| self.rows.get(&p).map(|pr| (p, pr))) else {
+        if let Some((pid, pr)) = r.pred.and_then(|p| self.rows.get(&p).map(|pr| (p, pr))) {
+            if let Some(g) = Self::behind(pid, pr) {
+                return g;
+            }
+        }
+        // The oldest row of the chain before `s` not yet settled (the row before `s` may have
+        // left memory already: the zone still sees what is in flight before it).
+        let zone = self.zone(chain, seq);
+        if zone == seq {
             return Gate::Go;
+        }
+        let Some(zid) = self.slot(chain, zone) else {
+            return Gate::Wait;
         };
-        if pr.clear {
-            return Gate::Go;
+        let zr = &self.rows[&zid];
+        if let Some(g) = Self::behind(zid, zr) {
+            return g;
         }
-        if pr.tainted {
-            return Gate::Defer(DeferUntil::Soon);
-        }
-        match &pr.state {
-            // The window is the distance from the oldest event not yet acknowledged, not
-            // the count in flight: that bounds what can overtake a failing event.
-            State::Done(Verdict::Published) | State::Handed { .. } => {
-                if self.window <= 1 || !self.may_overlap(pr, r) {
-                    return Gate::Wait;
-                }
-            }
-            State::Waiting => return Gate::Wait,
-            State::Done(Verdict::Failed { .. }) => {
-                return Gate::Defer(DeferUntil::Predecessor(Prev {
-                    id: pid,
-                    status: status::FAILED.into(),
-                    next_attempt_at: chrono::Utc::now(),
-                }))
-            }
-            State::Done(_) => return Gate::Defer(DeferUntil::Soon),
-        }
-        if seq - self.zone(chain, seq) >= self.window as u64 {
+        // The window is the distance from the oldest event not yet acknowledged, not the
+        // count in flight: that bounds what can overtake a failing event. What is in flight
+        // shares a backend and topic (each was compared with the zone's row when handed), so
+        // comparing with the zone's row compares with all of them.
+        let r = &self.rows[&s];
+        if self.window <= 1 || !self.may_overlap(zr, r) || seq - zone >= self.window as u64 {
             return Gate::Wait;
         }
         Gate::Go
+    }
+
+    /// What an earlier row `id` of the chain says about handing a row behind it: `None` if it
+    /// is in flight or published cleanly, so the window and the route decide.
+    fn behind(id: i64, before: &RowState) -> Option<Gate> {
+        if before.tainted {
+            return Some(Gate::Defer(DeferUntil::Soon));
+        }
+        match &before.state {
+            State::Done(Verdict::Published) | State::Handed { .. } => None,
+            State::Waiting => Some(Gate::Wait),
+            State::Done(Verdict::Failed { .. }) => {
+                Some(Gate::Defer(DeferUntil::Predecessor(Prev {
+                    id,
+                    status: status::FAILED.into(),
+                    next_attempt_at: chrono::Utc::now(),
+                })))
+            }
+            State::Done(_) => Some(Gate::Defer(DeferUntil::Soon)),
+        }
     }
 
     /// May `r` be sent while `before`, an earlier event of its aggregate, is in flight?
@@ -1262,6 +1290,101 @@ mod tests {
         d.finished(2, true, 3);
         let (h3, _) = d.on_result(ack(&h1[0], Ok(())));
         assert_eq!(ids(&h3), vec![3]);
+    }
+
+    fn moved_to(mut c: Claimed, topic: &str) -> Claimed {
+        c.event.topic = topic.into();
+        c
+    }
+
+    #[test]
+    fn a_row_on_another_topic_waits_for_everything_before_it_even_across_a_hole() {
+        // Rows 1-3 in flight on one topic, each in its own claim; row 4 (another topic) may
+        // overlap none of them. Row 3's claim ends early, leaving a hole before row 4.
+        let mut d = dispatcher(5).pipelined(3, vec![true]);
+        let (h1, _) = d.add_batch(1, 1, vec![row(1, "a", None)]);
+        let (h2, _) = d.add_batch(2, 2, vec![row(2, "a", Some(1))]);
+        let (h3, _) = d.add_batch(3, 3, vec![row(3, "a", Some(2))]);
+        let (h4, _) = d.add_batch(4, 4, vec![moved_to(row(4, "a", Some(3)), "orders.other")]);
+        assert!(h4.is_empty());
+        let (none, done) = d.on_result(ack(&h3[0], Ok(())));
+        assert!(none.is_empty());
+        assert_eq!(done.len(), 1);
+        d.finished(3, true, 4);
+        let (none, _) = d.on_result(ack(&h2[0], Ok(())));
+        assert!(
+            none.is_empty(),
+            "row 1 is still in flight on the other topic"
+        );
+        let (h4, _) = d.on_result(ack(&h1[0], Ok(())));
+        assert_eq!(ids(&h4), vec![4]);
+    }
+
+    #[test]
+    fn a_row_that_cannot_overlap_goes_once_everything_before_it_is_published_despite_a_hole() {
+        let mut d = dispatcher(5).pipelined(4, vec![true]);
+        let (h1, _) = d.add_batch(1, 1, vec![row(1, "a", None)]);
+        let (h2, _) = d.add_batch(2, 2, vec![row(2, "a", Some(1))]);
+        let (h3, _) = d.add_batch(
+            3,
+            3,
+            vec![
+                row(3, "a", Some(2)),
+                moved_to(row(4, "a", Some(3)), "orders.other"),
+            ],
+        );
+        assert_eq!(ids(&h3), vec![3]);
+        let (_, done) = d.on_result(ack(&h2[0], Ok(())));
+        assert_eq!(done.len(), 1);
+        d.on_result(ack(&h3[0], Ok(())));
+        d.finished(2, true, 4);
+        let (h4, _) = d.on_result(ack(&h1[0], Ok(())));
+        assert_eq!(
+            ids(&h4),
+            vec![4],
+            "not left waiting until released as stale"
+        );
+    }
+
+    #[test]
+    fn a_row_behind_one_sent_past_a_failure_is_deferred_even_after_the_failure_left_memory() {
+        let mut d = dispatcher(5).pipelined(2, vec![true]);
+        let (h1, _) = d.add_batch(1, 1, vec![row(1, "a", None)]);
+        let (h2, _) = d.add_batch(2, 2, vec![row(2, "a", Some(1))]);
+        assert_eq!(ids(&h2), vec![2]);
+        let (_, done) = d.on_result(ack(&h1[0], Err(PublishError::retryable("try again"))));
+        assert_eq!(done.len(), 1);
+        d.finished(1, true, 2);
+        // Row 2 was sent before row 1's retry: published, but tainted.
+        d.on_result(ack(&h2[0], Ok(())));
+        let (h3, done) = d.add_batch(3, 3, vec![row(3, "a", Some(1))]);
+        assert!(h3.is_empty(), "row 3 must not overtake row 1's retry");
+        assert_eq!(done.len(), 1);
+        let deferred: Vec<i64> = done[0].marks.deferred.iter().map(|(id, _)| *id).collect();
+        assert_eq!(deferred, vec![3]);
+    }
+
+    #[test]
+    fn rows_claimed_again_leave_no_chain_behind() {
+        let mut d = dispatcher(5);
+        let (h, _) = d.add_batch(1, 1, vec![row(1, "a", None), row(2, "a", Some(1))]);
+        let (_, done) = d.on_result(ack(&h[0], Err(PublishError::retryable("try again"))));
+        assert_eq!(
+            done.len(),
+            1,
+            "row 2 deferred behind row 1: the claim completes"
+        );
+        // Claimed again before the first claim's end is heard of.
+        let (h, _) = d.add_batch(2, 2, vec![row(1, "a", None), row(2, "a", Some(1))]);
+        assert_eq!(ids(&h), vec![1]);
+        d.finished(1, true, 2);
+        let (h2, _) = d.on_result(ack(&h[0], Ok(())));
+        let (_, done) = d.on_result(ack(&h2[0], Ok(())));
+        assert_eq!(done.len(), 1);
+        d.finished(2, true, 3);
+        assert_eq!(d.in_flight(), 0);
+        assert!(d.chains.is_empty(), "{:?}", d.chains);
+        assert!(d.by_aggregate.is_empty());
     }
 
     #[test]
