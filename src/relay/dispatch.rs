@@ -77,8 +77,6 @@ struct RowState {
     successor: Option<i64>,
     /// The row it follows in its aggregate's chain, while that row is in memory.
     pred: Option<i64>,
-    /// Published, and so is every earlier row of its chain still in memory.
-    clear: bool,
     /// In flight while an earlier row of its chain failed or was retried: nothing may be
     /// handed behind it.
     tainted: bool,
@@ -106,8 +104,8 @@ const NO_CHAIN: u64 = 0;
 /// how far the oldest unacknowledged row is behind it are kept, not found by walking the chain.
 ///
 /// Slot `seq - base` holds the row placed `seq`-th; a row that left memory (its claim ended)
-/// leaves a hole, which counts as published: it was decided, and rows behind a row that was
-/// not published were settled (deferred) when it was.
+/// leaves a hole, which the zone passes: it was decided, and had it not been published, the
+/// rows behind it were tainted or deferred when it was.
 #[derive(Debug, Default)]
 struct Chain {
     ids: VecDeque<i64>,
@@ -444,7 +442,7 @@ impl Dispatcher {
     }
 
     /// The place of the oldest row of `chain` before `upto` not yet published (`upto` if
-    /// none), moving its zone past what is published; rows passed are marked clear.
+    /// none), moving its zone past what is published.
     fn zone(&mut self, chain: u64, upto: u64) -> u64 {
         loop {
             let Some(c) = self.chains.get(&chain) else {
@@ -455,13 +453,12 @@ impl Dispatcher {
                 return upto;
             }
             if let Some(id) = self.slot(chain, seq) {
-                let r = self.rows.get_mut(&id).expect("a slot's row is in memory");
+                let r = &self.rows[&id];
                 // A tainted row was sent behind a failure: nothing behind it goes, so it never
                 // counts as settled.
                 if r.tainted || !matches!(r.state, State::Done(Verdict::Published)) {
                     return seq;
                 }
-                r.clear = true;
             }
             if let Some(c) = self.chains.get_mut(&chain) {
                 c.zone = seq + 1;
@@ -535,13 +532,13 @@ impl Dispatcher {
                         .is_none()
                         .then(|| self.router.no_route_reason(&c.event.topic))
                 });
-            // The probe's answer, or the aggregate's latest row still in memory if that is later
-            // (or the probe was skipped).
             if let Some(old) = self.rows.remove(&id) {
                 // Its older claim completed: that claim's bookkeeping lets go of it here.
                 self.untrack(old.aggregate_key, id);
                 self.leave_chain(old.chain);
             }
+            // The probe's answer, or the aggregate's latest row still in memory if that is later
+            // (or the probe was skipped).
             let key = aggregate_key(&c.event.aggregate_id);
             let prev = match (c.prev, self.tracked_before(key, &c.event.aggregate_id, id)) {
                 // A row this relay still tracks goes first; so it does when the database named
@@ -569,7 +566,6 @@ impl Dispatcher {
                     state: State::Waiting,
                     successor: None,
                     pred: None,
-                    clear: false,
                     tainted: false,
                     claimed_at,
                     chain,
@@ -722,15 +718,12 @@ impl Dispatcher {
             let ok = matches!(verdict, Verdict::Published);
             let failed = matches!(verdict, Verdict::Failed { .. });
             r.state = State::Done(verdict);
-            let (batch, pred, chain, seq) = (r.batch, r.pred, r.chain, r.seq);
+            let (batch, chain, seq) = (r.batch, r.chain, r.seq);
             if let Some(b) = self.batches.get_mut(&batch) {
                 b.open -= 1;
                 if b.open == 0 {
                     done.push(id);
                 }
-            }
-            if ok && pred.is_none_or(|p| self.rows.get(&p).is_none_or(|p| p.clear)) {
-                self.mark_clear(id);
             }
             if self.closing {
                 continue;
@@ -813,31 +806,17 @@ impl Dispatcher {
         }
     }
 
-    /// `id` is published with everything before it: so is every published row after it.
-    fn mark_clear(&mut self, id: i64) {
-        let mut cur = Some(id);
-        while let Some(c) = cur {
-            let Some(r) = self.rows.get_mut(&c) else {
-                break;
-            };
-            if r.clear || r.tainted || !matches!(r.state, State::Done(Verdict::Published)) {
-                break;
-            }
-            r.clear = true;
-            cur = r.successor;
-        }
-    }
-
     /// Whether waiting row `s` may be handed now: every earlier row of its chain still in
     /// memory is published or (pipelined, same backend keeping order, same topic) in flight,
     /// `s` is fewer than the window behind the oldest of them not yet acknowledged, and none
     /// of them failed.
     ///
-    /// Only the row just before `s` is looked at, and the window from the chain's zone: what
-    /// holds for every earlier row holds for that one. Rows are handed in order, each after
-    /// this gate compared it with the one before it, so the rows in flight share a backend
-    /// and topic; and a failure or retry of any of them tainted every row in flight behind it
-    /// and deferred the first waiting one (`settle_behind`).
+    /// Two rows are looked at, not the whole chain: the one just before `s` (if still in
+    /// memory) and the oldest one not yet published (the chain's zone), from which the window
+    /// is measured. Rows are handed in order, each compared with the zone's row then, so the
+    /// rows in flight share a backend and topic; a failure or retry of any of them tainted
+    /// every row in flight behind it and deferred the first waiting one (`settle_behind`),
+    /// and a tainted row stops the zone.
     fn gate(&mut self, s: i64) -> Gate {
         let Some(r) = self.rows.get(&s) else {
             return Gate::Wait;
