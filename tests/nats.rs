@@ -412,6 +412,31 @@ impl Away {
     }
 }
 
+/// Round `r` of an outage test: 50 events on `topic` over 10 aggregates, 5 each, numbered on
+/// from round `r - 1`.
+fn round(topic: &str, r: usize) -> Vec<NewEvent> {
+    (0..50)
+        .map(|i| numbered_on(topic, &format!("a{}", i % 10), r * 5 + i / 10))
+        .collect()
+}
+
+/// While the server is away: waits until the ten aggregates' head events were each tried well
+/// past a budget of 3 attempts, then checks that none failed.
+async fn waited_past_the_budget(db: &TestDb, stats: &outbox_relay::relay::Stats, what: &str) {
+    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for(
+        DEADLINE,
+        &format!("each waiting event tried past the budget {what}"),
+        || async { retried() > 10 * 3 * 4 },
+    )
+    .await;
+    assert_eq!(
+        db.count("status = 'failed'").await,
+        0,
+        "events failed {what}"
+    );
+}
+
 /// The end of an outage test: every row published (within the deadline), the relay stopped,
 /// nothing failed, and the stream holds `sent`, in order per aggregate.
 async fn published_in_order_once_back<'a>(
@@ -527,9 +552,7 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
         h,
         stop,
     } = Away::start(Dur::secs(2), Dur::ms(20), Dur::ms(100), 3).await;
-    let first: Vec<NewEvent> = (0..50)
-        .map(|i| numbered_on(&topic, &format!("a{}", i % 10), i / 10))
-        .collect();
+    let first = round(&topic, 0);
     db.enqueue(&first).await;
     wait_for(DEADLINE, "the first events through", || async {
         db.total().await == 0
@@ -537,23 +560,9 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
     .await;
     server.stop_server();
     // Events keep arriving while the server is away.
-    let during: Vec<NewEvent> = (0..50)
-        .map(|i| numbered_on(&topic, &format!("a{}", i % 10), 5 + i / 10))
-        .collect();
+    let during = round(&topic, 1);
     db.enqueue(&during).await;
-    // Ten aggregates' head events, each tried well past max_attempts.
-    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
-    wait_for(
-        DEADLINE,
-        "each waiting event tried past the budget",
-        || async { retried() > 10 * 3 * 4 },
-    )
-    .await;
-    assert_eq!(
-        db.count("status = 'failed'").await,
-        0,
-        "an outage failed events"
-    );
+    waited_past_the_budget(&db, &stats, "while the server is away").await;
     server.start_server();
     drop(js);
     published_in_order_once_back(
@@ -589,12 +598,7 @@ async fn no_responders_while_jetstream_is_away_fail_nothing() {
         h,
         stop,
     } = Away::start(Dur::secs(2), Dur::ms(20), Dur::ms(100), 3).await;
-    let round = |r: usize| -> Vec<NewEvent> {
-        (0..50)
-            .map(|i| numbered_on(&topic, &format!("a{}", i % 10), r * 5 + i / 10))
-            .collect()
-    };
-    let first = round(0);
+    let first = round(&topic, 0);
     db.enqueue(&first).await;
     wait_for(DEADLINE, "the first events through", || async {
         db.total().await == 0
@@ -603,20 +607,9 @@ async fn no_responders_while_jetstream_is_away_fail_nothing() {
 
     server.stop_server();
     server.start_server_without_jetstream();
-    let waiting = round(1);
+    let waiting = round(&topic, 1);
     db.enqueue(&waiting).await;
-    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
-    wait_for(
-        DEADLINE,
-        "each waiting event tried past the budget without JetStream",
-        || async { retried() > 10 * 3 * 4 },
-    )
-    .await;
-    assert_eq!(
-        db.count("status = 'failed'").await,
-        0,
-        "no responders failed events"
-    );
+    waited_past_the_budget(&db, &stats, "without JetStream (no responders)").await;
     // The probes' answers: JetStream could not say which stream covers the subject.
     let probed =
         "last_error LIKE '%no responders for subject%' AND last_error LIKE 'waiting for the broker%'";
