@@ -107,6 +107,18 @@ impl RelayProcess {
 
 impl Drop for RelayProcess {
     fn drop(&mut self) {
+        // A failed wait says what it waited for; the relay's own last words say why.
+        if std::thread::panicking() {
+            let log = self.log.lock().unwrap();
+            let from = log.len().saturating_sub(40);
+            eprintln!("--- the relay's last {} log lines ---", log.len() - from);
+            for line in &log[from..] {
+                eprintln!("{line}");
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                eprintln!("--- the relay had exited: {status} ---");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -209,9 +221,14 @@ async fn readiness_turns_false_while_postgres_is_stopped() {
     .await;
     db.pool.close().await;
     pg.stop_server();
-    wait_for(DEADLINE, "/readyz 503 naming postgres", || async {
-        matches!(relay.get("/readyz"), Some((503, body)) if body.contains("postgres"))
-    })
+    // Probes run every 200ms with a 1s limit, in a loop of their own: readiness turns within
+    // seconds. (It once waited behind backlog counts, each stuck up to the pool's 5s acquire
+    // timeout, and took 3 to over 60 seconds.)
+    wait_for(
+        Duration::from_secs(10),
+        "/readyz 503 naming postgres",
+        || async { matches!(relay.get("/readyz"), Some((503, body)) if body.contains("postgres")) },
+    )
     .await;
     let h = relay.health();
     assert_eq!(h["status"], "not_ready", "{h}");

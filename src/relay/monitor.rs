@@ -3,7 +3,8 @@
 //! pruning of kept published rows.
 //!
 //! Everything here runs on its own task at its own interval and only ever reads what the loop
-//! publishes through atomics, so neither a slow probe nor a slow count ever holds up claims.
+//! publishes through atomics, so neither a slow probe nor a slow count ever holds up claims;
+//! the probes have a loop of their own, so no slow count holds them up either.
 //! HTTP handlers and the metrics read the [`Observed`] snapshot; a request never queries the
 //! database or a broker.
 
@@ -168,31 +169,50 @@ pub(crate) fn heartbeat(instance: String) -> Heartbeat {
 
 impl Monitor {
     /// Runs until `stop`; then removes this relay's heartbeat row.
-    pub(crate) async fn run(mut self, stop: CancellationToken) {
-        let mut health = tokio::time::interval(self.cfg.health_interval.0);
-        let mut backlog = tokio::time::interval(self.cfg.backlog_interval.0);
-        let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
-        let mut prune = tokio::time::interval(self.relay.prune_interval.0);
-        for t in [&mut health, &mut backlog, &mut beat, &mut prune] {
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ///
+    /// The probes run in a loop of their own: the counts, the heartbeat and pruning query a
+    /// database that may be away, each waiting up to the pool's acquire timeout, and readiness
+    /// must turn within a probe interval of an outage, not after a run of such waits.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let heartbeat = self.heartbeat.clone();
+        tokio::join!(self.probes(&stop), self.chores(&stop, heartbeat));
+        if let Err(e) = self.store.leave(&self.heartbeat.instance).await {
+            tracing::debug!(error = %e, "could not remove the relay's heartbeat row");
         }
-        let mut levels = (0i64, 0i64);
+    }
+
+    async fn probes(&self, stop: &CancellationToken) {
+        let mut health = tokio::time::interval(self.cfg.health_interval.0);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reconnects_seen = vec![0u64; self.backends.len()];
-        let keep = !self.relay.published_retention.0.is_zero();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = health.tick() => self.probe(&mut reconnects_seen).await,
+            }
+        }
+    }
+
+    /// The backlog counts and thresholds, the heartbeat row and pruning.
+    async fn chores(&self, stop: &CancellationToken, mut heartbeat: Heartbeat) {
+        let mut backlog = tokio::time::interval(self.cfg.backlog_interval.0);
+        let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut prune = tokio::time::interval(self.relay.prune_interval.0);
+        for t in [&mut backlog, &mut beat, &mut prune] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let mut levels = (0i64, 0i64);
+        let keep = !self.relay.published_retention.0.is_zero();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
                 _ = backlog.tick() => {
                     self.count(&mut levels).await;
                     self.settle_never_due().await;
                 }
-                _ = beat.tick() => self.beat().await,
+                _ = beat.tick() => self.beat(&mut heartbeat).await,
                 _ = prune.tick(), if keep => self.prune().await,
             }
-        }
-        if let Err(e) = self.store.leave(&self.heartbeat.instance).await {
-            tracing::debug!(error = %e, "could not remove the relay's heartbeat row");
         }
     }
 
@@ -326,13 +346,13 @@ impl Monitor {
         });
     }
 
-    async fn beat(&mut self) {
+    async fn beat(&self, heartbeat: &mut Heartbeat) {
         let s = &self.stats;
-        self.heartbeat.in_flight = s.in_flight.load(Ordering::Relaxed) as i32;
-        self.heartbeat.published = s.published.load(Ordering::Relaxed) as i64;
-        self.heartbeat.failed = s.failed.load(Ordering::Relaxed) as i64;
-        self.heartbeat.partitions = s.owned_partitions.load(Ordering::Relaxed) as i32;
-        if let Err(e) = self.store.heartbeat(&self.heartbeat).await {
+        heartbeat.in_flight = s.in_flight.load(Ordering::Relaxed) as i32;
+        heartbeat.published = s.published.load(Ordering::Relaxed) as i64;
+        heartbeat.failed = s.failed.load(Ordering::Relaxed) as i64;
+        heartbeat.partitions = s.owned_partitions.load(Ordering::Relaxed) as i32;
+        if let Err(e) = self.store.heartbeat(heartbeat).await {
             tracing::debug!(error = %e, "could not write the relay's heartbeat");
         }
     }
