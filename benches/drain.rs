@@ -9,6 +9,7 @@
 //!   BENCH_BACKEND=nats cargo bench --bench drain       # JetStream at BENCH_NATS_URL
 //!   BENCH_BACKEND=kafka cargo bench --bench drain      # Kafka at BENCH_KAFKA_BROKERS
 //!   BENCH_ONLY_RELAY=1 ...                             # the relay's drain alone (to profile)
+//!   BENCH_WORKERS=1 ...                                # the runtime's worker threads (default 2)
 //!
 //! Under `cargo test` (no `--bench` flag) it runs a 2 000-row smoke pass and checks the drain.
 
@@ -270,9 +271,23 @@ async fn drain_sql_only(cfg: &Config, n: u64) -> Figures {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
     outbox_relay::allocator::tune();
+    // BENCH_WORKERS: the runtime's worker threads (default 2, one per core here).
+    let workers = std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|w| w.parse::<usize>().ok())
+        .filter(|w| *w > 0)
+        .unwrap_or(2);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(bench());
+}
+
+async fn bench() {
     let sizes = common::sizes("BENCH_SIZES", "100000,1000000");
     // Under `cargo test` the smoke pass uses the memory backend only.
     let backend = if common::is_bench() {

@@ -379,15 +379,33 @@ impl Away {
         backoff_max: Dur,
         max_attempts: u32,
     ) -> Away {
+        Away::acking_within(
+            Dur::secs(5),
+            publish_timeout,
+            backoff_initial,
+            backoff_max,
+            max_attempts,
+        )
+        .await
+    }
+
+    /// As `start`, with the publisher waiting `ack_timeout` for each PubAck.
+    async fn acking_within(
+        ack_timeout: Dur,
+        publish_timeout: Dur,
+        backoff_initial: Dur,
+        backoff_max: Dur,
+        max_attempts: u32,
+    ) -> Away {
         let server = PrivateNats::start();
         let (prefix, stream) = n::unique();
         let js = n::create_stream(&server.url(), &stream, &prefix).await;
         let db = TestDb::new().await;
-        let publisher = Arc::new(
-            NatsPublisher::connect(&n::config(&server.url()))
-                .await
-                .unwrap(),
-        );
+        let nats = outbox_relay::publisher::nats::NatsConfig {
+            ack_timeout,
+            ..n::config(&server.url())
+        };
+        let publisher = Arc::new(NatsPublisher::connect(&nats).await.unwrap());
         let mut cfg = db.config();
         cfg.relay.publish_timeout = publish_timeout;
         cfg.relay.backoff_initial = backoff_initial;
@@ -631,4 +649,135 @@ async fn no_responders_while_jetstream_is_away_fail_nothing() {
         first.iter().chain(&waiting),
     )
     .await;
+}
+
+/// A server that takes publishes and does not answer (frozen): each PubAck not come within
+/// the publisher's `ack_timeout` is an unavailable result, never a failure, and the event goes
+/// again. Once the server thaws it stores what it had queued and answers late for it (answers
+/// the relay no longer waits for), and drops the re-sends as duplicates by `Nats-Msg-Id`: the
+/// stream holds every event once, in order.
+#[tokio::test]
+async fn pub_acks_a_frozen_server_never_sends_time_out_and_the_events_are_stored_once() {
+    let _watchdog = watchdog(
+        "pub_acks_a_frozen_server_never_sends_time_out_and_the_events_are_stored_once",
+        Duration::from_secs(300),
+    );
+    let Away {
+        server,
+        js,
+        stream,
+        topic,
+        db,
+        publisher: _,
+        stats,
+        h,
+        stop,
+    } = Away::acking_within(Dur::ms(300), Dur::secs(5), Dur::ms(20), Dur::ms(100), 3).await;
+    let first = round(&topic, 0);
+    db.enqueue(&first).await;
+    wait_for(DEADLINE, "the first events through", || async {
+        db.total().await == 0
+    })
+    .await;
+    server.freeze(true);
+    let unanswered = round(&topic, 1);
+    db.enqueue(&unanswered).await;
+    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for(
+        DEADLINE,
+        "every unanswered event timed out at least once",
+        || async { retried() >= unanswered.len() as u64 },
+    )
+    .await;
+    wait_for(DEADLINE, "the timeout's reason on a row", || async {
+        db.count("last_error LIKE '%no PubAck within 300ms%'").await > 0
+    })
+    .await;
+    assert_eq!(db.count("status = 'failed'").await, 0, "events failed");
+    server.freeze(false);
+    drop(js);
+    let url = server.url();
+    published_in_order_once_back(
+        db,
+        &stats,
+        h,
+        stop,
+        &url,
+        &stream,
+        first.iter().chain(&unanswered),
+    )
+    .await;
+    let client = async_nats::connect(&url).await.unwrap();
+    let got = n::read_stream(&async_nats::jetstream::new(client), &stream).await;
+    assert_eq!(
+        got.len(),
+        first.len() + unanswered.len(),
+        "every event stored once"
+    );
+}
+
+/// `close` resolves every publish still waiting for its PubAck before it returns: with the
+/// server frozen none comes, and each is reported unavailable (its row would stay pending and
+/// go again), not left to resolve itself later.
+#[tokio::test]
+async fn close_resolves_every_pub_ack_still_due() {
+    let _watchdog = watchdog(
+        "close_resolves_every_pub_ack_still_due",
+        Duration::from_secs(120),
+    );
+    let server = PrivateNats::start();
+    let (prefix, stream) = n::unique();
+    let _js = n::create_stream(&server.url(), &stream, &prefix).await;
+    let publisher = NatsPublisher::connect(&n::config(&server.url()))
+        .await
+        .unwrap();
+    let topic = format!("{prefix}.orders");
+    server.freeze(true);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let burst: Vec<Outgoing> = (0..5)
+        .map(|i| {
+            let ev = Arc::new(outbox_relay::envelope::Event {
+                id: i,
+                event_id: uuid::Uuid::new_v4(),
+                topic: topic.clone(),
+                aggregate_id: "a".into(),
+                aggregate_type: None,
+                event_type: "T".into(),
+                event_version: 1,
+                payload: b"{}".to_vec(),
+                headers: vec![],
+                content_type: None,
+                traceparent: None,
+                correlation_id: None,
+                occurred_at: chrono::Utc::now(),
+                attempts: 0,
+            });
+            let ticket = AckTicket::new(i, 0, ev.event_id, topic.as_str().into(), tx.clone());
+            Outgoing {
+                event: ev,
+                format: BodyFormat::Raw,
+                ticket,
+            }
+        })
+        .collect();
+    publisher.publish(burst).await;
+    publisher.close(Duration::from_millis(300)).await;
+    let mut results = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        results.push(r);
+    }
+    server.freeze(false);
+    assert_eq!(
+        results.len(),
+        5,
+        "every ticket resolved when close returned"
+    );
+    for r in results {
+        let e = r.outcome.expect_err("no PubAck came");
+        assert_eq!(
+            e.kind,
+            outbox_relay::publisher::ErrorKind::Unavailable,
+            "{e}"
+        );
+    }
 }

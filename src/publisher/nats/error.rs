@@ -1,7 +1,6 @@
 //! NATS errors, classified: which may succeed on a later attempt and which never will.
 
 use crate::publisher::PublishError;
-use async_nats::jetstream::context::{PublishError as JsPublishError, PublishErrorKind};
 
 /// "No responders" to a JetStream publish, once JetStream said which stream covers the
 /// subject. None: the event can never be stored there (permanent, until an operator adds a
@@ -29,36 +28,46 @@ pub fn no_responders_unknown(subject: &str, why: &str) -> PublishError {
     ))
 }
 
-/// A JetStream publish (or its PubAck) failure as a result for the ACK channel.
-///
-/// Permanent, with the server's reason: no stream covers the subject (no responders; a
-/// PubAck's "no responders" goes through [`no_responders`] first), the
-/// message is larger than the server or the stream allows, a wrong expected last sequence or
-/// message id, and any error the JetStream API answered with (other than "unavailable").
-/// Retryable: timeouts, a broken connection, a full window.
-pub fn classify(subject: &str, err: &JsPublishError) -> PublishError {
-    let reason = format!("nats: subject {subject:?}: {err}");
-    match err.kind() {
-        PublishErrorKind::StreamNotFound => PublishError::permanent(format!(
-            "nats: no JetStream stream covers subject {subject:?} (no responders)"
-        )),
-        PublishErrorKind::MaxPayloadExceeded
-        | PublishErrorKind::WrongLastMessageId
-        | PublishErrorKind::WrongLastSequence => PublishError::permanent(reason),
-        // No answer from the server about this message: it waits for the server.
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::MaxAckPending => PublishError::unavailable(reason),
-        PublishErrorKind::Other => {
-            let api = std::error::Error::source(err)
-                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
-            match api {
-                // 503: JetStream is not available right now (no leader, starting up).
-                Some(e) if e.code() != 503 => PublishError::permanent(reason),
-                Some(_) => PublishError::unavailable(reason),
-                _ => PublishError::retryable(reason),
-            }
+/// A JetStream API error as it arrives in a PubAck.
+#[derive(Debug, serde::Deserialize)]
+struct ApiError {
+    code: u16,
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+/// A PubAck's body: success unless it holds an error. The stream and sequence it also holds
+/// are not needed, and a `duplicate` ack is a success (the stream has this event id).
+#[derive(Debug, serde::Deserialize)]
+struct PubAckBody {
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+/// The result a PubAck's body stands for. Unavailable: JetStream's 503 (no leader, starting
+/// up). Permanent: any other error JetStream answered (a wrong expected last sequence or
+/// message id, a message the stream will not take), with its description. Retryable: a body
+/// that is not a PubAck.
+pub fn pub_ack(subject: &str, body: &[u8]) -> Result<(), PublishError> {
+    match serde_json::from_slice::<PubAckBody>(body) {
+        Ok(PubAckBody { error: None }) => Ok(()),
+        Ok(PubAckBody { error: Some(e) }) => {
+            let reason = format!(
+                "nats: subject {subject:?}: {} (status code {}, JetStream error code {})",
+                e.description, e.code, e.err_code
+            );
+            Err(if e.code == 503 {
+                PublishError::unavailable(reason)
+            } else {
+                PublishError::permanent(reason)
+            })
         }
+        Err(e) => Err(PublishError::retryable(format!(
+            "nats: subject {subject:?}: the PubAck could not be read ({e}): {}",
+            crate::envelope::shown(&String::from_utf8_lossy(&body[..body.len().min(200)]))
+        ))),
     }
 }
 
@@ -88,32 +97,36 @@ mod tests {
     }
 
     #[test]
-    fn classification() {
-        let e = classify(
-            "a.b",
-            &JsPublishError::new(PublishErrorKind::StreamNotFound),
-        );
-        assert_eq!(e.kind, ErrorKind::Permanent);
-        assert!(e
-            .reason
-            .contains("no JetStream stream covers subject \"a.b\""));
-        for k in [PublishErrorKind::TimedOut, PublishErrorKind::BrokenPipe] {
-            assert_eq!(
-                classify("a", &JsPublishError::new(k)).kind,
-                ErrorKind::Unavailable
-            );
-        }
+    fn pub_acks() {
+        assert_eq!(pub_ack("a", br#"{"stream":"S","seq":7}"#), Ok(()));
         assert_eq!(
-            classify(
-                "a",
-                &JsPublishError::new(PublishErrorKind::MaxPayloadExceeded)
-            )
-            .kind,
-            ErrorKind::Permanent
+            pub_ack("a", br#"{"stream":"S","seq":7,"duplicate":true}"#),
+            Ok(())
         );
-        assert_eq!(
-            classify("a", &JsPublishError::new(PublishErrorKind::Other)).kind,
-            ErrorKind::Retryable
+        let wrong = pub_ack(
+            "a",
+            br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 3"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(wrong.kind, ErrorKind::Permanent);
+        assert!(
+            wrong.reason.contains("wrong last sequence: 3"),
+            "{}",
+            wrong.reason
+        );
+        assert!(wrong.reason.contains("10071"), "{}", wrong.reason);
+        let away = pub_ack(
+            "a",
+            br#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(away.kind, ErrorKind::Unavailable);
+        let garbled = pub_ack("a", b"\xff not json").unwrap_err();
+        assert_eq!(garbled.kind, ErrorKind::Retryable);
+        assert!(
+            garbled.reason.contains("could not be read"),
+            "{}",
+            garbled.reason
         );
     }
 }

@@ -1,10 +1,10 @@
 //! NATS backend: JetStream for persistent topics (a PubAck per message), core NATS for
 //! ephemeral ones (the flush is the acknowledgement), chosen per topic as the EventBus did.
 //!
-//! * JetStream publishes are pipelined: each returns a PubAck future at once, which a collector
-//!   task awaits while more are sent. The context's window (`max_in_flight`) bounds how many
-//!   wait at once; a full window makes `publish` wait (backpressure) instead of hanging, which
-//!   is what collecting more futures than the window without awaiting any would do.
+//! * JetStream publishes are pipelined: each carries a reply subject of the publisher's own
+//!   subscription, and one task matches the PubAcks to their tickets as they come ([`acks`]).
+//!   `max_in_flight` bounds how many wait at once; a full window makes `publish` wait
+//!   (backpressure).
 //! * Every message carries `Nats-Msg-Id` = event id, so a re-publish after a crash is dropped
 //!   by the server within the stream's duplicate window; a PubAck marked duplicate is a success.
 //! * The client reconnects by itself with capped exponential backoff; publishes made while it
@@ -14,6 +14,7 @@
 //!   restarting). [`NoResponders`] asks JetStream which: the first fails the event, the second
 //!   waits for the stream like any outage.
 
+mod acks;
 pub mod config;
 pub mod error;
 pub mod provision;
@@ -21,29 +22,24 @@ pub mod provision;
 pub use config::NatsConfig;
 
 use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
-use crate::envelope::{shown, BodyFormat, Event, InvalidEvent, Wire};
+use crate::envelope::{headers, shown, BodyFormat, Event, InvalidEvent, Wire};
+use acks::AckPath;
 use async_nats::connection::State;
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use config::Persistence;
 use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-
-type PendingAck = (PublishAckFuture, AckTicket, Arc<str>);
 
 pub struct NatsPublisher {
     client: Client,
     js: async_nats::jetstream::Context,
     cfg: Arc<NatsConfig>,
-    acks: mpsc::UnboundedSender<PendingAck>,
+    acks: AckPath,
     reconnects: Arc<AtomicU64>,
 }
 
@@ -62,6 +58,9 @@ impl NatsPublisher {
             .name(&cfg.name)
             .connection_timeout(cfg.connect_timeout.0)
             .request_timeout(Some(cfg.ack_timeout.0))
+            // PubAcks arrive on one subscription; its buffer holds every one that can be due,
+            // so none is dropped as a slow consumer's.
+            .subscription_capacity((cfg.max_in_flight as usize * 2).max(64 * 1024))
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(move |attempts| {
@@ -124,16 +123,19 @@ impl NatsPublisher {
                 "nats: no server reachable yet; connecting in the background"
             );
         }
+        // For the JetStream API (stream lookups, health, provisioning); publishes go through
+        // the ack path.
         let js = async_nats::jetstream::ContextBuilder::new()
             .timeout(cfg.ack_timeout.0)
-            .max_ack_inflight(cfg.max_in_flight as usize)
-            .backpressure_on_inflight(true)
             .build(client.clone());
-        let (acks, rx) = mpsc::unbounded_channel();
-        tokio::spawn(collect_acks(
-            rx,
+        let acks = AckPath::start(
+            &client,
             Arc::new(NoResponders::new(js.clone(), cfg.ack_timeout.0)),
-        ));
+            cfg.ack_timeout.0,
+            cfg.max_in_flight as usize,
+        )
+        .await
+        .map_err(|e| ConnectError(format!("subscribing to the PubAck inbox: {e}")))?;
         Ok(NatsPublisher {
             client,
             js,
@@ -206,27 +208,62 @@ pub fn nats_headers(event: &Event, format: BodyFormat) -> Result<HeaderMap, Inva
 /// The message's headers as the client's map, with `Nats-Msg-Id` = event id.
 fn header_map(event: &Event, wire: Vec<(&str, String)>) -> Result<HeaderMap, InvalidEvent> {
     let mut h = HeaderMap::new();
+    let mut id = None;
     // validate_for has checked every name and value (and CloudEvents values are
-    // percent-encoded); the fallible conversions keep a rule the client adds later from
-    // becoming a panic (its `&str` conversions assert).
+    // percent-encoded). Names not the relay's own are parsed fallibly; a value is checked here
+    // for exactly what the client's `From<String>` asserts (no CR or LF, in 0.51), so it
+    // moves in without a copy and cannot panic.
     for (k, v) in wire {
-        let name = HeaderName::from_str(k).map_err(|e| InvalidEvent::Header {
-            name: shown(k),
-            problem: e.to_string(),
-        })?;
-        let value = HeaderValue::from_str(&v).map_err(|e| InvalidEvent::Header {
-            name: shown(k),
-            problem: format!("its value {}: {e}", shown(&v)),
-        })?;
-        h.append(name, value);
+        let (name, relays) = match relay_header_name(k) {
+            Some(name) => (name, true),
+            None => (
+                HeaderName::from_str(k).map_err(|e| InvalidEvent::Header {
+                    name: shown(k),
+                    problem: e.to_string(),
+                })?,
+                false,
+            ),
+        };
+        if v.contains(['\r', '\n']) {
+            return Err(InvalidEvent::Header {
+                name: shown(k),
+                problem: format!(
+                    "its value {}: a header value cannot contain '\\r' or '\\n'",
+                    shown(&v)
+                ),
+            });
+        }
+        if k == headers::EVENT_ID {
+            id = Some(v.clone());
+        }
+        // Checked above: the value moves in without a copy. The relay sets each of its names
+        // once (a row's own header of that name is left out), so one lookup does.
+        if relays {
+            h.insert(name, HeaderValue::from(v));
+        } else {
+            h.append(name, HeaderValue::from(v));
+        }
     }
-    let id =
-        HeaderValue::from_str(&event.event_id.to_string()).map_err(|e| InvalidEvent::Header {
-            name: shown(async_nats::header::NATS_MESSAGE_ID.as_ref()),
-            problem: e.to_string(),
-        })?;
-    h.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    // A UUID's text: no line break.
+    let id = id.unwrap_or_else(|| event.event_id.to_string());
+    h.insert(async_nats::header::NATS_MESSAGE_ID, HeaderValue::from(id));
     Ok(h)
+}
+
+/// The relay's own header names, which need neither checking nor copying.
+fn relay_header_name(k: &str) -> Option<HeaderName> {
+    Some(match k {
+        headers::EVENT_ID => HeaderName::from_static(headers::EVENT_ID),
+        headers::AGGREGATE_ID => HeaderName::from_static(headers::AGGREGATE_ID),
+        headers::AGGREGATE_TYPE => HeaderName::from_static(headers::AGGREGATE_TYPE),
+        headers::EVENT_TYPE => HeaderName::from_static(headers::EVENT_TYPE),
+        headers::EVENT_VERSION => HeaderName::from_static(headers::EVENT_VERSION),
+        headers::OCCURRED_AT => HeaderName::from_static(headers::OCCURRED_AT),
+        headers::CORRELATION_ID => HeaderName::from_static(headers::CORRELATION_ID),
+        headers::CONTENT_TYPE => HeaderName::from_static(headers::CONTENT_TYPE),
+        headers::TRACEPARENT => HeaderName::from_static(headers::TRACEPARENT),
+        _ => return None,
+    })
 }
 
 /// The size of a header block on the wire ("NATS/1.0\r\n", "name: value\r\n" each, "\r\n"),
@@ -240,42 +277,6 @@ pub fn nats_headers_size(headers: &HeaderMap) -> usize {
         }
     }
     len
-}
-
-/// Awaits PubAcks as they come and resolves their tickets.
-async fn collect_acks(mut rx: mpsc::UnboundedReceiver<PendingAck>, lookup: Arc<NoResponders>) {
-    let mut waiting = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            next = rx.recv() => match next {
-                Some((fut, ticket, subject)) => {
-                    let lookup = lookup.clone();
-                    waiting.push(async move {
-                        let outcome = match fut.await {
-                            // A duplicate PubAck means the stream already has this event id:
-                            // delivered.
-                            Ok(_) => Ok(()),
-                            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
-                                Err(lookup.classify(&subject).await)
-                            }
-                            Err(e) => Err(error::classify(&subject, &e)),
-                        };
-                        (outcome, ticket)
-                    })
-                }
-                None if waiting.is_empty() => return,
-                None => {
-                    while let Some((outcome, ticket)) = waiting.next().await {
-                        ticket.resolve(outcome);
-                    }
-                    return;
-                }
-            },
-            Some((outcome, ticket)) = waiting.next(), if !waiting.is_empty() => {
-                ticket.resolve(outcome);
-            }
-        }
-    }
 }
 
 /// How long an answer about a subject's stream is reused: a burst of "no responders" costs
@@ -410,25 +411,12 @@ impl Publisher for NatsPublisher {
                         }
                     }
                     Persistence::Persistent | Persistence::Auto => {
-                        let msg = PublishMessage::build()
-                            .payload(body.into())
-                            .headers(headers);
-                        match self.js.send_publish(subject.to_string(), msg).await {
-                            Ok(fut) => {
-                                if let Err(mpsc::error::SendError((_, ticket, _))) =
-                                    self.acks.send((fut, o.ticket, subject))
-                                {
-                                    ticket.nack(PublishError::retryable(
-                                        "nats: the acknowledgement collector has stopped",
-                                    ));
-                                }
-                            }
-                            Err(e) => {
-                                // The message never left: a timeout here is the client's queue.
-                                away |= e.kind() == PublishErrorKind::TimedOut;
-                                o.ticket.nack(error::classify(&subject, &e))
-                            }
-                        }
+                        // A client that took nothing spares the rest of the burst the
+                        // same wait.
+                        away |= self
+                            .acks
+                            .send(&self.client, subject, headers, body, o.ticket)
+                            .await;
                     }
                 }
             }
@@ -482,10 +470,65 @@ impl Publisher for NatsPublisher {
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         async move {
-            // PubAcks still outstanding resolve in the collector (or time out into retryable
-            // results); a final flush sends what core NATS still buffers.
+            // A final flush sends what the client still buffers; then the PubAcks still due
+            // get the rest of the time, and those that do not come are reported unavailable.
+            let started = tokio::time::Instant::now();
             let _ = tokio::time::timeout(timeout, self.client.flush()).await;
+            self.acks
+                .settle(timeout.saturating_sub(started.elapsed()))
+                .await;
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::sample_event;
+
+    /// The headers as they go on the wire: (name, value) for every value.
+    fn on_the_wire(h: &HeaderMap) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = h
+            .iter()
+            .flat_map(|(k, vs)| {
+                let k: &str = k.as_ref();
+                vs.iter()
+                    .map(move |v| (k.to_string(), v.as_str().to_string()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_message_carries_the_set_headers_and_no_empty_name() {
+        let mut event = sample_event(1, "agg-1");
+        event.aggregate_type = None;
+        event.correlation_id = None;
+        let m = nats_message(&event, BodyFormat::Raw, None).unwrap();
+        let id = event.event_id.to_string();
+        let mut expected: Vec<(String, String)> = event
+            .wire_headers()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .chain([("Nats-Msg-Id".to_string(), id.clone())])
+            .collect();
+        expected.sort();
+        assert_eq!(on_the_wire(&m.headers), expected);
+        assert!(m.headers.get(headers::AGGREGATE_TYPE).is_none());
+        assert_eq!(m.headers.get("tenant").map(|v| v.as_str()), Some("acme"));
+        // The size counts only what is written: "NATS/1.0\r\n", a line per value, "\r\n".
+        let lines: usize = expected.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        assert_eq!(nats_headers_size(&m.headers), 12 + lines);
+    }
+
+    #[test]
+    fn a_line_break_in_a_row_header_value_is_an_error_not_a_panic() {
+        let mut event = sample_event(1, "agg-1");
+        event.headers = vec![("h".into(), "x\r\nNats-Msg-Id: 1".into())];
+        let wire = vec![("h", "x\r\nNats-Msg-Id: 1".to_string())];
+        let e = header_map(&event, wire).unwrap_err().to_string();
+        assert!(e.contains("cannot contain"), "{e}");
     }
 }
