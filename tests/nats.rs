@@ -781,3 +781,88 @@ async fn close_resolves_every_pub_ack_still_due() {
         );
     }
 }
+
+/// A burst of "no responders" for one subject asks JetStream once which stream covers it; the
+/// other events wait for that answer instead of each asking. Here, on a server without
+/// JetStream, the test itself answers the JetStream API ("no stream covers it") and counts
+/// the questions.
+#[tokio::test]
+async fn a_burst_of_no_responders_asks_jetstream_once() {
+    let _watchdog = watchdog(
+        "a_burst_of_no_responders_asks_jetstream_once",
+        Duration::from_secs(120),
+    );
+    let mut server = PrivateNats::start();
+    server.stop_server();
+    server.start_server_without_jetstream();
+    let api = async_nats::connect(server.url()).await.unwrap();
+    let mut questions = api.subscribe("$JS.API.STREAM.NAMES").await.unwrap();
+    api.flush().await.unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = asked.clone();
+    let answers = api.clone();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some(q) = questions.next().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(reply) = q.reply {
+                let none = r#"{"type":"io.nats.jetstream.api.v1.stream_names_response","total":0,"offset":0,"limit":1024,"streams":null}"#;
+                let _ = answers.publish(reply, none.into()).await;
+            }
+        }
+    });
+    let publisher = NatsPublisher::connect(&n::config(&server.url()))
+        .await
+        .unwrap();
+    let topic = "nostream.burst".to_string();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let burst: Vec<Outgoing> = (0..100)
+        .map(|i| {
+            let ev = Arc::new(outbox_relay::envelope::Event {
+                id: i,
+                event_id: uuid::Uuid::new_v4(),
+                topic: topic.clone(),
+                aggregate_id: format!("a{i}"),
+                aggregate_type: None,
+                event_type: "T".into(),
+                event_version: 1,
+                payload: b"{}".to_vec(),
+                headers: vec![],
+                content_type: None,
+                traceparent: None,
+                correlation_id: None,
+                occurred_at: chrono::Utc::now(),
+                attempts: 0,
+            });
+            let ticket = AckTicket::new(i, 0, ev.event_id, topic.as_str().into(), tx.clone());
+            Outgoing {
+                event: ev,
+                format: BodyFormat::Raw,
+                ticket,
+            }
+        })
+        .collect();
+    publisher.publish(burst).await;
+    let mut results = Vec::new();
+    while results.len() < 100 {
+        let r = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .expect("every result within the deadline")
+            .unwrap();
+        results.push(r);
+    }
+    for r in &results {
+        let e = r.outcome.as_ref().expect_err("no stream took it");
+        assert_eq!(e.kind, outbox_relay::publisher::ErrorKind::Permanent, "{e}");
+        assert!(
+            e.reason
+                .contains("no JetStream stream covers subject \"nostream.burst\""),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one question for the burst"
+    );
+}

@@ -283,16 +283,24 @@ pub fn nats_headers_size(headers: &HeaderMap) -> usize {
 /// one lookup, and a stream created or elected since is seen within this.
 const STREAM_LOOKUP_TTL: Duration = Duration::from_secs(1);
 
-/// When a subject's stream was looked up, and its name (`None`: no stream covers it).
-type StreamSeen = (std::time::Instant, Option<String>);
+/// What a lookup learned about a subject: the covering stream (`None`: no stream covers it),
+/// or that JetStream did not say (why).
+#[derive(Clone)]
+enum StreamSeen {
+    Covered(Option<String>),
+    Unknown(String),
+}
 
 /// Tells the two meanings of "no responders" apart by asking JetStream which stream covers
 /// the subject (`STREAM.NAMES` with a subject filter).
 struct NoResponders {
     js: async_nats::jetstream::Context,
     timeout: Duration,
-    /// Per subject: when it was looked up, and the covering stream (`None`: none covers it).
-    known: std::sync::Mutex<HashMap<Arc<str>, StreamSeen>>,
+    /// Per subject: when it was looked up, and what was learned.
+    known: std::sync::Mutex<HashMap<Arc<str>, (std::time::Instant, StreamSeen)>>,
+    /// One lookup at a time: the events of a burst wait for the first one's answer instead of
+    /// each asking JetStream (which, away, would have each wait the timeout).
+    asking: tokio::sync::Mutex<()>,
 }
 
 impl NoResponders {
@@ -301,47 +309,59 @@ impl NoResponders {
             js,
             timeout,
             known: Default::default(),
+            asking: Default::default(),
         }
     }
 
-    async fn classify(&self, subject: &Arc<str>) -> PublishError {
-        let cached = self
-            .known
+    fn cached(&self, subject: &Arc<str>) -> Option<StreamSeen> {
+        self.known
             .lock()
             .ok()
             .and_then(|k| k.get(subject).cloned())
-            .filter(|(at, _)| at.elapsed() < STREAM_LOOKUP_TTL);
-        let stream = match cached {
-            Some((_, stream)) => stream,
+            .filter(|(at, _)| at.elapsed() < STREAM_LOOKUP_TTL)
+            .map(|(_, seen)| seen)
+    }
+
+    async fn classify(&self, subject: &Arc<str>) -> PublishError {
+        let seen = match self.cached(subject) {
+            Some(seen) => seen,
             None => {
-                let found = tokio::time::timeout(
-                    self.timeout,
-                    self.js.stream_by_subject(subject.to_string()),
-                )
-                .await;
-                let stream = match found {
-                    Ok(Ok(name)) => Some(name),
-                    Ok(Err(e))
-                        if e.kind()
-                            == async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound =>
-                    {
-                        None
-                    }
-                    // JetStream itself did not answer: nothing is known about the stream.
-                    Ok(Err(e)) => return error::no_responders_unknown(subject, &e.to_string()),
-                    Err(_) => return error::no_responders_unknown(subject, "no answer in time"),
-                };
-                if let Ok(mut k) = self.known.lock() {
-                    // Subjects are topics, few; a flood of distinct ones only costs lookups.
-                    if k.len() >= 4096 {
-                        k.clear();
-                    }
-                    k.insert(subject.clone(), (std::time::Instant::now(), stream.clone()));
+                let _one = self.asking.lock().await;
+                match self.cached(subject) {
+                    // Asked while this one waited its turn.
+                    Some(seen) => seen,
+                    None => self.look_up(subject).await,
                 }
-                stream
             }
         };
-        error::no_responders(subject, stream.as_deref())
+        match seen {
+            StreamSeen::Covered(stream) => error::no_responders(subject, stream.as_deref()),
+            StreamSeen::Unknown(why) => error::no_responders_unknown(subject, &why),
+        }
+    }
+
+    async fn look_up(&self, subject: &Arc<str>) -> StreamSeen {
+        use async_nats::jetstream::context::GetStreamByNameErrorKind;
+        let found =
+            tokio::time::timeout(self.timeout, self.js.stream_by_subject(subject.to_string()))
+                .await;
+        let seen = match found {
+            Ok(Ok(name)) => StreamSeen::Covered(Some(name)),
+            Ok(Err(e)) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                StreamSeen::Covered(None)
+            }
+            // JetStream itself did not answer: nothing is known about the stream.
+            Ok(Err(e)) => StreamSeen::Unknown(e.to_string()),
+            Err(_) => StreamSeen::Unknown("no answer in time".into()),
+        };
+        if let Ok(mut k) = self.known.lock() {
+            // Subjects are topics, few; a flood of distinct ones only costs lookups.
+            if k.len() >= 4096 {
+                k.clear();
+            }
+            k.insert(subject.clone(), (std::time::Instant::now(), seen.clone()));
+        }
+        seen
     }
 }
 
