@@ -735,30 +735,7 @@ async fn close_resolves_every_pub_ack_still_due() {
     server.freeze(true);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let burst: Vec<Outgoing> = (0..5)
-        .map(|i| {
-            let ev = Arc::new(outbox_relay::envelope::Event {
-                id: i,
-                event_id: uuid::Uuid::new_v4(),
-                topic: topic.clone(),
-                aggregate_id: "a".into(),
-                aggregate_type: None,
-                event_type: "T".into(),
-                event_version: 1,
-                payload: b"{}".to_vec(),
-                headers: vec![],
-                content_type: None,
-                traceparent: None,
-                correlation_id: None,
-                occurred_at: chrono::Utc::now(),
-                attempts: 0,
-            });
-            let ticket = AckTicket::new(i, 0, ev.event_id, topic.as_str().into(), tx.clone());
-            Outgoing {
-                event: ev,
-                format: BodyFormat::Raw,
-                ticket,
-            }
-        })
+        .map(|i| conformance::outgoing(i, &topic, &tx))
         .collect();
     publisher.publish(burst).await;
     publisher.close(Duration::from_millis(300)).await;
@@ -817,30 +794,7 @@ async fn a_burst_of_no_responders_asks_jetstream_once() {
     let topic = "nostream.burst".to_string();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let burst: Vec<Outgoing> = (0..100)
-        .map(|i| {
-            let ev = Arc::new(outbox_relay::envelope::Event {
-                id: i,
-                event_id: uuid::Uuid::new_v4(),
-                topic: topic.clone(),
-                aggregate_id: format!("a{i}"),
-                aggregate_type: None,
-                event_type: "T".into(),
-                event_version: 1,
-                payload: b"{}".to_vec(),
-                headers: vec![],
-                content_type: None,
-                traceparent: None,
-                correlation_id: None,
-                occurred_at: chrono::Utc::now(),
-                attempts: 0,
-            });
-            let ticket = AckTicket::new(i, 0, ev.event_id, topic.as_str().into(), tx.clone());
-            Outgoing {
-                event: ev,
-                format: BodyFormat::Raw,
-                ticket,
-            }
-        })
+        .map(|i| conformance::outgoing(i, &topic, &tx))
         .collect();
     publisher.publish(burst).await;
     let mut results = Vec::new();

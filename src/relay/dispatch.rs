@@ -356,14 +356,12 @@ impl Dispatcher {
             None => {
                 self.by_aggregate.insert(key, Tracked::One(id));
             }
-            Some(Tracked::One(t)) => {
-                let t = *t;
-                self.by_aggregate
-                    .insert(key, Tracked::Many(BTreeSet::from([t, id])));
-            }
-            Some(Tracked::Many(ids)) => {
-                ids.insert(id);
-            }
+            Some(tracked) => match tracked {
+                Tracked::One(t) => *tracked = Tracked::Many(BTreeSet::from([*t, id])),
+                Tracked::Many(ids) => {
+                    ids.insert(id);
+                }
+            },
         }
     }
 

@@ -6,7 +6,7 @@ use super::{wait_for, TestDb};
 use base64::Engine as _;
 use outbox_relay::config::RouteConfig;
 use outbox_relay::envelope::{BodyFormat, EnvelopeJson};
-use outbox_relay::publisher::{AckTicket, Outgoing, Publisher};
+use outbox_relay::publisher::{AckSender, AckTicket, Outgoing, Publisher};
 use outbox_relay::store::NewEvent;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -204,6 +204,33 @@ pub async fn envelope_body_decodes_to_the_original_payload<B: BackendUnderTest>(
     db.drop_schema().await;
 }
 
+/// Message `i` for the publisher seam: a small event on `topic`, aggregate `k<i>`, raw body,
+/// its result going to `tx`.
+pub fn outgoing(i: i64, topic: &str, tx: &AckSender) -> Outgoing {
+    let event = Arc::new(outbox_relay::envelope::Event {
+        id: i,
+        event_id: uuid::Uuid::new_v4(),
+        topic: topic.into(),
+        aggregate_id: format!("k{i}"),
+        aggregate_type: None,
+        event_type: "T".into(),
+        event_version: 1,
+        payload: b"{}".to_vec(),
+        headers: vec![],
+        content_type: None,
+        traceparent: None,
+        correlation_id: None,
+        occurred_at: chrono::Utc::now(),
+        attempts: 0,
+    });
+    let ticket = AckTicket::new(i, i as u64, event.event_id, topic.into(), tx.clone());
+    Outgoing {
+        event,
+        format: BodyFormat::Raw,
+        ticket,
+    }
+}
+
 /// Straight at the seam: every message handed over gets exactly one result.
 pub async fn one_result_per_message<B: BackendUnderTest>(b: &B) {
     let p = b.publisher();
@@ -211,35 +238,7 @@ pub async fn one_result_per_message<B: BackendUnderTest>(b: &B) {
     let n = 200;
     let mut burst = Vec::new();
     for i in 0..n {
-        let ev = outbox_relay::envelope::Event {
-            id: i,
-            event_id: uuid::Uuid::new_v4(),
-            topic: b.topic(),
-            aggregate_id: format!("k{i}"),
-            aggregate_type: None,
-            event_type: "T".into(),
-            event_version: 1,
-            payload: b"{}".to_vec(),
-            headers: vec![],
-            content_type: None,
-            traceparent: None,
-            correlation_id: None,
-            occurred_at: chrono::Utc::now(),
-            attempts: 0,
-        };
-        let ev = Arc::new(ev);
-        let ticket = AckTicket::new(
-            i,
-            i as u64,
-            ev.event_id,
-            ev.topic.as_str().into(),
-            tx.clone(),
-        );
-        burst.push(Outgoing {
-            event: ev,
-            format: BodyFormat::Raw,
-            ticket,
-        });
+        burst.push(outgoing(i, &b.topic(), &tx));
     }
     p.publish(burst).await;
     let mut seen = std::collections::HashSet::new();

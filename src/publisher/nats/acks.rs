@@ -63,24 +63,27 @@ impl Shared {
         Some(w)
     }
 
-    /// Every publish sent `timeout` or longer before `now` and still unanswered; with `all`,
-    /// every one still unanswered.
-    fn expired(&self, now: Instant, all: bool) -> Vec<Waiting> {
+    /// Reports unavailable, with `why`, every publish still unanswered that was sent at or
+    /// before `sent_by` (every one, with `None`).
+    fn give_up(&self, sent_by: Option<Instant>, why: &str) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let late: Vec<u64> = p
+        let out: Vec<Waiting> = p
             .by_n
-            .iter()
-            .filter(|(_, w)| all || now.saturating_duration_since(w.sent_at) >= self.timeout)
-            .map(|(n, _)| *n)
+            .extract_if(|_, w| sent_by.is_none_or(|t| w.sent_at <= t))
+            .map(|(_, w)| w)
             .collect();
-        let out: Vec<Waiting> = late.iter().filter_map(|n| p.by_n.remove(n)).collect();
         let empty = p.by_n.is_empty();
         drop(p);
         self.room.add_permits(out.len());
         if empty && !out.is_empty() {
             self.emptied.notify_waiters();
         }
-        out
+        for w in out {
+            w.ticket.nack(PublishError::unavailable(format!(
+                "nats: subject {:?}: {why}",
+                w.subject
+            )));
+        }
     }
 
     fn subject_of(&self, n: u64) -> Option<Arc<str>> {
@@ -232,14 +235,9 @@ impl AckPath {
             }
         })
         .await;
-        if waited.is_ok() {
-            return;
-        }
-        for w in self.shared.expired(Instant::now(), true) {
-            w.ticket.nack(PublishError::unavailable(format!(
-                "nats: subject {:?}: the relay stopped before JetStream acknowledged",
-                w.subject
-            )));
+        if waited.is_err() {
+            self.shared
+                .give_up(None, "the relay stopped before JetStream acknowledged");
         }
     }
 }
@@ -276,6 +274,7 @@ async fn read_replies(
     stop: CancellationToken,
 ) {
     let every = (shared.timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let late = format!("no PubAck within {:?}", shared.timeout);
     let mut sweep = tokio::time::interval(every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -286,23 +285,15 @@ async fn read_replies(
                 None => break,
             },
             _ = sweep.tick() => {
-                for w in shared.expired(Instant::now(), false) {
-                    w.ticket.nack(PublishError::unavailable(format!(
-                        "nats: subject {:?}: no PubAck within {:?}",
-                        w.subject, shared.timeout
-                    )));
+                if let Some(sent_by) = Instant::now().checked_sub(shared.timeout) {
+                    shared.give_up(Some(sent_by), &late);
                 }
             }
         }
     }
     // Nothing answers these any more; they go again, and so does whatever comes after.
     shared.room.close();
-    for w in shared.expired(Instant::now(), true) {
-        w.ticket.nack(PublishError::unavailable(format!(
-            "nats: subject {:?}: the publisher stopped before JetStream acknowledged",
-            w.subject
-        )));
-    }
+    shared.give_up(None, "the publisher stopped before JetStream acknowledged");
 }
 
 fn answer(shared: &Arc<Shared>, lookup: &Arc<NoResponders>, m: Message) {
