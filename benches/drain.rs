@@ -8,6 +8,7 @@
 //!   BENCH_SIZES=200000 cargo bench --bench drain       # other sizes
 //!   BENCH_BACKEND=nats cargo bench --bench drain       # JetStream at BENCH_NATS_URL
 //!   BENCH_BACKEND=kafka cargo bench --bench drain      # Kafka at BENCH_KAFKA_BROKERS
+//!   BENCH_BACKEND=pulsar cargo bench --bench drain     # Pulsar at BENCH_PULSAR_URL
 //!   BENCH_ONLY_RELAY=1 ...                             # the relay's drain alone (to profile)
 //!   BENCH_WORKERS=1 ...                                # the runtime's worker threads (default 2)
 //!
@@ -21,6 +22,7 @@ use outbox_relay::config::Config;
 use outbox_relay::publisher::kafka::KafkaPublisher;
 use outbox_relay::publisher::memory::MemoryPublisher;
 use outbox_relay::publisher::nats::NatsPublisher;
+use outbox_relay::publisher::pulsar::PulsarPublisher;
 use outbox_relay::publisher::Publisher;
 use outbox_relay::relay::session;
 use outbox_relay::store::{Marks, Store};
@@ -93,7 +95,8 @@ async fn drain_with_relay(cfg: &Config, n: u64, backend: &str) -> Figures {
                     .expect("a Kafka producer"),
             )
         }
-        other => panic!("BENCH_BACKEND={other}: memory, nats or kafka"),
+        "pulsar" => Arc::new(PulsarPublisher::connect(&brokers::pulsar_config()).await),
+        other => panic!("BENCH_BACKEND={other}: memory, nats, kafka or pulsar"),
     };
     let relay = common::relay(cfg, backend, publisher).await;
     let stats = relay.stats();
@@ -342,6 +345,7 @@ async fn bench() {
                 KafkaPublisher::new(&brokers::kafka_config(), cfg.relay.publish_timeout)
                     .expect("a Kafka producer"),
             ),
+            "pulsar" => Arc::new(PulsarPublisher::connect(&brokers::pulsar_config()).await),
             _ => Arc::new(MemoryPublisher::counting()),
         };
         let m0 = machine_cpu_seconds();
@@ -361,6 +365,7 @@ async fn bench() {
         let bare = match backend.as_str() {
             "nats" => Some(brokers::bare_nats(n).await),
             "kafka" => Some(brokers::bare_kafka(n).await),
+            "pulsar" => Some(brokers::bare_pulsar(n).await),
             _ => None,
         };
         if let Some(secs) = bare {

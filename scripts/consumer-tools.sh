@@ -1,6 +1,7 @@
 # The Python packages the example consumers (examples/consumers/) and the CloudEvents tests
 # (tests/cloudevents.rs, decoding with tests/cloudevents_decode.py) need: the CloudEvents SDK,
-# a Kafka client and a NATS client, all from PyPI. Source this file, then call
+# a Kafka client, a NATS client and the official Pulsar client (also the independent reader of
+# tests/pulsar.rs, tests/pulsar_read.py), all from PyPI. Source this file, then call
 # `ensure_consumer_tools`: it imports each package first and runs pip only for those missing,
 # so on a machine that has them it costs one Python start.
 #
@@ -10,6 +11,7 @@ CONSUMER_PY_PACKAGES=(
   "cloudevents>=2,<3"
   "confluent-kafka>=2.3,<3"
   "nats-py>=2.6,<3"
+  "pulsar-client>=3.5,<4"
 )
 
 ensure_consumer_tools() {
@@ -24,7 +26,7 @@ ensure_consumer_tools() {
   missing="$("$py" - "${CONSUMER_PY_PACKAGES[@]}" <<'PY'
 import importlib, sys
 modules = {"cloudevents": "cloudevents.core.bindings.kafka", "confluent-kafka": "confluent_kafka",
-           "nats-py": "nats"}
+           "nats-py": "nats", "pulsar-client": "pulsar"}
 for spec in sys.argv[1:]:
     name = spec.split(">")[0].split("<")[0].split("=")[0]
     try:

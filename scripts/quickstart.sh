@@ -13,6 +13,7 @@ if ! have psql; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
 fi
+ensure_protoc
 echo "== building outbox-relay" >&2
 cargo build --release --quiet
 RELAY=target/release/outbox-relay

@@ -97,3 +97,43 @@ ensure_kafka() {
     --storage-engine memory://tansu/ >"$TOOLS_DIR/tansu.log" 2>&1 &
   wait_port "$KAFKA_HOST" "$KAFKA_PORT"
 }
+
+# The Pulsar-protocol broker for the tests: pulsar-lite, a native binary shipped in a PyPI
+# wheel (no JVM), installed once per machine into the tools directory. It always serves
+# metrics on 0.0.0.0:8080 unless its config turns them off, which ours does. Each start keeps
+# its data (RocksDB) in a fresh directory.
+PULSAR_HOST=127.0.0.1
+PULSAR_PORT=6650
+PULSAR_LITE_VERSION=0.2.0
+PULSAR_LITE_DIR="$TOOLS_DIR/pulsar-lite-$PULSAR_LITE_VERSION"
+PULSAR_LITE_BIN="$PULSAR_LITE_DIR/pulsar_lite/bin/pulsar-lite"
+
+ensure_pulsar_binary() {
+  if [ -x "$PULSAR_LITE_BIN" ]; then return 0; fi
+  echo "== installing pulsar-lite $PULSAR_LITE_VERSION (PyPI) into $PULSAR_LITE_DIR (once per machine)"
+  "${PYTHON:-python3}" -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "$PULSAR_LITE_DIR" "pulsar-lite==$PULSAR_LITE_VERSION"
+  chmod +x "$PULSAR_LITE_BIN"
+}
+
+ensure_pulsar() {
+  if port_open "$PULSAR_HOST" "$PULSAR_PORT"; then return 0; fi
+  ensure_pulsar_binary
+  echo "== starting pulsar-lite on $PULSAR_HOST:$PULSAR_PORT"
+  mkdir -p "$TOOLS_DIR"
+  printf '[metrics]\nenabled = false\n' >"$TOOLS_DIR/pulsar-lite.toml"
+  local data
+  data="$(mktemp -d "${TMPDIR:-/tmp}/outbox-relay-pulsar-XXXXXX")"
+  nohup "$PULSAR_LITE_BIN" --config "$TOOLS_DIR/pulsar-lite.toml" \
+    --addr "$PULSAR_HOST:$PULSAR_PORT" --db-path "$data/db" \
+    >"$TOOLS_DIR/pulsar-lite.log" 2>&1 &
+  wait_port "$PULSAR_HOST" "$PULSAR_PORT"
+}
+
+# The Pulsar client crate (pulsar-rs) compiles Pulsar's protocol definitions with protoc.
+ensure_protoc() {
+  if have protoc; then return 0; fi
+  echo "== installing protoc (Debian's protobuf-compiler): building the Pulsar client needs it"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or this one: starts or installs what the tests need
 # when it is missing (Postgres, NATS with JetStream, the tansu Kafka broker built once per
-# machine, Prometheus, the writer examples' toolchains, the consumers' Python packages), then
+# machine, the pulsar-lite Pulsar broker (PyPI), protoc, Prometheus, the writer examples' toolchains, the consumers' Python packages), then
 # formatting, lints, the deployment artifacts' checks, and every test against the real
 # services.
 set -euo pipefail
@@ -11,6 +11,8 @@ source scripts/services.sh
 ensure_postgres
 ensure_nats
 ensure_kafka
+ensure_pulsar
+ensure_protoc
 source scripts/deploy-check.sh
 ensure_prometheus
 source scripts/example-tools.sh

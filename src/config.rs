@@ -6,6 +6,7 @@
 use crate::envelope::{cloudevents, BodyFormat, CeSource, CloudEventsFormat, CloudEventsMode};
 use crate::publisher::kafka::KafkaConfig;
 use crate::publisher::nats::NatsConfig;
+use crate::publisher::pulsar::PulsarConfig;
 use figment::providers::{Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer};
@@ -377,6 +378,8 @@ pub enum BackendConfig {
     Kafka(KafkaConfig),
     /// NATS: JetStream or core, per topic.
     Nats(NatsConfig),
+    /// Apache Pulsar through pulsar-rs.
+    Pulsar(PulsarConfig),
 }
 
 impl BackendConfig {
@@ -386,6 +389,7 @@ impl BackendConfig {
             BackendConfig::Stdout {} => "stdout",
             BackendConfig::Kafka(_) => "kafka",
             BackendConfig::Nats(_) => "nats",
+            BackendConfig::Pulsar(_) => "pulsar",
         }
     }
 }
@@ -760,6 +764,7 @@ impl Config {
             match b {
                 BackendConfig::Kafka(k) => k.validate(&key, self.relay.publish_timeout)?,
                 BackendConfig::Nats(n) => n.validate(&key)?,
+                BackendConfig::Pulsar(p) => p.validate(&key)?,
                 BackendConfig::Memory {} | BackendConfig::Stdout {} => {}
             }
         }
@@ -1461,7 +1466,7 @@ mod tests {
         assert_eq!(format!("{:?}", c.routes), format!("{:?}", d.routes));
     }
 
-    /// The Kafka and NATS sections of relay.toml are commented out (no broker by default);
+    /// The Kafka, NATS and Pulsar sections of relay.toml are commented out (no broker by default);
     /// uncommented, they must parse and state the defaults.
     #[test]
     fn the_documented_broker_sections_state_the_defaults() {
@@ -1490,7 +1495,7 @@ mod tests {
         assert_eq!(k.topics.len(), 1, "the example topic");
         k.topics.clear();
         assert_eq!(format!("{k:?}"), format!("{:?}", KafkaConfig::default()));
-        let nats: Doc = toml::from_str(&section("# ---- NATS", None)).unwrap();
+        let nats: Doc = toml::from_str(&section("# ---- NATS", Some("# ---- Pulsar"))).unwrap();
         let BackendConfig::Nats(mut n) = nats.backends["nats"].clone() else {
             panic!("a nats backend")
         };
@@ -1504,6 +1509,14 @@ mod tests {
         );
         n.topics.clear();
         assert_eq!(format!("{n:?}"), format!("{:?}", NatsConfig::default()));
+        let pulsar: Doc = toml::from_str(&section("# ---- Pulsar", Some("# Routes:"))).unwrap();
+        let BackendConfig::Pulsar(mut p) = pulsar.backends["pulsar"].clone() else {
+            panic!("a pulsar backend")
+        };
+        assert_eq!(p.topics.len(), 1, "the example topic");
+        p.topics.clear();
+        p.validate("backends.pulsar").unwrap();
+        assert_eq!(format!("{p:?}"), format!("{:?}", PulsarConfig::default()));
     }
 
     #[test]

@@ -174,3 +174,66 @@ pub async fn bare_kafka(n: u64) -> f64 {
     .await
     .unwrap()
 }
+
+pub fn pulsar_url() -> String {
+    std::env::var("BENCH_PULSAR_URL").unwrap_or_else(|_| "pulsar://127.0.0.1:6650".into())
+}
+
+pub fn pulsar_config() -> outbox_relay::publisher::pulsar::PulsarConfig {
+    outbox_relay::publisher::pulsar::PulsarConfig {
+        service_url: pulsar_url(),
+        ..Default::default()
+    }
+}
+
+/// Publishes `n` keyed 200-byte messages with a bare pulsar-rs producer (the relay's producer
+/// options: batching as configured, a window of `max_pending_messages` receipts) and returns
+/// the seconds until every receipt is in.
+pub async fn bare_pulsar(n: u64) -> f64 {
+    use pulsar::{producer::Message, Pulsar, TokioExecutor};
+    let cfg = pulsar_config();
+    let client: Pulsar<TokioExecutor> = Pulsar::builder(cfg.service_url.clone(), TokioExecutor)
+        .with_outbound_channel_size(cfg.max_pending_messages as usize)
+        .build()
+        .await
+        .expect("connect to Pulsar");
+    let topic = format!(
+        "persistent://public/default/bench-bare-{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut producer = client
+        .producer()
+        .with_topic(topic)
+        .with_options(pulsar::ProducerOptions {
+            batch_size: cfg.batching.then_some(cfg.batching_max_messages),
+            batch_byte_size: cfg.batching.then_some(cfg.batching_max_bytes as usize),
+            batch_timeout: cfg.batching.then_some(cfg.batching_max_publish_delay.0),
+            block_queue_if_full: true,
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("a Pulsar producer");
+    let t0 = Instant::now();
+    let mut window: FuturesUnordered<pulsar::producer::SendFuture> = FuturesUnordered::new();
+    for i in 0..n {
+        if window.len() >= cfg.max_pending_messages as usize {
+            window.next().await.unwrap().expect("a send receipt");
+        }
+        let key = format!("agg-{}", i % 10_000);
+        let msg = Message {
+            payload: payload(i),
+            partition_key: Some(key.clone()),
+            ordering_key: Some(key.into_bytes()),
+            properties: [("X-Event-ID".to_string(), uuid::Uuid::now_v7().to_string())]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        window.push(producer.send_non_blocking(msg).await.expect("send"));
+    }
+    while let Some(r) = window.next().await {
+        r.expect("a send receipt");
+    }
+    t0.elapsed().as_secs_f64()
+}

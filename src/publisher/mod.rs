@@ -31,6 +31,7 @@
 pub mod kafka;
 pub mod memory;
 pub mod nats;
+pub mod pulsar;
 pub mod stdout;
 
 use crate::envelope::{BodyFormat, Event};

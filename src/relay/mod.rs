@@ -24,6 +24,7 @@ use crate::otel::Tracer;
 use crate::publisher::kafka::{self, KafkaPublisher};
 use crate::publisher::memory::MemoryPublisher;
 use crate::publisher::nats::{self, NatsPublisher};
+use crate::publisher::pulsar::PulsarPublisher;
 use crate::publisher::stdout::StdoutPublisher;
 use crate::publisher::ProvisionReport;
 use crate::publisher::{AckSender, AckTicket, Outgoing, Publisher};
@@ -151,6 +152,11 @@ pub async fn open_backend(
                 .map_err(|e| fail(e.to_string()))?;
             (Arc::new(publisher), report)
         }
+        // Pulsar creates topics on first use (the broker's auto-creation); nothing to provision.
+        BackendConfig::Pulsar(p) => (
+            Arc::new(PulsarPublisher::connect(p).await),
+            ProvisionReport::default(),
+        ),
     })
 }
 

@@ -6,6 +6,7 @@
 pub mod conformance;
 pub mod kafka;
 pub mod nats;
+pub mod pulsar;
 
 use outbox_relay::config::{Config, Dur, RouteConfig};
 use outbox_relay::envelope::BodyFormat;

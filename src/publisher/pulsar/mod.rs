@@ -1,0 +1,544 @@
+//! Pulsar backend: pulsar-rs producers, asynchronous, with every send receipt turned into a
+//! result on the ACK channel.
+//!
+//! * One producer per Pulsar topic, created on first use and kept. Sends to one producer are
+//!   taken one at a time, in the order given (a lock per producer), so an aggregate's events
+//!   reach the broker in order: Pulsar keeps one producer's order, and pulsar-rs resends what
+//!   was pending, in sequence, after it re-creates a producer on a new connection.
+//! * Each send returns a receipt future; one collector task awaits them all and resolves the
+//!   tickets. No task per message on our side.
+//! * `max_pending_messages` bounds the messages sent and not yet acknowledged (a semaphore):
+//!   when full, [`PulsarPublisher::publish`] waits; nothing is dropped.
+//! * Key: the aggregate id is the partition key (the partition of a partitioned topic) and the
+//!   ordering key (`Key_Shared` subscriptions). Properties: the relay's headers and the row's
+//!   own. Event time: occurred_at (left unset before 1970, which Pulsar cannot carry).
+//! * The client connects lazily: a broker that is down at start-up is not an error; sends
+//!   report it as unavailable (no attempt counted) until it is back.
+//! * pulsar-rs gives no way to set a message's sequence id, so the broker's deduplication
+//!   cannot drop a re-publish after a crash; consumers deduplicate by `X-Event-ID`.
+
+pub mod config;
+pub mod error;
+
+pub use config::PulsarConfig;
+
+use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
+use crate::envelope::{BodyFormat, Event, InvalidEvent, Wire};
+use config::{AuthMethod, Compression};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use pulsar::producer::{Message, SendFuture};
+use pulsar::{Producer, ProducerOptions, Pulsar, TokioExecutor};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+type Client = Pulsar<TokioExecutor>;
+type SharedProducer = Arc<Mutex<Producer<TokioExecutor>>>;
+
+/// Builds the Pulsar message of an event without a broker, or says why the row cannot be
+/// sent: a topic Pulsar refuses, a row the route's format cannot carry, or a message larger
+/// than `max_message_bytes`. Properties are protobuf strings, so any header the row holds (a
+/// JSON string) fits; CloudEvents in binary mode use the Kafka binding's `ce_*` names. Never
+/// panics, whatever the row holds.
+pub fn pulsar_message(
+    event: &Event,
+    format: BodyFormat,
+    max_message_bytes: usize,
+) -> Result<Message, InvalidEvent> {
+    let (wire, body) = event.message(format, Wire::Kafka)?;
+    let mut properties = HashMap::with_capacity(wire.len());
+    let mut overhead = 2 * event.aggregate_id.len();
+    for (k, v) in wire {
+        overhead = overhead.saturating_add(k.len() + v.len());
+        properties.insert(k.to_string(), v);
+    }
+    let size = overhead.saturating_add(body.len());
+    if size > max_message_bytes {
+        return Err(InvalidEvent::MessageTooLarge {
+            backend: "Pulsar",
+            size,
+            payload: body.len(),
+            overhead,
+            limit_name: "backend's max_message_bytes",
+            limit: max_message_bytes,
+        });
+    }
+    let millis = event.occurred_at.timestamp_millis();
+    Ok(Message {
+        payload: body,
+        properties,
+        partition_key: Some(event.aggregate_id.clone()),
+        ordering_key: Some(event.aggregate_id.as_bytes().to_vec()),
+        // 0 means "not set" to Pulsar, so the epoch itself is left unset too.
+        event_time: (millis > 0).then_some(millis as u64),
+        ..Default::default()
+    })
+}
+
+/// A receipt on its way, with the ticket it answers and the window slot it holds.
+struct Pending {
+    receipt: SendFuture,
+    ticket: AckTicket,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Awaits receipts in whatever order they come and resolves their tickets, until `abandon`:
+/// then what is still waiting is dropped, which resolves those tickets as retryable.
+async fn collect(mut rx: mpsc::UnboundedReceiver<Pending>, abandon: CancellationToken) {
+    let mut waiting = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = abandon.cancelled() => return,
+            Some(()) = waiting.next(), if !waiting.is_empty() => {}
+            p = rx.recv() => match p {
+                Some(Pending { receipt, ticket, _slot }) => waiting.push(async move {
+                    match receipt.await {
+                        Ok(_) => ticket.ack(),
+                        Err(e) => ticket.nack(error::classify(&e)),
+                    }
+                    drop(_slot);
+                }),
+                None => break,
+            },
+        }
+    }
+    while waiting.next().await.is_some() {}
+}
+
+/// The client, made on first use; a failed attempt is remembered for a second so a burst
+/// during an outage does not try to connect once per message.
+#[derive(Default)]
+struct ClientSlot {
+    client: Option<Client>,
+    failed: Option<(Instant, PublishError)>,
+}
+
+pub struct PulsarPublisher {
+    cfg: PulsarConfig,
+    client: Mutex<ClientSlot>,
+    producers: Mutex<HashMap<String, SharedProducer>>,
+    room: Arc<Semaphore>,
+    receipts: mpsc::UnboundedSender<Pending>,
+    abandon: CancellationToken,
+    collector: StdMutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Producer names are `<prefix>-<this>-<n>`: unique per topic across relays.
+    instance: String,
+    made: AtomicU64,
+    connects: AtomicU64,
+}
+
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+impl PulsarPublisher {
+    /// Sets the publisher up and tries to connect once (at most `connection_timeout`); a broker
+    /// that is down now is only logged: sends report it until it is back.
+    pub async fn connect(cfg: &PulsarConfig) -> PulsarPublisher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let abandon = CancellationToken::new();
+        let collector = tokio::spawn(collect(rx, abandon.clone()));
+        let p = PulsarPublisher {
+            cfg: cfg.clone(),
+            client: Mutex::new(ClientSlot::default()),
+            producers: Mutex::new(HashMap::new()),
+            room: Arc::new(Semaphore::new(cfg.max_pending_messages as usize)),
+            receipts: tx,
+            abandon,
+            collector: StdMutex::new(Some(collector)),
+            instance: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            made: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+        };
+        if let Err(e) = p.client().await {
+            tracing::warn!(reason = %e, "pulsar: broker not reachable yet; sends wait for it");
+        }
+        p
+    }
+
+    async fn build_client(cfg: &PulsarConfig) -> Result<Client, String> {
+        let mut b = Pulsar::builder(cfg.service_url.clone(), TokioExecutor)
+            .with_connection_retry_options(pulsar::ConnectionRetryOptions {
+                connection_timeout: cfg.connection_timeout.0,
+                // A connection that fails is tried again by the next send, not by the client
+                // for minutes.
+                max_retries: 2,
+                max_backoff: Duration::from_secs(1),
+                ..Default::default()
+            })
+            .with_operation_retry_options(pulsar::OperationRetryOptions {
+                // pulsar-rs also gives each message this long for its receipt, resends included.
+                operation_timeout: cfg.send_timeout.0,
+                retry_delay: Duration::from_millis(500),
+                max_retries: Some(3),
+            })
+            .with_outbound_channel_size(cfg.max_pending_messages as usize);
+        match cfg.auth {
+            AuthMethod::None => {}
+            AuthMethod::Token => {
+                let token = cfg.token.as_ref().map(|t| t.expose()).unwrap_or_default();
+                b = b.with_auth(pulsar::Authentication {
+                    name: "token".into(),
+                    data: token.as_bytes().to_vec(),
+                });
+            }
+            AuthMethod::Oauth2 => {
+                let params = pulsar::authentication::oauth2::OAuth2Params {
+                    issuer_url: cfg.oauth2_issuer_url.clone().unwrap_or_default(),
+                    credentials_url: cfg
+                        .oauth2_credentials_url
+                        .as_ref()
+                        .map(|s| s.expose().to_string())
+                        .unwrap_or_default(),
+                    audience: cfg.oauth2_audience.clone(),
+                    scope: cfg.oauth2_scope.clone(),
+                };
+                b = b.with_auth_provider(
+                    pulsar::authentication::oauth2::OAuth2Authentication::client_credentials(
+                        params,
+                    ),
+                );
+            }
+        }
+        if let Some(ca) = &cfg.tls_ca_file {
+            b = b
+                .with_certificate_chain_file(ca)
+                .map_err(|e| format!("tls_ca_file {ca:?}: {e}"))?;
+        }
+        if cfg.service_url.starts_with("pulsar+ssl://") {
+            b = b
+                .with_tls_hostname_verification_enabled(cfg.tls_hostname_verification)
+                .with_allow_insecure_connection(cfg.tls_allow_insecure);
+        }
+        let limit = cfg.connection_timeout.0 + Duration::from_secs(1);
+        match tokio::time::timeout(limit, b.build()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(format!("pulsar: cannot connect: {e}")),
+            Err(_) => Err(format!("pulsar: no connection within {limit:?}")),
+        }
+    }
+
+    /// The connected client, connecting if needed.
+    async fn client(&self) -> Result<Client, PublishError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = &slot.client {
+            return Ok(c.clone());
+        }
+        if let Some((at, e)) = &slot.failed {
+            if at.elapsed() < RECONNECT_PAUSE {
+                return Err(e.clone());
+            }
+        }
+        match Self::build_client(&self.cfg).await {
+            Ok(c) => {
+                self.connects.fetch_add(1, Ordering::Relaxed);
+                slot.failed = None;
+                slot.client = Some(c.clone());
+                Ok(c)
+            }
+            Err(why) => {
+                let e = PublishError::unavailable(why);
+                slot.failed = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    fn producer_options(&self) -> ProducerOptions {
+        let c = &self.cfg;
+        let compression = match c.compression {
+            Compression::None => None,
+            Compression::Lz4 => Some(pulsar::compression::Compression::Lz4(Default::default())),
+            Compression::Zlib => Some(pulsar::compression::Compression::Zlib(Default::default())),
+            Compression::Zstd => Some(pulsar::compression::Compression::Zstd(Default::default())),
+            Compression::Snappy => {
+                Some(pulsar::compression::Compression::Snappy(Default::default()))
+            }
+        };
+        ProducerOptions {
+            batch_size: c.batching.then_some(c.batching_max_messages),
+            batch_byte_size: c.batching.then_some(c.batching_max_bytes as usize),
+            batch_timeout: c.batching.then_some(c.batching_max_publish_delay.0),
+            compression,
+            // Wait for room in the connection's queue instead of failing the send.
+            block_queue_if_full: true,
+            ..Default::default()
+        }
+    }
+
+    /// The producer of `topic` (a full Pulsar name), created on first use.
+    async fn producer(&self, topic: &str) -> Result<SharedProducer, PublishError> {
+        if let Some(p) = self.producers.lock().await.get(topic) {
+            return Ok(p.clone());
+        }
+        let client = self.client().await?;
+        let mut producers = self.producers.lock().await;
+        if let Some(p) = producers.get(topic) {
+            return Ok(p.clone());
+        }
+        let n = self.made.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{}-{n}", self.cfg.producer_name_prefix, self.instance);
+        let build = client
+            .producer()
+            .with_topic(topic)
+            .with_name(name)
+            .with_options(self.producer_options())
+            .build();
+        let producer = match tokio::time::timeout(self.cfg.operation_timeout.0, build).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(error::classify(&e)),
+            Err(_) => {
+                return Err(PublishError::unavailable(format!(
+                    "pulsar: no producer for {topic} within {:?}",
+                    self.cfg.operation_timeout.0
+                )))
+            }
+        };
+        let p = Arc::new(Mutex::new(producer));
+        producers.insert(topic.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// Sends the messages of one topic, in order. After a failure that says the broker is
+    /// away, the rest are reported the same way at once instead of each waiting for it.
+    async fn send_topic(&self, topic: &str, msgs: Vec<(Message, AckTicket)>) {
+        let producer = match self.producer(topic).await {
+            Ok(p) => p,
+            Err(e) => {
+                for (_, t) in msgs {
+                    t.nack(e.clone());
+                }
+                return;
+            }
+        };
+        let mut producer = producer.lock().await;
+        let mut away: Option<PublishError> = None;
+        for (msg, ticket) in msgs {
+            if let Some(e) = &away {
+                ticket.nack(e.clone());
+                continue;
+            }
+            let slot = match tokio::time::timeout(
+                self.cfg.send_timeout.0,
+                self.room.clone().acquire_owned(),
+            )
+            .await
+            {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(_)) => {
+                    let e = PublishError::unavailable("pulsar: the publisher is closed");
+                    ticket.nack(e.clone());
+                    away = Some(e);
+                    continue;
+                }
+                Err(_) => {
+                    let e = PublishError::unavailable(format!(
+                        "pulsar: {} messages awaiting receipts for {:?}",
+                        self.cfg.max_pending_messages, self.cfg.send_timeout.0
+                    ));
+                    ticket.nack(e.clone());
+                    away = Some(e);
+                    continue;
+                }
+            };
+            match producer.send_non_blocking(msg).await {
+                Ok(receipt) => {
+                    let pending = Pending {
+                        receipt,
+                        ticket,
+                        _slot: slot,
+                    };
+                    if let Err(mpsc::error::SendError(p)) = self.receipts.send(pending) {
+                        p.ticket
+                            .nack(PublishError::unavailable("pulsar: the publisher is closed"));
+                    }
+                }
+                Err(e) => {
+                    let e = error::classify(&e);
+                    if e.kind == super::ErrorKind::Unavailable {
+                        away = Some(e.clone());
+                    }
+                    ticket.nack(e);
+                }
+            }
+        }
+    }
+}
+
+impl Publisher for PulsarPublisher {
+    fn kind(&self) -> &'static str {
+        "pulsar"
+    }
+
+    /// One producer per topic, taken in order, and pulsar-rs resends a producer's pending
+    /// messages in sequence after a reconnect.
+    fn keeps_order(&self) -> bool {
+        true
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed).saturating_sub(1)
+    }
+
+    fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {
+        async move {
+            // Runs of one topic go to its producer together; topics keep their first-seen order.
+            let mut runs: Vec<(String, Vec<(Message, AckTicket)>)> = Vec::new();
+            let max = self.cfg.max_message_bytes as usize;
+            for o in burst {
+                let Outgoing {
+                    event,
+                    format,
+                    ticket,
+                } = o;
+                let topic = match self.cfg.pulsar_topic(&event.topic) {
+                    Ok(t) => t,
+                    Err(why) => {
+                        ticket.nack(PublishError::permanent(
+                            InvalidEvent::BackendTopic(why).to_string(),
+                        ));
+                        continue;
+                    }
+                };
+                let msg = match pulsar_message(&event, format, max) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        ticket.nack(PublishError::permanent(e.to_string()));
+                        continue;
+                    }
+                };
+                match runs.iter_mut().find(|(t, _)| *t == topic) {
+                    Some((_, v)) => v.push((msg, ticket)),
+                    None => runs.push((topic, vec![(msg, ticket)])),
+                }
+            }
+            for (topic, msgs) in runs {
+                self.send_topic(&topic, msgs).await;
+            }
+        }
+        .boxed()
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        async move {
+            let probe = async {
+                let client = self.client().await.map_err(|e| e.reason)?;
+                let topic = format!(
+                    "persistent://{}/{}/outbox-relay-health",
+                    self.cfg.tenant, self.cfg.namespace
+                );
+                client
+                    .lookup_topic(topic)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("pulsar: topic lookup failed: {e}"))
+            };
+            match tokio::time::timeout(self.cfg.health_timeout.0, probe).await {
+                Ok(Ok(())) => Health::Up,
+                Ok(Err(why)) => Health::Down(why),
+                Err(_) => Health::Down(format!(
+                    "pulsar: no answer to a topic lookup within {:?}",
+                    self.cfg.health_timeout.0
+                )),
+            }
+        }
+        .boxed()
+    }
+
+    fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let producers: Vec<SharedProducer> =
+                self.producers.lock().await.values().cloned().collect();
+            // Every slot back means every receipt came.
+            let all = self.cfg.max_pending_messages;
+            if let Ok(Ok(slots)) =
+                tokio::time::timeout_at(deadline, self.room.clone().acquire_many_owned(all)).await
+            {
+                drop(slots);
+            }
+            self.room.close();
+            self.abandon.cancel();
+            let collector = self
+                .collector
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(c) = collector {
+                let _ = c.await;
+            }
+            for p in producers {
+                let mut p = p.lock().await;
+                let _ = tokio::time::timeout_at(
+                    deadline.max(tokio::time::Instant::now() + Duration::from_millis(200)),
+                    p.close(),
+                )
+                .await;
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn event(payload: Vec<u8>) -> Event {
+        Event {
+            id: 1,
+            event_id: uuid::Uuid::new_v4(),
+            topic: "orders".into(),
+            aggregate_id: "order-1".into(),
+            aggregate_type: Some("order".into()),
+            event_type: "OrderPlaced".into(),
+            event_version: 3,
+            payload,
+            headers: vec![("tenant".into(), "acme".into())],
+            content_type: None,
+            traceparent: None,
+            correlation_id: None,
+            occurred_at: chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn a_message_carries_key_properties_and_event_time() {
+        let e = event(b"{}".to_vec());
+        let m = pulsar_message(&e, BodyFormat::Raw, 5_242_880).unwrap();
+        assert_eq!(m.payload, b"{}");
+        assert_eq!(m.partition_key.as_deref(), Some("order-1"));
+        assert_eq!(m.ordering_key.as_deref(), Some(&b"order-1"[..]));
+        assert_eq!(m.properties["X-Event-ID"], e.event_id.to_string());
+        assert_eq!(m.properties["X-Event-Version"], "3");
+        assert_eq!(m.properties["tenant"], "acme");
+        assert_eq!(m.event_time, Some(e.occurred_at.timestamp_millis() as u64));
+    }
+
+    #[test]
+    fn an_event_before_1970_has_no_event_time_but_keeps_its_header() {
+        let mut e = event(b"{}".to_vec());
+        e.occurred_at = chrono::Utc.with_ymd_and_hms(1900, 1, 1, 0, 0, 0).unwrap();
+        let m = pulsar_message(&e, BodyFormat::Raw, 5_242_880).unwrap();
+        assert_eq!(m.event_time, None);
+        assert!(m.properties["X-Occurred-At"].starts_with("1900-01-01"));
+    }
+
+    #[test]
+    fn an_oversized_message_names_the_limit() {
+        let e = event(vec![b'x'; 2_000]);
+        let err = pulsar_message(&e, BodyFormat::Raw, 1_024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("field payload") && err.contains("max_message_bytes of 1024"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! Pulsar test support: topics of the test's own on the shared broker (pulsar-lite on
+//! 127.0.0.1:6650, or TEST_PULSAR_URL), an independent reader (the official Python client,
+//! an exclusive subscription from the earliest message), and private broker instances for
+//! tests that stop the broker.
+
+use super::conformance::{BackendUnderTest, Received};
+use super::free_port;
+use base64::Engine as _;
+use outbox_relay::publisher::pulsar::{PulsarConfig, PulsarPublisher};
+use outbox_relay::publisher::Publisher;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The shared broker; `TEST_PULSAR_URL` overrides.
+pub fn pulsar_url() -> String {
+    std::env::var("TEST_PULSAR_URL").unwrap_or_else(|_| "pulsar://127.0.0.1:6650".into())
+}
+
+pub fn unique_topic() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub fn config(url: &str) -> PulsarConfig {
+    PulsarConfig {
+        service_url: url.into(),
+        send_timeout: outbox_relay::config::Dur::secs(5),
+        operation_timeout: outbox_relay::config::Dur::secs(5),
+        connection_timeout: outbox_relay::config::Dur::secs(2),
+        ..PulsarConfig::default()
+    }
+}
+
+/// The full name the backend's default config gives an outbox topic.
+pub fn full_name(topic: &str) -> String {
+    format!("persistent://public/default/{topic}")
+}
+
+/// An exclusive subscription of its own on `topic` (a full name), from the earliest message,
+/// held by the official client (tests/pulsar_read.py, a child process) until dropped; what
+/// arrives is acknowledged and kept. (pulsar-rs as a consumer cannot read from pulsar-lite: it
+/// drops the connection on the broker's message frames.)
+pub struct Reader {
+    pub got: Arc<Mutex<Vec<Received>>>,
+    child: tokio::process::Child,
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+impl Reader {
+    pub async fn start(url: &str, topic: &str) -> Reader {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pulsar_read.py");
+        let mut child = tokio::process::Command::new(python())
+            .args([script, url, topic])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tests/pulsar_read.py (pulsar-client from scripts/consumer-tools.sh)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the Pulsar reader subscribed within 60 s")
+            .expect("the Pulsar reader's output");
+        assert_eq!(
+            ready.as_deref(),
+            Some("ready"),
+            "the Pulsar reader's first line"
+        );
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let short = topic.rsplit('/').next().unwrap_or(topic).to_string();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+                let headers: HashMap<String, String> =
+                    serde_json::from_value(v["properties"].clone()).expect("properties");
+                let body = base64::engine::general_purpose::STANDARD
+                    .decode(v["data"].as_str().unwrap_or_default())
+                    .expect("base64 body");
+                sink.lock().unwrap().push(Received {
+                    topic: short.clone(),
+                    key: v["key"].as_str().unwrap_or_default().to_string(),
+                    headers,
+                    body,
+                });
+            }
+        });
+        Reader { got, child }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Pulsar as a backend under the conformance suite: its own topic, read by its own
+/// subscription.
+pub struct PulsarUnderTest {
+    pub publisher: Arc<PulsarPublisher>,
+    pub topic: String,
+    pub reader: Reader,
+}
+
+impl PulsarUnderTest {
+    pub async fn new() -> PulsarUnderTest {
+        PulsarUnderTest::with(config(&pulsar_url())).await
+    }
+
+    pub async fn with(cfg: PulsarConfig) -> PulsarUnderTest {
+        let topic = unique_topic();
+        // The subscription exists before the first event, so the reader sees them all
+        // whatever the topic's retention.
+        let reader = Reader::start(&cfg.service_url, &full_name(&topic)).await;
+        PulsarUnderTest {
+            publisher: Arc::new(PulsarPublisher::connect(&cfg).await),
+            reader,
+            topic,
+        }
+    }
+}
+
+impl BackendUnderTest for PulsarUnderTest {
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+    fn topic(&self) -> String {
+        self.topic.clone()
+    }
+    async fn received(&self) -> Vec<Received> {
+        self.reader.received()
+    }
+}
+
+/// The pulsar-lite binary the test script installed (see scripts/services.sh);
+/// `PULSAR_LITE_BIN` overrides.
+pub fn pulsar_lite_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PULSAR_LITE_BIN") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+    std::env::var("OUTBOX_RELAY_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache.join("outbox-relay"))
+        .join("pulsar-lite-0.2.0/pulsar_lite/bin/pulsar-lite")
+}
+
+/// A pulsar-lite broker of the test's own on a free port, for tests that stop it. Its data
+/// (RocksDB) stays in its directory across a restart, as a real broker's would.
+pub struct PrivatePulsar {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivatePulsar {
+    pub fn start() -> PrivatePulsar {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pulsar-")
+            .tempdir()
+            .unwrap();
+        // Metrics off: pulsar-lite would otherwise bind 0.0.0.0:8080 for each instance.
+        std::fs::write(
+            dir.path().join("pulsar-lite.toml"),
+            "[metrics]\nenabled = false\n",
+        )
+        .unwrap();
+        let mut p = PrivatePulsar {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        p.start_server();
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("pulsar://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("pulsar-lite.log"))
+            .unwrap();
+        let child = Command::new(pulsar_lite_bin())
+            .current_dir(self.dir.path())
+            .arg("--config")
+            .arg(self.dir.path().join("pulsar-lite.toml"))
+            .arg("--addr")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--db-path")
+            .arg(self.dir.path().join("db"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start pulsar-lite (installed by scripts/test.sh)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pulsar-lite did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the broker at once, as a crash would.
+    pub fn stop_server(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivatePulsar {
+    fn drop(&mut self) {
+        self.stop_server();
+    }
+}

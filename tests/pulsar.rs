@@ -1,0 +1,326 @@
+//! The Pulsar backend against a real Pulsar-protocol broker (pulsar-lite on 127.0.0.1:6650, or
+//! TEST_PULSAR_URL), read back by an independent subscription (the official client, tests/pulsar_read.py). Each
+//! test has its own topic; the tests that stop the broker run one of their own.
+
+mod common;
+
+use common::conformance;
+use common::pulsar::{self as p, PrivatePulsar, PulsarUnderTest, Reader};
+use common::{numbered_on, spawn, wait_for, watchdog, TestDb};
+use outbox_relay::config::{Dur, OrderingMode, RouteConfig};
+use outbox_relay::publisher::pulsar::config::{Persistence, TopicSettings};
+use outbox_relay::publisher::pulsar::PulsarPublisher;
+use outbox_relay::publisher::{Health, Publisher};
+use outbox_relay::store::NewEvent;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn routes() -> Vec<RouteConfig> {
+    vec![common::route("*", "pulsar")]
+}
+
+#[tokio::test]
+async fn pulsar_delivers_every_event_in_order_with_key_and_headers() {
+    conformance::delivers_every_event_in_order_with_key_and_headers(&PulsarUnderTest::new().await)
+        .await;
+}
+
+#[tokio::test]
+async fn pulsar_envelope_body_decodes_to_the_original_payload() {
+    conformance::envelope_body_decodes_to_the_original_payload(&PulsarUnderTest::new().await).await;
+}
+
+#[tokio::test]
+async fn pulsar_gives_one_result_per_message() {
+    conformance::one_result_per_message(&PulsarUnderTest::new().await).await;
+}
+
+/// 10 000 events over 200 aggregates, in the given ordering mode: each arrives once, keyed by
+/// its aggregate, with the relay's properties, in order per aggregate; every row ends published.
+async fn ten_thousand_events(ordering: OrderingMode) {
+    let b = PulsarUnderTest::new().await;
+    let db = TestDb::new().await;
+    let events: Vec<NewEvent> = (0..50)
+        .flat_map(|seq| (0..200).map(move |a| (a, seq)))
+        .map(|(a, seq)| numbered_on(&b.topic, &format!("a{a}"), seq))
+        .collect();
+    for chunk in events.chunks(1000) {
+        db.enqueue(chunk).await;
+    }
+    let mut cfg = db.config();
+    cfg.relay.ordering = ordering;
+    let relay = db
+        .relay_with(&cfg, vec![("pulsar", b.publisher.clone())], &routes())
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "every row published", || async {
+        db.total().await == 0
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    wait_for(DEADLINE, "the subscription to read all 10 000", || async {
+        b.reader.received().len() >= events.len()
+    })
+    .await;
+    let got = b.reader.received();
+    assert_eq!(got.len(), events.len(), "each event once");
+    let ids: HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["X-Event-ID"].as_str())
+        .collect();
+    assert_eq!(ids.len(), events.len());
+    for r in &got {
+        assert_eq!(r.key, r.headers["X-Aggregate-ID"]);
+        assert_eq!(r.headers["X-Event-Type"], "OrderCreated");
+        assert_eq!(r.headers["X-Event-Version"], "1");
+        assert_eq!(r.topic, b.topic);
+    }
+    conformance::assert_in_order(&got);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn ten_thousand_events_arrive_once_keyed_in_order_and_end_published() {
+    ten_thousand_events(OrderingMode::Strict).await;
+}
+
+#[tokio::test]
+async fn ten_thousand_events_in_pipelined_mode_keep_each_aggregates_order() {
+    ten_thousand_events(OrderingMode::Pipelined).await;
+}
+
+/// A message over the backend's `max_message_bytes` and a topic Pulsar cannot name fail at
+/// once, each with its reason; the other events are published.
+#[tokio::test]
+async fn an_oversized_message_fails_with_the_reason_while_the_others_flow() {
+    let mut cfg = p::config(&p::pulsar_url());
+    cfg.max_message_bytes = 10_000;
+    let b = PulsarUnderTest::with(cfg).await;
+    let db = TestDb::new().await;
+    let ok: Vec<NewEvent> = (0..20)
+        .map(|i| numbered_on(&b.topic, &format!("a{i}"), 0))
+        .collect();
+    let big = NewEvent::new(b.topic.clone(), "big", "Big", vec![b'x'; 20_000]);
+    let bad_name = numbered_on("orders/created", "slash", 0);
+    db.enqueue(&ok).await;
+    db.enqueue(&[big.clone(), bad_name.clone()]).await;
+    let relay = db
+        .relay_with(
+            &db.config(),
+            vec![("pulsar", b.publisher.clone())],
+            &routes(),
+        )
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "only the two bad rows left, failed", || async {
+        db.count("status = 'failed'").await == 2 && db.total().await == 2
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let (_, attempts, reason) = db.row(big.event_id).await.unwrap();
+    let reason = reason.unwrap();
+    assert_eq!(attempts, 1, "a permanent error is not retried");
+    assert!(
+        reason.contains("field payload") && reason.contains("max_message_bytes of 10000"),
+        "{reason}"
+    );
+    let (_, _, reason) = db.row(bad_name.event_id).await.unwrap();
+    let reason = reason.unwrap();
+    assert!(
+        reason.contains("field topic") && reason.contains("'/'"),
+        "{reason}"
+    );
+    wait_for(DEADLINE, "the 20 good events at the reader", || async {
+        b.reader.received().len() >= 20
+    })
+    .await;
+    db.drop_schema().await;
+}
+
+/// A topic configured ephemeral goes to `non-persistent://`, where a connected subscriber
+/// gets it.
+#[tokio::test]
+async fn an_ephemeral_topic_is_published_non_persistent() {
+    let mut cfg = p::config(&p::pulsar_url());
+    cfg.topics.insert(
+        "eph*".into(),
+        TopicSettings {
+            persistence: Persistence::Ephemeral,
+            ..TopicSettings::default()
+        },
+    );
+    let topic = format!("eph{}", p::unique_topic());
+    let reader = Reader::start(
+        &cfg.service_url,
+        &format!("non-persistent://public/default/{topic}"),
+    )
+    .await;
+    let publisher = Arc::new(PulsarPublisher::connect(&cfg).await);
+    let db = TestDb::new().await;
+    let events: Vec<NewEvent> = (0..5).map(|s| numbered_on(&topic, "e1", s)).collect();
+    db.enqueue(&events).await;
+    let relay = db
+        .relay_with(&db.config(), vec![("pulsar", publisher)], &routes())
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "every row published", || async {
+        db.total().await == 0
+    })
+    .await;
+    wait_for(DEADLINE, "the subscriber to get all 5", || async {
+        reader.received().len() >= 5
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    conformance::assert_in_order(&reader.received());
+    db.drop_schema().await;
+}
+
+/// A relay whose broker is not there at start-up starts anyway, reports the backend down,
+/// and keeps the events pending without spending their attempts; once the broker is up they
+/// are all published.
+#[tokio::test]
+async fn a_broker_down_at_start_fails_nothing_and_is_used_once_up() {
+    let _watchdog = watchdog(
+        "a_broker_down_at_start_fails_nothing_and_is_used_once_up",
+        Duration::from_secs(300),
+    );
+    let mut broker = PrivatePulsar::start();
+    broker.stop_server();
+    let publisher = Arc::new(PulsarPublisher::connect(&p::config(&broker.url())).await);
+    assert!(
+        matches!(publisher.health().await, Health::Down(_)),
+        "health while nothing listens"
+    );
+    let topic = p::unique_topic();
+    let db = TestDb::new().await;
+    let mut cfg = db.config();
+    cfg.relay.backoff_initial = Dur::ms(20);
+    cfg.relay.backoff_max = Dur::ms(100);
+    cfg.relay.max_attempts = 3;
+    let events: Vec<NewEvent> = (0..30)
+        .map(|i| numbered_on(&topic, &format!("a{}", i % 3), i / 3))
+        .collect();
+    db.enqueue(&events).await;
+    let relay = db
+        .relay_with(&cfg, vec![("pulsar", publisher.clone())], &routes())
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    wait_for(
+        DEADLINE,
+        "hand-offs answered while the broker is away",
+        || async { stats.retried.load(Ordering::Relaxed) > 30 },
+    )
+    .await;
+    assert_eq!(db.count("status = 'failed'").await, 0);
+    assert_eq!(
+        db.count("attempts > 0").await,
+        0,
+        "an outage spent attempts"
+    );
+    broker.start_server();
+    let reader = Reader::start(&broker.url(), &p::full_name(&topic)).await;
+    wait_for(
+        DEADLINE,
+        "every row published once the broker is up",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    wait_for(DEADLINE, "the reader to have every event", || async {
+        reader.received().len() >= events.len()
+    })
+    .await;
+    assert!(matches!(publisher.health().await, Health::Up));
+    stop.cancel();
+    h.await.unwrap();
+    conformance::assert_every_event_arrived(&reader.received(), &events);
+    conformance::assert_first_deliveries_in_order(&reader.received());
+    db.drop_schema().await;
+}
+
+/// The broker killed (SIGKILL) mid-stream while events keep coming, then started again on its
+/// data: nothing fails, every row ends published, and the topic holds every event with each
+/// aggregate's first deliveries in order.
+#[tokio::test]
+async fn the_broker_killed_and_restarted_mid_stream_loses_nothing() {
+    let _watchdog = watchdog(
+        "the_broker_killed_and_restarted_mid_stream_loses_nothing",
+        Duration::from_secs(300),
+    );
+    let mut broker = PrivatePulsar::start();
+    let topic = p::unique_topic();
+    let reader = Reader::start(&broker.url(), &p::full_name(&topic)).await;
+    let publisher = Arc::new(PulsarPublisher::connect(&p::config(&broker.url())).await);
+    let db = TestDb::new().await;
+    let mut cfg = db.config();
+    cfg.relay.backoff_initial = Dur::ms(100);
+    cfg.relay.backoff_max = Dur::secs(1);
+    let relay = db
+        .relay_with(&cfg, vec![("pulsar", publisher)], &routes())
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = spawn(relay);
+    let batch = |round: usize| -> Vec<NewEvent> {
+        (0..300)
+            .map(|i| numbered_on(&topic, &format!("a{}", i % 30), round * 10 + i / 30))
+            .collect()
+    };
+    let mut all = Vec::new();
+    for round in 0..3 {
+        let b = batch(round);
+        db.enqueue(&b).await;
+        all.extend(b);
+    }
+    wait_for(DEADLINE, "some events through", || async {
+        db.total().await < all.len() as i64
+    })
+    .await;
+    broker.stop_server();
+    drop(reader);
+    for round in 3..6 {
+        let b = batch(round);
+        db.enqueue(&b).await;
+        all.extend(b);
+        if round == 3 {
+            let before = stats.retried.load(Ordering::Relaxed);
+            wait_for(DEADLINE, "retries while the broker is gone", || async {
+                stats.retried.load(Ordering::Relaxed) > before
+            })
+            .await;
+        }
+    }
+    assert_eq!(db.count("status = 'failed'").await, 0);
+    broker.start_server();
+    wait_for(
+        DEADLINE,
+        "every row published after the restart",
+        || async { db.total().await == 0 },
+    )
+    .await;
+    // A new subscription from the earliest message: what the broker stored before the kill
+    // and after the restart.
+    let reader = Reader::start(&broker.url(), &p::full_name(&topic)).await;
+    wait_for(DEADLINE, "the topic to hold every event", || async {
+        let got = reader.received();
+        let ids: HashSet<&str> = got
+            .iter()
+            .map(|r| r.headers["X-Event-ID"].as_str())
+            .collect();
+        all.iter()
+            .all(|e| ids.contains(e.event_id.to_string().as_str()))
+    })
+    .await;
+    conformance::assert_first_deliveries_in_order(&reader.received());
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    db.drop_schema().await;
+}
