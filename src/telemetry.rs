@@ -16,7 +16,7 @@ pub fn init(cfg: &LogConfig) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(&cfg.level));
+        .unwrap_or_else(|| EnvFilter::new(with_quiet_clients(&cfg.level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| Scrubbed(std::io::stderr()))
@@ -26,6 +26,16 @@ pub fn init(cfg: &LogConfig) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     install_panic_hook();
+}
+
+/// The Pulsar client logs every connection and producer at info: at warn unless the filter
+/// names its target.
+fn with_quiet_clients(level: &str) -> String {
+    if level.contains("pulsar") {
+        level.to_string()
+    } else {
+        format!("{level},pulsar=warn")
+    }
 }
 
 /// A writer that scrubs secrets. The formatter hands over each event in one write, so a

@@ -26,8 +26,10 @@ const CREDS_JWT: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.credsjwt
 const CREDS_SEED: &str = "SUACREDSFILESEEDSECRETFORTESTSONLY6E7F8A9B0C1D2E3F4A5B6C7D8E9F0";
 const KV_PASSWORD: &str = "LibpqKeyValue-s3cr3t-7e8f";
 const TYPE_ERROR_SECRET: &str = "TypeError-s3cr3t-9a0b";
+const PULSAR_TOKEN: &str = "PulsarJwtToken-s3cr3t-1c2d";
+const PULSAR_OAUTH: &str = "PulsarOauthClientSecret-s3cr3t-3e4f";
 
-const ALL: [&str; 13] = [
+const ALL: [&str; 15] = [
     URL_ENV_PW,
     URL_FLAG_PW,
     URL_QUERY_PW,
@@ -41,6 +43,8 @@ const ALL: [&str; 13] = [
     CREDS_SEED,
     KV_PASSWORD,
     TYPE_ERROR_SECRET,
+    PULSAR_TOKEN,
+    PULSAR_OAUTH,
 ];
 
 /// In every payload written here; operator commands must never show it.
@@ -509,5 +513,58 @@ fn nats_credentials_do_not_print() {
             .output()
             .unwrap();
         assert_no_secret(&format!("check with {auth}"), &text(&o));
+    }
+}
+
+/// The Pulsar token (from relay.toml and from the environment) and OAuth2 credentials (a data:
+/// URL holding the client secret) never print, with the client's own debug logging on, whether
+/// the broker is there or not.
+#[test]
+fn pulsar_credentials_do_not_print() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = free_port();
+    let creds = format!(
+        "data:application/json,{{\"client_id\":\"relay\",\"client_secret\":\"{PULSAR_OAUTH}\"}}"
+    );
+    for (url, auth, env) in [
+        (
+            "pulsar://127.0.0.1:6650".to_string(),
+            format!("auth = \"token\"\ntoken = \"{PULSAR_TOKEN}\"\n"),
+            None,
+        ),
+        (
+            format!("pulsar://127.0.0.1:{closed}"),
+            "auth = \"token\"\n".to_string(),
+            Some(("RELAY__BACKENDS__PULSAR__TOKEN", PULSAR_TOKEN)),
+        ),
+        (
+            format!("pulsar://127.0.0.1:{closed}"),
+            format!(
+                "auth = \"oauth2\"\noauth2_issuer_url = \"http://127.0.0.1:{closed}\"\n\
+                 oauth2_credentials_url = '{creds}'\n"
+            ),
+            None,
+        ),
+    ] {
+        std::fs::write(
+            dir.path().join("relay.toml"),
+            format!(
+                "[database]\nconnect_timeout = \"1s\"\n[backends.pulsar]\ntype = \"pulsar\"\n\
+                 service_url = \"{url}\"\nconnection_timeout = \"1s\"\n\
+                 health_timeout = \"2s\"\n{auth}"
+            ),
+        )
+        .unwrap();
+        let mut c = Command::new(relay_bin());
+        c.current_dir(dir.path())
+            .args(["--schema", "no_such_outbox", "check"])
+            .env("RUST_LOG", "debug");
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        let out = text(&o);
+        assert!(out.contains("backend"), "check ran to the backend: {out}");
+        assert_no_secret(&format!("check with {auth}"), &out);
     }
 }
