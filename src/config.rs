@@ -764,7 +764,7 @@ impl Config {
             match b {
                 BackendConfig::Kafka(k) => k.validate(&key, self.relay.publish_timeout)?,
                 BackendConfig::Nats(n) => n.validate(&key)?,
-                BackendConfig::Pulsar(p) => p.validate(&key)?,
+                BackendConfig::Pulsar(p) => p.validate(&key, self.relay.publish_timeout)?,
                 BackendConfig::Memory {} | BackendConfig::Stdout {} => {}
             }
         }
@@ -1515,7 +1515,7 @@ mod tests {
         };
         assert_eq!(p.topics.len(), 1, "the example topic");
         p.topics.clear();
-        p.validate("backends.pulsar").unwrap();
+        p.validate("backends.pulsar", Dur::secs(30)).unwrap();
         assert_eq!(format!("{p:?}"), format!("{:?}", PulsarConfig::default()));
     }
 

@@ -1,7 +1,7 @@
 """An independent Pulsar reader for the tests (tests/common/pulsar.rs): the official client
 (pulsar-client, the C++ client's Python binding) subscribes to one topic with an exclusive
 subscription from the earliest message and prints each message as one JSON line on stdout
-(partition key, properties, base64 body), acknowledging it. "ready" is printed once the
+(its topic or partition, partition key, properties, base64 body), acknowledging it. "ready" is printed once the
 subscription exists. The client reconnects by itself when the broker restarts.
 
     python3 tests/pulsar_read.py <service url> <full topic name>
@@ -35,6 +35,7 @@ def main() -> None:
         except pulsar.Timeout:
             continue
         line = {
+            "topic": msg.topic_name(),
             "key": msg.partition_key(),
             "properties": msg.properties(),
             "data": base64.b64encode(msg.data()).decode(),

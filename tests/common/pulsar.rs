@@ -27,7 +27,9 @@ pub fn unique_topic() -> String {
 pub fn config(url: &str) -> PulsarConfig {
     PulsarConfig {
         service_url: url.into(),
-        send_timeout: outbox_relay::config::Dur::secs(5),
+        // Shorter than the default, so the outage tests wait less for expiries; long enough
+        // that a loaded machine's receipts do not expire.
+        send_timeout: outbox_relay::config::Dur::secs(15),
         operation_timeout: outbox_relay::config::Dur::secs(5),
         connection_timeout: outbox_relay::config::Dur::secs(2),
         ..PulsarConfig::default()
@@ -45,6 +47,8 @@ pub fn full_name(topic: &str) -> String {
 /// drops the connection on the broker's message frames.)
 pub struct Reader {
     pub got: Arc<Mutex<Vec<Received>>>,
+    /// The topic (or partition, `...-partition-<n>`) each message came from, in arrival order.
+    pub from: Arc<Mutex<Vec<String>>>,
     child: tokio::process::Child,
 }
 
@@ -73,7 +77,8 @@ impl Reader {
             "the Pulsar reader's first line"
         );
         let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = got.clone();
+        let from = Arc::new(Mutex::new(Vec::new()));
+        let (sink, sources) = (got.clone(), from.clone());
         let short = topic.rsplit('/').next().unwrap_or(topic).to_string();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -83,6 +88,10 @@ impl Reader {
                 let body = base64::engine::general_purpose::STANDARD
                     .decode(v["data"].as_str().unwrap_or_default())
                     .expect("base64 body");
+                sources
+                    .lock()
+                    .unwrap()
+                    .push(v["topic"].as_str().unwrap_or_default().to_string());
                 sink.lock().unwrap().push(Received {
                     topic: short.clone(),
                     key: v["key"].as_str().unwrap_or_default().to_string(),
@@ -91,7 +100,7 @@ impl Reader {
                 });
             }
         });
-        Reader { got, child }
+        Reader { got, from, child }
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -168,6 +177,11 @@ pub struct PrivatePulsar {
 
 impl PrivatePulsar {
     pub fn start() -> PrivatePulsar {
+        PrivatePulsar::with_config("")
+    }
+
+    /// A broker with more settings in its config file (e.g. `default_partitions = 3`).
+    pub fn with_config(extra: &str) -> PrivatePulsar {
         let dir = tempfile::Builder::new()
             .prefix("outbox-relay-pulsar-")
             .tempdir()
@@ -175,7 +189,7 @@ impl PrivatePulsar {
         // Metrics off: pulsar-lite would otherwise bind 0.0.0.0:8080 for each instance.
         std::fs::write(
             dir.path().join("pulsar-lite.toml"),
-            "[metrics]\nenabled = false\n",
+            format!("{extra}\n[metrics]\nenabled = false\n"),
         )
         .unwrap();
         let mut p = PrivatePulsar {

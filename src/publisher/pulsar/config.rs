@@ -19,10 +19,13 @@ pub struct PulsarConfig {
     /// Topic name or glob -> where and how it is published. The first glob that matches wins
     /// (in name order) when the topic has no entry of its own.
     pub topics: BTreeMap<String, TopicSettings>,
-    /// Lookups, producer creation and the health probe give up after this.
+    /// How long a send waits for its topic's producer to be created (the creation goes on in
+    /// the background and is shared by the sends that need it).
     pub operation_timeout: Dur,
     /// A message not acknowledged this long after it was first sent (resends after a
-    /// reconnect included) is reported unavailable and sent again later by the relay.
+    /// reconnect included) is reported unavailable and sent again later by the relay. Also
+    /// what pulsar-rs gives a lookup or a producer creation. Shorter than
+    /// `relay.publish_timeout`, so the relay hears pulsar-rs' verdict before it gives up.
     pub send_timeout: Dur,
     pub connection_timeout: Dur,
     /// Messages sent and not yet acknowledged, over all topics. A full window makes the relay
@@ -69,7 +72,7 @@ impl Default for PulsarConfig {
             persistence: Persistence::Persistent,
             topics: BTreeMap::new(),
             operation_timeout: Dur::secs(30),
-            send_timeout: Dur::secs(30),
+            send_timeout: Dur::secs(25),
             connection_timeout: Dur::secs(10),
             max_pending_messages: 4096,
             batching: true,
@@ -215,6 +218,15 @@ impl PulsarConfig {
         if let Some(problem) = name_problem(topic) {
             return Err(format!("topic {problem}"));
         }
+        if let Some((_, n)) = topic.rsplit_once("-partition-") {
+            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!(
+                    "topic {topic:?} ends in -partition-{n}, which Pulsar reads as one \
+                     partition of topic {:?}",
+                    &topic[..topic.len() - n.len() - "-partition-".len()]
+                ));
+            }
+        }
         let own = self.settings_for(topic);
         let tenant = own
             .and_then(|s| s.tenant.as_deref())
@@ -229,18 +241,18 @@ impl PulsarConfig {
         Ok(format!("{scheme}://{tenant}/{namespace}/{topic}"))
     }
 
-    /// Checks every key; `key` is this backend's prefix (`backends.<name>`).
-    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+    /// Checks every key; `key` is this backend's prefix (`backends.<name>`);
+    /// `publish_timeout` is `relay.publish_timeout`.
+    pub fn validate(&self, key: &str, publish_timeout: Dur) -> Result<(), ConfigError> {
         let url = self.service_url.as_str();
         let rest = url
             .strip_prefix("pulsar://")
             .or_else(|| url.strip_prefix("pulsar+ssl://"));
         let host_port = rest.map(|r| r.trim_end_matches('/')).unwrap_or("");
-        if rest.is_none()
-            || host_port.is_empty()
-            || host_port.contains([',', '/', ' '])
-            || host_port.contains('@')
-        {
+        let port_ok = host_port.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if rest.is_none() || !port_ok || host_port.contains([',', '/', ' ', '?', '#', '@']) {
             return Err(invalid(
                 format!("{key}.service_url"),
                 format!(
@@ -288,21 +300,33 @@ impl PulsarConfig {
                 ),
             ));
         }
-        if !(1..=100_000).contains(&self.batching_max_messages) {
+        if self.send_timeout.0 + self.batching_max_publish_delay.0 >= publish_timeout.0 {
+            return Err(invalid(
+                format!("{key}.send_timeout"),
+                format!(
+                    "{:?} (plus batching_max_publish_delay) is not shorter than \
+                     relay.publish_timeout ({:?}): the relay would give up on a message \
+                     pulsar-rs still resends",
+                    self.send_timeout.0, publish_timeout.0
+                ),
+            ));
+        }
+        // pulsar-rs sets aside a slot per message of a batch, per producer.
+        if !(1..=10_000).contains(&self.batching_max_messages) {
             return Err(invalid(
                 format!("{key}.batching_max_messages"),
                 format!(
-                    "{} is not allowed, must be 1 to 100000",
+                    "{} is not allowed, must be 1 to 10000",
                     self.batching_max_messages
                 ),
             ));
         }
-        if !(1024..=self.max_message_bytes.max(1024)).contains(&self.batching_max_bytes) {
+        if !(1024..=16_777_216).contains(&self.batching_max_bytes) {
             return Err(invalid(
                 format!("{key}.batching_max_bytes"),
                 format!(
-                    "{} is not allowed, must be 1024 to max_message_bytes ({})",
-                    self.batching_max_bytes, self.max_message_bytes
+                    "{} is not allowed, must be 1024 to 16777216",
+                    self.batching_max_bytes
                 ),
             ));
         }
@@ -312,11 +336,19 @@ impl PulsarConfig {
                 "must be more than 0 while batching is on",
             ));
         }
-        if !(1024..=1_073_741_824).contains(&self.max_message_bytes) {
+        let room = if self.batching {
+            self.batching_max_bytes
+        } else {
+            0
+        } + super::FRAMING as u32
+            + 1024;
+        if !(room..=1_073_741_824).contains(&self.max_message_bytes) {
             return Err(invalid(
                 format!("{key}.max_message_bytes"),
                 format!(
-                    "{} is not allowed, must be 1024 to 1073741824",
+                    "{} is not allowed, must be {room} (batching_max_bytes when batching, plus \
+                     16 KiB of framing and 1 KiB) to 1073741824, and at most the broker's \
+                     maxMessageSize",
                     self.max_message_bytes
                 ),
             ));
@@ -422,7 +454,7 @@ mod tests {
              [topics.\"billing\"]\ntenant = \"fin\"\n",
         )
         .unwrap();
-        c.validate("backends.p").unwrap();
+        c.validate("backends.p", Dur::secs(30)).unwrap();
         assert_eq!(
             c.pulsar_topic("order.created").unwrap(),
             "persistent://acme/orders/order.created"
@@ -455,6 +487,9 @@ mod tests {
         assert!(e.contains("empty"), "{e}");
         let e = c.pulsar_topic("persistent://t/x").unwrap_err();
         assert!(e.contains("not a full Pulsar name"), "{e}");
+        let e = c.pulsar_topic("orders-partition-3").unwrap_err();
+        assert!(e.contains("one partition of topic \"orders\""), "{e}");
+        assert!(c.pulsar_topic("orders-partition-x").is_ok());
         let e = c.pulsar_topic(&"x".repeat(300)).unwrap_err();
         assert!(e.contains("at most 255"), "{e}");
     }
@@ -463,7 +498,10 @@ mod tests {
     fn bad_settings_name_the_key() {
         let bad = |toml_text: &str, want: &str| {
             let c: PulsarConfig = toml::from_str(toml_text).unwrap();
-            let e = c.validate("backends.p").unwrap_err().to_string();
+            let e = c
+                .validate("backends.p", Dur::secs(30))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{toml_text}: {e}");
         };
         bad("service_url = \"http://x:1\"", "backends.p.service_url");
@@ -491,13 +529,28 @@ mod tests {
             "backends.p.tls_ca_file",
         );
         bad("batching_max_bytes = 10", "backends.p.batching_max_bytes");
+        bad("service_url = \"pulsar://:6650\"", "backends.p.service_url");
+        bad(
+            "service_url = \"pulsar://h:99999\"",
+            "backends.p.service_url",
+        );
+        bad("service_url = \"pulsar://h\"", "backends.p.service_url");
+        bad("send_timeout = \"30s\"", "relay.publish_timeout");
+        bad("max_message_bytes = 100000", "backends.p.max_message_bytes");
+        bad(
+            "batching_max_messages = 100000",
+            "backends.p.batching_max_messages",
+        );
         bad("[topics.\"a b\"]\n", "backends.p.topics");
         let c: PulsarConfig = toml::from_str(
             "auth = \"oauth2\"\noauth2_issuer_url = \"https://i\"\n\
              oauth2_credentials_url = \"secret-value\"",
         )
         .unwrap();
-        let e = c.validate("backends.p").unwrap_err().to_string();
+        let e = c
+            .validate("backends.p", Dur::secs(30))
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("secret-value"), "{e}");
     }
 }

@@ -58,7 +58,8 @@ fn is_unavailable_server(kind: ServerError) -> bool {
 fn is_unavailable_connection(c: &ConnectionError) -> bool {
     matches!(
         c,
-        ConnectionError::Io(_)
+        ConnectionError::Authentication(pulsar::error::AuthenticationError::Retriable(_))
+            | ConnectionError::Io(_)
             | ConnectionError::Disconnected
             | ConnectionError::SlowDown
             | ConnectionError::Canceled
@@ -70,7 +71,17 @@ fn is_unavailable_connection(c: &ConnectionError) -> bool {
 /// A send's (or a producer creation's) error as a result for the ACK channel, with the
 /// broker's reason. Anything not known to be permanent may succeed later: a wrong "retryable"
 /// costs attempts, a wrong "permanent" an event.
+///
+/// A batched message's error wraps the batch's (classified as that one). The broker's refusal
+/// of a sent message (`CommandSendError`) reaches pulsar-rs' callers as an unexpected
+/// response, so it is retryable: only lookups and producer creation carry the broker's
+/// verdict as such.
 pub fn classify(err: &Error) -> PublishError {
+    if let Error::Producer(ProducerError::Batch(inner)) = err {
+        let mut e = classify(inner);
+        e.reason = format!("pulsar: {err}");
+        return e;
+    }
     let reason = format!("pulsar: {err}");
     if let Some((kind, _)) = server_error(err) {
         return if is_permanent(kind) {
@@ -84,7 +95,7 @@ pub fn classify(err: &Error) -> PublishError {
     let unavailable = match err {
         Error::Connection(c) => is_unavailable_connection(c),
         Error::Producer(ProducerError::Connection(c)) => is_unavailable_connection(c),
-        Error::Producer(ProducerError::Io(_)) => true,
+        // Io is compression, which fails the same way every time: retryable, below.
         Error::ServiceDiscovery(ServiceDiscoveryError::Connection(c)) => {
             is_unavailable_connection(c)
         }
@@ -152,6 +163,8 @@ mod tests {
             "no",
         ))));
         assert_eq!(classify(&batch).kind, ErrorKind::Permanent);
+        let compression = Error::Producer(ProducerError::Io(std::io::Error::other("lz4")));
+        assert_eq!(classify(&compression).kind, ErrorKind::Retryable);
     }
 
     #[test]
@@ -162,6 +175,12 @@ mod tests {
         assert_eq!(classify(&io).kind, ErrorKind::Unavailable);
         let gone = Error::Connection(ConnectionError::Disconnected);
         assert_eq!(classify(&gone).kind, ErrorKind::Unavailable);
+        // Batching is on by default: a batch's expiry or lost connection is every message's.
+        for inner in [io, gone] {
+            let batched = Error::Producer(ProducerError::Batch(std::sync::Arc::new(inner)));
+            let e = classify(&batched);
+            assert_eq!(e.kind, ErrorKind::Unavailable, "{}", e.reason);
+        }
         let other = Error::Custom("odd".into());
         assert_eq!(classify(&other).kind, ErrorKind::Retryable);
     }

@@ -22,33 +22,35 @@ pub mod error;
 
 pub use config::PulsarConfig;
 
+use super::ErrorKind;
 use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
 use crate::envelope::{BodyFormat, Event, InvalidEvent, Wire};
 use config::{AuthMethod, Compression};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Shared};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use pulsar::producer::{Message, SendFuture};
+use pulsar::routing_policy::RoutingPolicy;
 use pulsar::{Producer, ProducerOptions, Pulsar, TokioExecutor};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 type Client = Pulsar<TokioExecutor>;
 type SharedProducer = Arc<Mutex<Producer<TokioExecutor>>>;
 
 /// Builds the Pulsar message of an event without a broker, or says why the row cannot be
-/// sent: a topic Pulsar refuses, a row the route's format cannot carry, or a message larger
-/// than `max_message_bytes`. Properties are protobuf strings, so any header the row holds (a
+/// sent: a row the route's format cannot carry, or a message larger than `limit` (see
+/// [`message_limit`]). Properties are protobuf strings, so any header the row holds (a
 /// JSON string) fits; CloudEvents in binary mode use the Kafka binding's `ce_*` names. Never
 /// panics, whatever the row holds.
 pub fn pulsar_message(
     event: &Event,
     format: BodyFormat,
-    max_message_bytes: usize,
+    limit: usize,
 ) -> Result<Message, InvalidEvent> {
     let (wire, body) = event.message(format, Wire::Kafka)?;
     let mut properties = HashMap::with_capacity(wire.len());
@@ -58,14 +60,15 @@ pub fn pulsar_message(
         properties.insert(k.to_string(), v);
     }
     let size = overhead.saturating_add(body.len());
-    if size > max_message_bytes {
+    if size > limit {
         return Err(InvalidEvent::MessageTooLarge {
             backend: "Pulsar",
             size,
             payload: body.len(),
             overhead,
-            limit_name: "backend's max_message_bytes",
-            limit: max_message_bytes,
+            limit_name: "backend's limit (max_message_bytes less batching_max_bytes when \
+                         batching, less 16 KiB of framing)",
+            limit,
         });
     }
     let millis = event.occurred_at.timestamp_millis();
@@ -111,18 +114,30 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Pending>, abandon: Cancellation
     while waiting.next().await.is_some() {}
 }
 
-/// The client, made on first use; a failed attempt is remembered for a second so a burst
-/// during an outage does not try to connect once per message.
-#[derive(Default)]
-struct ClientSlot {
-    client: Option<Client>,
-    failed: Option<(Instant, PublishError)>,
+/// The client as the background connector left it.
+#[derive(Clone)]
+enum Conn {
+    Connecting,
+    Up(Client),
+    Down(String),
 }
+
+type Building = Shared<BoxFuture<'static, Result<SharedProducer, PublishError>>>;
+
+/// A topic's producer, or its creation under way.
+enum Slot {
+    Ready(SharedProducer),
+    Building(Building),
+}
+
+/// A lookup of the health topic under way, shared by the probes that come while it runs.
+type Probe = Shared<BoxFuture<'static, Result<(), String>>>;
 
 pub struct PulsarPublisher {
     cfg: PulsarConfig,
-    client: Mutex<ClientSlot>,
-    producers: Mutex<HashMap<String, SharedProducer>>,
+    conn: watch::Receiver<Conn>,
+    producers: Arc<StdMutex<HashMap<String, Slot>>>,
+    probe: StdMutex<Option<Probe>>,
     room: Arc<Semaphore>,
     receipts: mpsc::UnboundedSender<Pending>,
     abandon: CancellationToken,
@@ -130,121 +145,148 @@ pub struct PulsarPublisher {
     /// Producer names are `<prefix>-<this>-<n>`: unique per topic across relays.
     instance: String,
     made: AtomicU64,
-    connects: AtomicU64,
+    /// What a message above it is refused for, before it is sent: see [`message_limit`].
+    limit: usize,
 }
 
+/// Between connection attempts while the broker cannot be reached.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
+/// The largest message the relay hands to pulsar-rs. The broker closes the whole connection
+/// on a frame over its `maxMessageSize` (pulsar-rs would then resend the same frame until it
+/// expires), and a batch goes out only once it holds `batching_max_bytes`, so with batching a
+/// message may ride in a frame beside that many bytes of others; 16 KiB more cover the
+/// metadata and framing.
+pub fn message_limit(cfg: &PulsarConfig) -> usize {
+    let batch = if cfg.batching {
+        cfg.batching_max_bytes as usize
+    } else {
+        0
+    };
+    (cfg.max_message_bytes as usize).saturating_sub(batch + FRAMING)
+}
+
+pub(crate) const FRAMING: usize = 16 * 1024;
+
+/// Connects in the background until it succeeds; pulsar-rs then reconnects by itself. Nothing
+/// here is ever cancelled half-way but at shutdown: a pulsar-rs connect dropped midway can
+/// leave its connection manager waiting forever on the half-made connection.
+async fn connector(cfg: PulsarConfig, tx: watch::Sender<Conn>, stop: CancellationToken) {
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = build_client(&cfg) => r,
+        };
+        match attempt {
+            Ok(c) => {
+                tx.send_replace(Conn::Up(c));
+                return;
+            }
+            Err(why) => {
+                tx.send_replace(Conn::Down(why));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn build_client(cfg: &PulsarConfig) -> Result<Client, String> {
+    let mut b = Pulsar::builder(cfg.service_url.clone(), TokioExecutor)
+        .with_connection_retry_options(pulsar::ConnectionRetryOptions {
+            connection_timeout: cfg.connection_timeout.0,
+            // The connector tries again; the client need not try for minutes.
+            max_retries: 2,
+            max_backoff: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            // pulsar-rs gives each message this long for its receipt, resends included, and
+            // each lookup and producer creation as long for an answer.
+            operation_timeout: cfg.send_timeout.0,
+            retry_delay: Duration::from_millis(500),
+            max_retries: Some(3),
+        })
+        .with_outbound_channel_size(cfg.max_pending_messages as usize);
+    match cfg.auth {
+        AuthMethod::None => {}
+        AuthMethod::Token => {
+            let token = cfg.token.as_ref().map(|t| t.expose()).unwrap_or_default();
+            b = b.with_auth(pulsar::Authentication {
+                name: "token".into(),
+                data: token.as_bytes().to_vec(),
+            });
+        }
+        AuthMethod::Oauth2 => {
+            let params = pulsar::authentication::oauth2::OAuth2Params {
+                issuer_url: cfg.oauth2_issuer_url.clone().unwrap_or_default(),
+                credentials_url: cfg
+                    .oauth2_credentials_url
+                    .as_ref()
+                    .map(|s| s.expose().to_string())
+                    .unwrap_or_default(),
+                audience: cfg.oauth2_audience.clone(),
+                scope: cfg.oauth2_scope.clone(),
+            };
+            b = b.with_auth_provider(
+                pulsar::authentication::oauth2::OAuth2Authentication::client_credentials(params),
+            );
+        }
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        b = b
+            .with_certificate_chain_file(ca)
+            .map_err(|e| format!("tls_ca_file {ca:?}: {e}"))?;
+    }
+    if cfg.service_url.starts_with("pulsar+ssl://") {
+        b = b
+            .with_tls_hostname_verification_enabled(cfg.tls_hostname_verification)
+            .with_allow_insecure_connection(cfg.tls_allow_insecure);
+    }
+    b.build()
+        .await
+        .map_err(|e| format!("pulsar: cannot connect: {e}"))
+}
+
 impl PulsarPublisher {
-    /// Sets the publisher up and tries to connect once (at most `connection_timeout`); a broker
-    /// that is down now is only logged: sends report it until it is back.
+    /// Sets the publisher up and starts connecting in the background, waiting at most
+    /// `connection_timeout` for the first attempt; a broker that is down now is only logged:
+    /// sends report it until it is back.
     pub async fn connect(cfg: &PulsarConfig) -> PulsarPublisher {
         let (tx, rx) = mpsc::unbounded_channel();
         let abandon = CancellationToken::new();
         let collector = tokio::spawn(collect(rx, abandon.clone()));
-        let p = PulsarPublisher {
+        let (conn_tx, mut conn) = watch::channel(Conn::Connecting);
+        tokio::spawn(connector(cfg.clone(), conn_tx, abandon.clone()));
+        let first = tokio::time::timeout(cfg.connection_timeout.0, conn.changed()).await;
+        if first.is_err() {
+            tracing::warn!("pulsar: broker not reachable yet; sends wait for it");
+        } else if let Conn::Down(why) = &*conn.borrow() {
+            tracing::warn!(reason = %why, "pulsar: broker not reachable yet; sends wait for it");
+        }
+        PulsarPublisher {
             cfg: cfg.clone(),
-            client: Mutex::new(ClientSlot::default()),
-            producers: Mutex::new(HashMap::new()),
+            conn,
+            producers: Arc::new(StdMutex::new(HashMap::new())),
+            probe: StdMutex::new(None),
             room: Arc::new(Semaphore::new(cfg.max_pending_messages as usize)),
             receipts: tx,
             abandon,
             collector: StdMutex::new(Some(collector)),
             instance: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             made: AtomicU64::new(0),
-            connects: AtomicU64::new(0),
-        };
-        if let Err(e) = p.client().await {
-            tracing::warn!(reason = %e, "pulsar: broker not reachable yet; sends wait for it");
-        }
-        p
-    }
-
-    async fn build_client(cfg: &PulsarConfig) -> Result<Client, String> {
-        let mut b = Pulsar::builder(cfg.service_url.clone(), TokioExecutor)
-            .with_connection_retry_options(pulsar::ConnectionRetryOptions {
-                connection_timeout: cfg.connection_timeout.0,
-                // A connection that fails is tried again by the next send, not by the client
-                // for minutes.
-                max_retries: 2,
-                max_backoff: Duration::from_secs(1),
-                ..Default::default()
-            })
-            .with_operation_retry_options(pulsar::OperationRetryOptions {
-                // pulsar-rs also gives each message this long for its receipt, resends included.
-                operation_timeout: cfg.send_timeout.0,
-                retry_delay: Duration::from_millis(500),
-                max_retries: Some(3),
-            })
-            .with_outbound_channel_size(cfg.max_pending_messages as usize);
-        match cfg.auth {
-            AuthMethod::None => {}
-            AuthMethod::Token => {
-                let token = cfg.token.as_ref().map(|t| t.expose()).unwrap_or_default();
-                b = b.with_auth(pulsar::Authentication {
-                    name: "token".into(),
-                    data: token.as_bytes().to_vec(),
-                });
-            }
-            AuthMethod::Oauth2 => {
-                let params = pulsar::authentication::oauth2::OAuth2Params {
-                    issuer_url: cfg.oauth2_issuer_url.clone().unwrap_or_default(),
-                    credentials_url: cfg
-                        .oauth2_credentials_url
-                        .as_ref()
-                        .map(|s| s.expose().to_string())
-                        .unwrap_or_default(),
-                    audience: cfg.oauth2_audience.clone(),
-                    scope: cfg.oauth2_scope.clone(),
-                };
-                b = b.with_auth_provider(
-                    pulsar::authentication::oauth2::OAuth2Authentication::client_credentials(
-                        params,
-                    ),
-                );
-            }
-        }
-        if let Some(ca) = &cfg.tls_ca_file {
-            b = b
-                .with_certificate_chain_file(ca)
-                .map_err(|e| format!("tls_ca_file {ca:?}: {e}"))?;
-        }
-        if cfg.service_url.starts_with("pulsar+ssl://") {
-            b = b
-                .with_tls_hostname_verification_enabled(cfg.tls_hostname_verification)
-                .with_allow_insecure_connection(cfg.tls_allow_insecure);
-        }
-        let limit = cfg.connection_timeout.0 + Duration::from_secs(1);
-        match tokio::time::timeout(limit, b.build()).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(format!("pulsar: cannot connect: {e}")),
-            Err(_) => Err(format!("pulsar: no connection within {limit:?}")),
+            limit: message_limit(cfg),
         }
     }
 
-    /// The connected client, connecting if needed.
-    async fn client(&self) -> Result<Client, PublishError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = &slot.client {
-            return Ok(c.clone());
-        }
-        if let Some((at, e)) = &slot.failed {
-            if at.elapsed() < RECONNECT_PAUSE {
-                return Err(e.clone());
-            }
-        }
-        match Self::build_client(&self.cfg).await {
-            Ok(c) => {
-                self.connects.fetch_add(1, Ordering::Relaxed);
-                slot.failed = None;
-                slot.client = Some(c.clone());
-                Ok(c)
-            }
-            Err(why) => {
-                let e = PublishError::unavailable(why);
-                slot.failed = Some((Instant::now(), e.clone()));
-                Err(e)
-            }
+    /// The connected client, or why there is none (never waits).
+    fn client(&self) -> Result<Client, PublishError> {
+        match &*self.conn.borrow() {
+            Conn::Up(c) => Ok(c.clone()),
+            Conn::Connecting => Err(PublishError::unavailable("pulsar: still connecting")),
+            Conn::Down(why) => Err(PublishError::unavailable(why.clone())),
         }
     }
 
@@ -266,73 +308,123 @@ impl PulsarPublisher {
             compression,
             // Wait for room in the connection's queue instead of failing the send.
             block_queue_if_full: true,
+            // A partitioned topic: the partition by the key's hash (pulsar-rs' default
+            // without a policy is round robin, which would split an aggregate).
+            routing_policy: Some(RoutingPolicy::RoundRobin),
             ..Default::default()
         }
     }
 
-    /// The producer of `topic` (a full Pulsar name), created on first use.
+    /// The producer of `topic` (a full Pulsar name). Its creation runs as a task of its own,
+    /// shared by whoever needs it meanwhile, and is waited for at most `operation_timeout`;
+    /// a failed one is forgotten, so the next send tries again.
     async fn producer(&self, topic: &str) -> Result<SharedProducer, PublishError> {
-        if let Some(p) = self.producers.lock().await.get(topic) {
-            return Ok(p.clone());
-        }
-        let client = self.client().await?;
-        let mut producers = self.producers.lock().await;
-        if let Some(p) = producers.get(topic) {
-            return Ok(p.clone());
-        }
-        let n = self.made.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}-{}-{n}", self.cfg.producer_name_prefix, self.instance);
-        let build = client
-            .producer()
-            .with_topic(topic)
-            .with_name(name)
-            .with_options(self.producer_options())
-            .build();
-        let producer = match tokio::time::timeout(self.cfg.operation_timeout.0, build).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Err(error::classify(&e)),
-            Err(_) => {
-                return Err(PublishError::unavailable(format!(
-                    "pulsar: no producer for {topic} within {:?}",
-                    self.cfg.operation_timeout.0
-                )))
+        let building = {
+            let mut map = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(topic) {
+                Some(Slot::Ready(p)) => return Ok(p.clone()),
+                Some(Slot::Building(b)) => b.clone(),
+                None => {
+                    let b = self.build_producer(self.client()?, topic);
+                    map.insert(topic.to_string(), Slot::Building(b.clone()));
+                    b
+                }
             }
         };
-        let p = Arc::new(Mutex::new(producer));
-        producers.insert(topic.to_string(), p.clone());
-        Ok(p)
+        match tokio::time::timeout(self.cfg.operation_timeout.0, building).await {
+            Ok(r) => r,
+            Err(_) => Err(PublishError::unavailable(format!(
+                "pulsar: no producer for {topic} within {:?}",
+                self.cfg.operation_timeout.0
+            ))),
+        }
     }
 
-    /// Sends the messages of one topic, in order. After a failure that says the broker is
-    /// away, the rest are reported the same way at once instead of each waiting for it.
-    async fn send_topic(&self, topic: &str, msgs: Vec<(Message, AckTicket)>) {
-        let producer = match self.producer(topic).await {
+    fn build_producer(&self, client: Client, topic: &str) -> Building {
+        let n = self.made.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{}-{n}", self.cfg.producer_name_prefix, self.instance);
+        let options = self.producer_options();
+        let map = self.producers.clone();
+        let topic = topic.to_string();
+        tokio::spawn(async move {
+            let made = client
+                .producer()
+                .with_topic(&topic)
+                .with_name(name)
+                .with_options(options)
+                .build()
+                .await;
+            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+            match made {
+                Ok(p) => {
+                    let p = Arc::new(Mutex::new(p));
+                    map.insert(topic, Slot::Ready(p.clone()));
+                    Ok(p)
+                }
+                Err(e) => {
+                    map.remove(&topic);
+                    Err(error::classify(&e))
+                }
+            }
+        })
+        .map(|joined| {
+            joined.unwrap_or_else(|e| {
+                Err(PublishError::unavailable(format!(
+                    "pulsar: creating a producer: {e}"
+                )))
+            })
+        })
+        .boxed()
+        .shared()
+    }
+
+    /// How long handing one message to the client may take: it takes messages at once while
+    /// connected, so waiting longer than a connection attempt tells nothing more.
+    fn hand_off_limit(&self) -> Duration {
+        self.cfg.connection_timeout.0.min(self.cfg.send_timeout.0)
+    }
+
+    /// Sends the messages of one topic, in order. Once a send says the broker is away
+    /// (`away`, shared by the whole burst), the rest are reported the same way at once
+    /// instead of each waiting for it.
+    async fn send_topic(
+        &self,
+        topic: &str,
+        msgs: Vec<(Message, AckTicket)>,
+        away: &mut Option<PublishError>,
+    ) {
+        let producer = match &*away {
+            Some(e) => Err(e.clone()),
+            None => self.producer(topic).await,
+        };
+        let producer = match producer {
             Ok(p) => p,
             Err(e) => {
+                if e.kind == ErrorKind::Unavailable {
+                    *away = Some(e.clone());
+                }
                 for (_, t) in msgs {
                     t.nack(e.clone());
                 }
                 return;
             }
         };
+        let limit = self.hand_off_limit();
         let mut producer = producer.lock().await;
-        let mut away: Option<PublishError> = None;
         for (msg, ticket) in msgs {
-            if let Some(e) = &away {
+            if let Some(e) = &*away {
                 ticket.nack(e.clone());
                 continue;
             }
-            let slot = match tokio::time::timeout(
-                self.cfg.send_timeout.0,
-                self.room.clone().acquire_owned(),
-            )
-            .await
-            {
+            // A full window frees a slot per receipt, and every receipt comes (or expires)
+            // within send_timeout: waiting longer would mean the broker is away.
+            let room = self.room.clone().acquire_owned();
+            let slot = match tokio::time::timeout(self.cfg.send_timeout.0, room).await {
                 Ok(Ok(slot)) => slot,
                 Ok(Err(_)) => {
                     let e = PublishError::unavailable("pulsar: the publisher is closed");
                     ticket.nack(e.clone());
-                    away = Some(e);
+                    *away = Some(e);
                     continue;
                 }
                 Err(_) => {
@@ -341,12 +433,12 @@ impl PulsarPublisher {
                         self.cfg.max_pending_messages, self.cfg.send_timeout.0
                     ));
                     ticket.nack(e.clone());
-                    away = Some(e);
+                    *away = Some(e);
                     continue;
                 }
             };
-            match producer.send_non_blocking(msg).await {
-                Ok(receipt) => {
+            match tokio::time::timeout(limit, producer.send_non_blocking(msg)).await {
+                Ok(Ok(receipt)) => {
                     let pending = Pending {
                         receipt,
                         ticket,
@@ -357,15 +449,49 @@ impl PulsarPublisher {
                             .nack(PublishError::unavailable("pulsar: the publisher is closed"));
                     }
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let e = error::classify(&e);
-                    if e.kind == super::ErrorKind::Unavailable {
-                        away = Some(e.clone());
+                    if e.kind == ErrorKind::Unavailable {
+                        *away = Some(e.clone());
                     }
                     ticket.nack(e);
                 }
+                Err(_) => {
+                    let e = PublishError::unavailable(format!(
+                        "pulsar: the client did not take a message for {topic} within {limit:?}"
+                    ));
+                    ticket.nack(e.clone());
+                    *away = Some(e);
+                }
             }
         }
+    }
+
+    /// One lookup of the health topic at a time, as a task of its own (never dropped
+    /// half-way); probes arriving meanwhile wait for the same answer.
+    fn probe(&self, client: Client) -> Probe {
+        let mut slot = self.probe.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = slot.as_ref() {
+            if p.peek().is_none() {
+                return p.clone();
+            }
+        }
+        let topic = format!(
+            "persistent://{}/{}/outbox-relay-health",
+            self.cfg.tenant, self.cfg.namespace
+        );
+        let p = tokio::spawn(async move {
+            client
+                .lookup_topic(topic)
+                .await
+                .map(drop)
+                .map_err(|e| format!("pulsar: topic lookup failed: {e}"))
+        })
+        .map(|joined| joined.unwrap_or_else(|e| Err(format!("pulsar: health probe: {e}"))))
+        .boxed()
+        .shared();
+        *slot = Some(p.clone());
+        p
     }
 }
 
@@ -374,21 +500,16 @@ impl Publisher for PulsarPublisher {
         "pulsar"
     }
 
-    /// One producer per topic, taken in order, and pulsar-rs resends a producer's pending
-    /// messages in sequence after a reconnect.
+    /// One producer per topic, taken in order, the partition (of a partitioned topic) by the
+    /// key, and pulsar-rs resends a producer's pending messages in sequence after a reconnect.
     fn keeps_order(&self) -> bool {
         true
-    }
-
-    fn reconnects(&self) -> u64 {
-        self.connects.load(Ordering::Relaxed).saturating_sub(1)
     }
 
     fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {
         async move {
             // Runs of one topic go to its producer together; topics keep their first-seen order.
             let mut runs: Vec<(String, Vec<(Message, AckTicket)>)> = Vec::new();
-            let max = self.cfg.max_message_bytes as usize;
             for o in burst {
                 let Outgoing {
                     event,
@@ -404,7 +525,7 @@ impl Publisher for PulsarPublisher {
                         continue;
                     }
                 };
-                let msg = match pulsar_message(&event, format, max) {
+                let msg = match pulsar_message(&event, format, self.limit) {
                     Ok(m) => m,
                     Err(e) => {
                         ticket.nack(PublishError::permanent(e.to_string()));
@@ -416,8 +537,9 @@ impl Publisher for PulsarPublisher {
                     None => runs.push((topic, vec![(msg, ticket)])),
                 }
             }
+            let mut away = None;
             for (topic, msgs) in runs {
-                self.send_topic(&topic, msgs).await;
+                self.send_topic(&topic, msgs, &mut away).await;
             }
         }
         .boxed()
@@ -425,19 +547,11 @@ impl Publisher for PulsarPublisher {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         async move {
-            let probe = async {
-                let client = self.client().await.map_err(|e| e.reason)?;
-                let topic = format!(
-                    "persistent://{}/{}/outbox-relay-health",
-                    self.cfg.tenant, self.cfg.namespace
-                );
-                client
-                    .lookup_topic(topic)
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("pulsar: topic lookup failed: {e}"))
+            let client = match self.client() {
+                Ok(c) => c,
+                Err(e) => return Health::Down(e.reason),
             };
-            match tokio::time::timeout(self.cfg.health_timeout.0, probe).await {
+            match tokio::time::timeout(self.cfg.health_timeout.0, self.probe(client)).await {
                 Ok(Ok(())) => Health::Up,
                 Ok(Err(why)) => Health::Down(why),
                 Err(_) => Health::Down(format!(
@@ -452,8 +566,6 @@ impl Publisher for PulsarPublisher {
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
-            let producers: Vec<SharedProducer> =
-                self.producers.lock().await.values().cloned().collect();
             // Every slot back means every receipt came.
             let all = self.cfg.max_pending_messages;
             if let Ok(Ok(slots)) =
@@ -462,6 +574,7 @@ impl Publisher for PulsarPublisher {
                 drop(slots);
             }
             self.room.close();
+            // Stops the collector (what still waits resolves as retryable) and the connector.
             self.abandon.cancel();
             let collector = self
                 .collector
@@ -471,14 +584,23 @@ impl Publisher for PulsarPublisher {
             if let Some(c) = collector {
                 let _ = c.await;
             }
-            for p in producers {
-                let mut p = p.lock().await;
-                let _ = tokio::time::timeout_at(
-                    deadline.max(tokio::time::Instant::now() + Duration::from_millis(200)),
-                    p.close(),
-                )
-                .await;
-            }
+            let producers: Vec<SharedProducer> = self
+                .producers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter_map(|s| match s {
+                    Slot::Ready(p) => Some(p.clone()),
+                    Slot::Building(_) => None,
+                })
+                .collect();
+            let until = deadline.max(tokio::time::Instant::now() + Duration::from_millis(200));
+            futures::future::join_all(producers.iter().map(|p| async move {
+                if let Ok(mut p) = tokio::time::timeout_at(until, p.lock()).await {
+                    let _ = tokio::time::timeout_at(until, p.close()).await;
+                }
+            }))
+            .await;
         }
         .boxed()
     }
@@ -537,7 +659,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("field payload") && err.contains("max_message_bytes of 1024"),
+            err.contains("field payload")
+                && err.contains("max_message_bytes")
+                && err.contains("of 1024 bytes"),
             "{err}"
         );
     }
