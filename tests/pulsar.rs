@@ -354,6 +354,8 @@ async fn on_a_partitioned_topic_each_aggregate_stays_on_one_partition_in_order()
     );
     let broker = PrivatePulsar::with_config("default_partitions = 3");
     let topic = p::unique_topic();
+    // Subscribed first: the subscription creates the topic, with its 3 partitions.
+    let reader = Reader::start(&broker.url(), &p::full_name(&topic)).await;
     let publisher = Arc::new(PulsarPublisher::connect(&p::config(&broker.url())).await);
     let db = TestDb::new().await;
     let events: Vec<NewEvent> = (0..20)
@@ -373,8 +375,6 @@ async fn on_a_partitioned_topic_each_aggregate_stays_on_one_partition_in_order()
     .await;
     stop.cancel();
     h.await.unwrap();
-    // The topic exists (partitioned) now; a new subscription reads it from the start.
-    let reader = Reader::start(&broker.url(), &p::full_name(&topic)).await;
     wait_for(DEADLINE, "the reader to have every event", || async {
         reader.received().len() >= events.len()
     })

@@ -40,6 +40,9 @@ use tokio::sync::{mpsc, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 type Client = Pulsar<TokioExecutor>;
+/// The messages of one Pulsar topic in a burst: (Pulsar topic, the first outbox topic that
+/// maps to it, the messages).
+type Run = (String, String, Vec<(Message, AckTicket)>);
 type SharedProducer = Arc<Mutex<Producer<TokioExecutor>>>;
 
 /// Builds the Pulsar message of an event without a broker, or says why the row cannot be
@@ -509,14 +512,19 @@ impl Publisher for PulsarPublisher {
     fn publish(&self, burst: Vec<Outgoing>) -> BoxFuture<'_, ()> {
         async move {
             // Runs of one topic go to its producer together; topics keep their first-seen order.
-            let mut runs: Vec<(String, Vec<(Message, AckTicket)>)> = Vec::new();
+            let mut runs: Vec<Run> = Vec::new();
             for o in burst {
                 let Outgoing {
                     event,
                     format,
                     ticket,
                 } = o;
-                let topic = match self.cfg.pulsar_topic(&event.topic) {
+                // A burst is mostly one topic: its Pulsar name is worked out once.
+                let mapped = match runs.iter().find(|(_, from, _)| **from == *event.topic) {
+                    Some((to, _, _)) => Ok(to.clone()),
+                    None => self.cfg.pulsar_topic(&event.topic),
+                };
+                let topic = match mapped {
                     Ok(t) => t,
                     Err(why) => {
                         ticket.nack(PublishError::permanent(
@@ -532,13 +540,13 @@ impl Publisher for PulsarPublisher {
                         continue;
                     }
                 };
-                match runs.iter_mut().find(|(t, _)| *t == topic) {
-                    Some((_, v)) => v.push((msg, ticket)),
-                    None => runs.push((topic, vec![(msg, ticket)])),
+                match runs.iter_mut().find(|(t, _, _)| *t == topic) {
+                    Some((_, _, v)) => v.push((msg, ticket)),
+                    None => runs.push((topic, event.topic.clone(), vec![(msg, ticket)])),
                 }
             }
             let mut away = None;
-            for (topic, msgs) in runs {
+            for (topic, _, msgs) in runs {
                 self.send_topic(&topic, msgs, &mut away).await;
             }
         }
