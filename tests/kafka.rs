@@ -6,7 +6,7 @@ mod common;
 
 use common::conformance;
 use common::kafka::{self as k, GroupReader, KafkaUnderTest, PrivateKafka};
-use common::{numbered_on, spawn, wait_for, watchdog, TestDb};
+use common::{numbered_on, spawn, wait_for, wait_for_or_dump, watchdog, TestDb};
 use outbox_relay::config::{BackendConfig, Config, Dur, Provisioning, RouteConfig};
 use outbox_relay::publisher::kafka::config::{CleanupPolicy, Compression, TopicSettings};
 use outbox_relay::publisher::kafka::{provision, KafkaPublisher};
@@ -442,10 +442,17 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
         "a frozen broker failed events"
     );
     broker.resume();
-    wait_for(
+    wait_for_or_dump(
         DEADLINE,
         "every event published after the freeze",
         || async { db.total().await == 0 },
+        || async {
+            format!(
+                "relay: {stats:?}\nrows:\n{}\nbroker log (tail):\n{}",
+                db.summary().await,
+                broker.log_tail(30)
+            )
+        },
     )
     .await;
     wait_for(DEADLINE, "the consumer group to have them", || async {

@@ -156,6 +156,24 @@ impl TestDb {
         self.count("true").await
     }
 
+    /// The rows as groups of (status, attempts, due or not, last error), for a failure message.
+    pub async fn summary(&self) -> String {
+        let rows: Vec<(String, i32, bool, Option<String>, i64)> = sqlx::query_as(&format!(
+            "SELECT status, attempts, next_attempt_at <= now(), last_error, count(*) \
+             FROM {} GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC LIMIT 20",
+            self.names.qualified()
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        rows.iter()
+            .map(|(status, attempts, due, error, n)| {
+                format!("{n} x {status}, {attempts} attempts, due {due}, last error {error:?}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// (status, attempts, last_error) of one event.
     pub async fn row(&self, event_id: uuid::Uuid) -> Option<(String, i32, Option<String>)> {
         sqlx::query_as(&format!(
@@ -236,6 +254,28 @@ where
         }
         if tokio::time::Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_for`], and on timeout the panic message carries what `dump` says then (the relay's
+/// stats, the rows), for a failure seen only in CI.
+pub async fn wait_for_or_dump<F, Fut, D, DFut>(timeout: Duration, what: &str, mut cond: F, dump: D)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+    D: FnOnce() -> DFut,
+    DFut: Future<Output = String>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let state = dump().await;
+            panic!("timed out after {timeout:?} waiting for: {what}\n{state}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
