@@ -53,6 +53,22 @@ impl Router {
     }
 }
 
+/// A backend's per-topic settings for `topic`: its own entry, else the first pattern (in name
+/// order) that matches it.
+pub fn setting_for<'a, T>(
+    settings: &'a std::collections::BTreeMap<String, T>,
+    topic: &str,
+) -> Option<&'a T> {
+    settings.get(topic).or_else(|| {
+        settings
+            .iter()
+            .find(|(pat, _)| {
+                pat.contains(['*', '?']) && glob_match(pat.as_bytes(), topic.as_bytes())
+            })
+            .map(|(_, s)| s)
+    })
+}
+
 /// `*` matches any run of characters (dots included), `?` exactly one.
 pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);

@@ -6,7 +6,7 @@ mod common;
 
 use common::conformance;
 use common::pulsar::{self as p, PrivatePulsar, PulsarUnderTest, Reader};
-use common::{numbered_on, spawn, wait_for, watchdog, TestDb};
+use common::{numbered_on, run_until_empty, spawn, wait_for, watchdog, TestDb};
 use outbox_relay::config::{Dur, OrderingMode, RouteConfig};
 use outbox_relay::publisher::pulsar::config::{Persistence, TopicSettings};
 use outbox_relay::publisher::pulsar::PulsarPublisher;
@@ -58,13 +58,7 @@ async fn ten_thousand_events(ordering: OrderingMode) {
         .relay_with(&cfg, vec![("pulsar", b.publisher.clone())], &routes())
         .await;
     let stats = relay.stats();
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "every row published", || async {
-        db.total().await == 0
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
+    run_until_empty(&db, relay, DEADLINE).await;
     wait_for(DEADLINE, "the subscription to read all 10 000", || async {
         b.reader.received().len() >= events.len()
     })
@@ -368,13 +362,7 @@ async fn on_a_partitioned_topic_each_aggregate_stays_on_one_partition_in_order()
     let relay = db
         .relay_with(&cfg, vec![("pulsar", publisher)], &routes())
         .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "every row published", || async {
-        db.total().await == 0
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
+    run_until_empty(&db, relay, DEADLINE).await;
     wait_for(DEADLINE, "the reader to have every event", || async {
         reader.received().len() >= events.len()
     })

@@ -204,13 +204,7 @@ pub async fn bare_pulsar(n: u64) -> f64 {
     let mut producer = client
         .producer()
         .with_topic(topic)
-        .with_options(pulsar::ProducerOptions {
-            batch_size: cfg.batching.then_some(cfg.batching_max_messages),
-            batch_byte_size: cfg.batching.then_some(cfg.batching_max_bytes as usize),
-            batch_timeout: cfg.batching.then_some(cfg.batching_max_publish_delay.0),
-            block_queue_if_full: true,
-            ..Default::default()
-        })
+        .with_options(outbox_relay::publisher::pulsar::producer_options(&cfg))
         .build()
         .await
         .expect("a Pulsar producer");

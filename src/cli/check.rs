@@ -1,7 +1,6 @@
 use crate::config::{connection_hint, redact_secrets, redact_url, Config};
 use crate::config::{BackendConfig, Provisioning};
 use crate::publisher::nats::config::Persistence;
-use crate::publisher::pulsar::config::Persistence as PulsarPersistence;
 use crate::publisher::Health;
 use crate::relay::{open_backend, session};
 use crate::store::Store;
@@ -108,23 +107,18 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
         }
         if let BackendConfig::Pulsar(p) = b {
             for (topic, t) in &p.topics {
-                let scheme = match p.persistence_for(topic) {
-                    PulsarPersistence::Ephemeral => "non-persistent",
-                    _ => "persistent",
-                };
                 println!(
-                    "ok       topic      {topic} -> {name}: {scheme}://{}/{}/{topic}",
+                    "ok       topic      {topic} -> {name}: {}://{}/{}/{topic}",
+                    p.persistence_for(topic).scheme(),
                     t.tenant.as_deref().unwrap_or(&p.tenant),
                     t.namespace.as_deref().unwrap_or(&p.namespace),
                 );
             }
-            let scheme = match p.default_persistence() {
-                PulsarPersistence::Ephemeral => "non-persistent",
-                _ => "persistent",
-            };
             println!(
-                "ok       topic      (others) -> {name}: {scheme}://{}/{}/<topic>",
-                p.tenant, p.namespace
+                "ok       topic      (others) -> {name}: {}://{}/{}/<topic>",
+                p.default_persistence().scheme(),
+                p.tenant,
+                p.namespace
             );
         }
         publisher.close(std::time::Duration::from_secs(1)).await;

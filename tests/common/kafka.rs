@@ -252,15 +252,7 @@ impl PrivateKafka {
             .spawn()
             .expect("start tansu (built by scripts/test.sh)");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tansu did not listen on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_listening(self.port, "tansu");
     }
 
     /// The last `n` lines of the broker's log, for a failure message.

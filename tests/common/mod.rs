@@ -363,6 +363,18 @@ fn pg_cmd(bin: &std::path::Path, args: &[&str]) -> std::process::Output {
     out.unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
 }
 
+/// Waits (at most 30 s) until something listens on 127.0.0.1:`port`; `what` names it.
+pub fn wait_listening(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -224,15 +224,7 @@ impl PrivatePulsar {
             .spawn()
             .expect("start pulsar-lite (installed by scripts/test.sh)");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pulsar-lite did not listen on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_listening(self.port, "pulsar-lite");
     }
 
     /// Kills the broker at once, as a crash would.

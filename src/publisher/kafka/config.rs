@@ -543,14 +543,7 @@ impl KafkaConfig {
 
     /// The settings for `topic`: its own entry, else the first pattern that matches it.
     pub fn settings_for(&self, topic: &str) -> Option<&TopicSettings> {
-        self.topics.get(topic).or_else(|| {
-            self.topics
-                .iter()
-                .find(|(pat, _)| {
-                    is_pattern(pat) && crate::routing::glob_match(pat.as_bytes(), topic.as_bytes())
-                })
-                .map(|(_, s)| s)
-        })
+        crate::routing::setting_for(&self.topics, topic)
     }
 }
 

@@ -215,15 +215,7 @@ impl NatsConfig {
     /// The persistence `topic` is published with: its own entry, else the first pattern
     /// matching it, else the backend's `persistence`; `auto` resolves to the latter.
     pub fn persistence_for(&self, topic: &str) -> Persistence {
-        let own = self.topics.get(topic).or_else(|| {
-            self.topics
-                .iter()
-                .find(|(pat, _)| {
-                    pat.contains(['*', '?'])
-                        && crate::routing::glob_match(pat.as_bytes(), topic.as_bytes())
-                })
-                .map(|(_, s)| s)
-        });
+        let own = crate::routing::setting_for(&self.topics, topic);
         match own.map(|s| s.persistence) {
             Some(Persistence::Auto) | None => self.default_persistence(),
             Some(p) => p,

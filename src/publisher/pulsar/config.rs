@@ -110,6 +110,16 @@ pub enum Persistence {
     Auto,
 }
 
+impl Persistence {
+    /// The topic name's scheme (`auto` resolved by the caller: it reads as persistent).
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Persistence::Ephemeral => "non-persistent",
+            Persistence::Persistent | Persistence::Auto => "persistent",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
@@ -169,15 +179,7 @@ pub fn name_problem(name: &str) -> Option<String> {
 impl PulsarConfig {
     /// The settings `topic` is published with: its own entry, else the first glob matching it.
     fn settings_for(&self, topic: &str) -> Option<&TopicSettings> {
-        self.topics.get(topic).or_else(|| {
-            self.topics
-                .iter()
-                .find(|(pat, _)| {
-                    pat.contains(['*', '?'])
-                        && crate::routing::glob_match(pat.as_bytes(), topic.as_bytes())
-                })
-                .map(|(_, s)| s)
-        })
+        crate::routing::setting_for(&self.topics, topic)
     }
 
     pub fn persistence_for(&self, topic: &str) -> Persistence {
@@ -234,10 +236,7 @@ impl PulsarConfig {
         let namespace = own
             .and_then(|s| s.namespace.as_deref())
             .unwrap_or(&self.namespace);
-        let scheme = match self.persistence_for(topic) {
-            Persistence::Ephemeral => "non-persistent",
-            _ => "persistent",
-        };
+        let scheme = self.persistence_for(topic).scheme();
         Ok(format!("{scheme}://{tenant}/{namespace}/{topic}"))
     }
 

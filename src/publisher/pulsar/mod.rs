@@ -12,8 +12,8 @@
 //! * Key: the aggregate id is the partition key (the partition of a partitioned topic) and the
 //!   ordering key (`Key_Shared` subscriptions). Properties: the relay's headers and the row's
 //!   own. Event time: occurred_at (left unset before 1970, which Pulsar cannot carry).
-//! * The client connects lazily: a broker that is down at start-up is not an error; sends
-//!   report it as unavailable (no attempt counted) until it is back.
+//! * The client connects in the background: a broker that is down at start-up is not an
+//!   error; sends report it as unavailable (no attempt counted) until it is back.
 //! * pulsar-rs gives no way to set a message's sequence id, so the broker's deduplication
 //!   cannot drop a re-publish after a crash; consumers deduplicate by `X-Event-ID`.
 
@@ -253,6 +253,31 @@ async fn build_client(cfg: &PulsarConfig) -> Result<Client, String> {
         .map_err(|e| format!("pulsar: cannot connect: {e}"))
 }
 
+/// The producer settings of a backend: batching, compression, waiting for room in the
+/// client's queue, and the partition by the key. The drain benchmark's bare producer uses
+/// them too.
+pub fn producer_options(c: &PulsarConfig) -> ProducerOptions {
+    let compression = match c.compression {
+        Compression::None => None,
+        Compression::Lz4 => Some(pulsar::compression::Compression::Lz4(Default::default())),
+        Compression::Zlib => Some(pulsar::compression::Compression::Zlib(Default::default())),
+        Compression::Zstd => Some(pulsar::compression::Compression::Zstd(Default::default())),
+        Compression::Snappy => Some(pulsar::compression::Compression::Snappy(Default::default())),
+    };
+    ProducerOptions {
+        batch_size: c.batching.then_some(c.batching_max_messages),
+        batch_byte_size: c.batching.then_some(c.batching_max_bytes as usize),
+        batch_timeout: c.batching.then_some(c.batching_max_publish_delay.0),
+        compression,
+        // Wait for room in the connection's queue instead of failing the send.
+        block_queue_if_full: true,
+        // A partitioned topic: the partition by the key's hash (pulsar-rs' default
+        // without a policy is round robin, which would split an aggregate).
+        routing_policy: Some(RoutingPolicy::RoundRobin),
+        ..Default::default()
+    }
+}
+
 impl PulsarPublisher {
     /// Sets the publisher up and starts connecting in the background, waiting at most
     /// `connection_timeout` for the first attempt; a broker that is down now is only logged:
@@ -293,31 +318,6 @@ impl PulsarPublisher {
         }
     }
 
-    fn producer_options(&self) -> ProducerOptions {
-        let c = &self.cfg;
-        let compression = match c.compression {
-            Compression::None => None,
-            Compression::Lz4 => Some(pulsar::compression::Compression::Lz4(Default::default())),
-            Compression::Zlib => Some(pulsar::compression::Compression::Zlib(Default::default())),
-            Compression::Zstd => Some(pulsar::compression::Compression::Zstd(Default::default())),
-            Compression::Snappy => {
-                Some(pulsar::compression::Compression::Snappy(Default::default()))
-            }
-        };
-        ProducerOptions {
-            batch_size: c.batching.then_some(c.batching_max_messages),
-            batch_byte_size: c.batching.then_some(c.batching_max_bytes as usize),
-            batch_timeout: c.batching.then_some(c.batching_max_publish_delay.0),
-            compression,
-            // Wait for room in the connection's queue instead of failing the send.
-            block_queue_if_full: true,
-            // A partitioned topic: the partition by the key's hash (pulsar-rs' default
-            // without a policy is round robin, which would split an aggregate).
-            routing_policy: Some(RoutingPolicy::RoundRobin),
-            ..Default::default()
-        }
-    }
-
     /// The producer of `topic` (a full Pulsar name). Its creation runs as a task of its own,
     /// shared by whoever needs it meanwhile, and is waited for at most `operation_timeout`;
     /// a failed one is forgotten, so the next send tries again.
@@ -346,7 +346,7 @@ impl PulsarPublisher {
     fn build_producer(&self, client: Client, topic: &str) -> Building {
         let n = self.made.fetch_add(1, Ordering::Relaxed);
         let name = format!("{}-{}-{n}", self.cfg.producer_name_prefix, self.instance);
-        let options = self.producer_options();
+        let options = producer_options(&self.cfg);
         let map = self.producers.clone();
         let topic = topic.to_string();
         tokio::spawn(async move {
@@ -412,36 +412,14 @@ impl PulsarPublisher {
                 return;
             }
         };
-        let limit = self.hand_off_limit();
         let mut producer = producer.lock().await;
         for (msg, ticket) in msgs {
             if let Some(e) = &*away {
                 ticket.nack(e.clone());
                 continue;
             }
-            // A full window frees a slot per receipt, and every receipt comes (or expires)
-            // within send_timeout: waiting longer would mean the broker is away.
-            let room = self.room.clone().acquire_owned();
-            let slot = match tokio::time::timeout(self.cfg.send_timeout.0, room).await {
-                Ok(Ok(slot)) => slot,
-                Ok(Err(_)) => {
-                    let e = PublishError::unavailable("pulsar: the publisher is closed");
-                    ticket.nack(e.clone());
-                    *away = Some(e);
-                    continue;
-                }
-                Err(_) => {
-                    let e = PublishError::unavailable(format!(
-                        "pulsar: {} messages awaiting receipts for {:?}",
-                        self.cfg.max_pending_messages, self.cfg.send_timeout.0
-                    ));
-                    ticket.nack(e.clone());
-                    *away = Some(e);
-                    continue;
-                }
-            };
-            match tokio::time::timeout(limit, producer.send_non_blocking(msg)).await {
-                Ok(Ok(receipt)) => {
+            match self.hand_off(&mut producer, topic, msg).await {
+                Ok((receipt, slot)) => {
                     let pending = Pending {
                         receipt,
                         ticket,
@@ -452,21 +430,44 @@ impl PulsarPublisher {
                             .nack(PublishError::unavailable("pulsar: the publisher is closed"));
                     }
                 }
-                Ok(Err(e)) => {
-                    let e = error::classify(&e);
+                Err(e) => {
                     if e.kind == ErrorKind::Unavailable {
                         *away = Some(e.clone());
                     }
                     ticket.nack(e);
                 }
-                Err(_) => {
-                    let e = PublishError::unavailable(format!(
-                        "pulsar: the client did not take a message for {topic} within {limit:?}"
-                    ));
-                    ticket.nack(e.clone());
-                    *away = Some(e);
-                }
             }
+        }
+    }
+
+    /// Takes a window slot and hands one message to the client: its receipt and the slot, or
+    /// why not (unavailable when the window or the client did not move in time).
+    async fn hand_off(
+        &self,
+        producer: &mut Producer<TokioExecutor>,
+        topic: &str,
+        msg: Message,
+    ) -> Result<(SendFuture, OwnedSemaphorePermit), PublishError> {
+        // A full window frees a slot per receipt, and every receipt comes (or expires) within
+        // send_timeout: waiting longer would mean the broker is away.
+        let room = self.room.clone().acquire_owned();
+        let slot = match tokio::time::timeout(self.cfg.send_timeout.0, room).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return Err(PublishError::unavailable("pulsar: the publisher is closed")),
+            Err(_) => {
+                return Err(PublishError::unavailable(format!(
+                    "pulsar: {} messages awaiting receipts for {:?}",
+                    self.cfg.max_pending_messages, self.cfg.send_timeout.0
+                )))
+            }
+        };
+        let limit = self.hand_off_limit();
+        match tokio::time::timeout(limit, producer.send_non_blocking(msg)).await {
+            Ok(Ok(receipt)) => Ok((receipt, slot)),
+            Ok(Err(e)) => Err(error::classify(&e)),
+            Err(_) => Err(PublishError::unavailable(format!(
+                "pulsar: the client did not take a message for {topic} within {limit:?}"
+            ))),
         }
     }
 
@@ -620,22 +621,11 @@ mod tests {
     use chrono::TimeZone;
 
     fn event(payload: Vec<u8>) -> Event {
-        Event {
-            id: 1,
-            event_id: uuid::Uuid::new_v4(),
-            topic: "orders".into(),
-            aggregate_id: "order-1".into(),
-            aggregate_type: Some("order".into()),
-            event_type: "OrderPlaced".into(),
-            event_version: 3,
-            payload,
-            headers: vec![("tenant".into(), "acme".into())],
-            content_type: None,
-            traceparent: None,
-            correlation_id: None,
-            occurred_at: chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
-            attempts: 0,
-        }
+        let mut e = crate::envelope::sample_event(1, "order-1");
+        e.payload = payload;
+        e.event_version = 3;
+        e.occurred_at = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        e
     }
 
     #[test]
