@@ -212,6 +212,114 @@ async fn sigterm_exits_in_time_with_a_frozen_broker_and_a_black_holed_database()
     db.drop_schema().await;
 }
 
+/// SIGTERM while the only event in flight waits on a broker that is down (down from the
+/// start, so no result has said so; its health probe has): the relay does not wait out
+/// `shutdown_timeout` for an answer that cannot come. It exits 0 within seconds, and the event
+/// stays pending with no attempt spent.
+#[tokio::test]
+async fn sigterm_does_not_wait_for_a_broker_that_is_down() {
+    let _watchdog = watchdog(
+        "sigterm_does_not_wait_for_a_broker_that_is_down",
+        Duration::from_secs(180),
+    );
+    let db = TestDb::new().await;
+    let (closed, http) = (common::free_port(), common::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        format!(
+            "[database]\nurl = \"{}\"\nschema = \"{}\"\n\
+             [relay]\nshutdown_timeout = \"60s\"\npublish_timeout = \"120s\"\npoll_interval = \"100ms\"\n\
+             [monitor]\nhealth_interval = \"200ms\"\n\
+             [http]\naddress = \"127.0.0.1:{http}\"\n\
+             [backends.kafka]\ntype = \"kafka\"\nbootstrap_servers = \"127.0.0.1:{closed}\"\n\
+             health_timeout = \"1s\"\n\
+             [[routes]]\ntopic = \"*\"\nbackend = \"kafka\"\n",
+            db.url,
+            db.schema(),
+        ),
+    )
+    .unwrap();
+    db.enqueue(&[common::numbered("a", 0)]).await;
+    let mut child = Command::new(relay_bin())
+        .current_dir(dir.path())
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the relay binary");
+    let err = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(err), &mut text);
+        text
+    });
+    // The event handed to a client that cannot reach its broker, and the probe saying so.
+    wait_for(
+        DEADLINE,
+        "the event in flight and the backend down",
+        || async {
+            let health = common::http_get(http, "/health").map(|(_, body)| body);
+            let Some(health) =
+                health.and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            else {
+                return false;
+            };
+            health["backends"][0]["up"] == serde_json::json!(false)
+                && health["relay"]["in_flight"] == serde_json::json!(1)
+        },
+    )
+    .await;
+    let t0 = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            panic!("the relay did not exit within 90 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = t0.elapsed();
+    let logs = logs.join().unwrap();
+    assert!(
+        status.success(),
+        "exit {status}: {}",
+        common::last_lines(&logs, 30)
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "SIGTERM took {took:?} (shutdown_timeout 60 s) with only a down broker's event in \
+         flight: {}",
+        common::last_lines(&logs, 30)
+    );
+    assert!(
+        logs.contains("waits only on brokers that are down"),
+        "{}",
+        common::last_lines(&logs, 30)
+    );
+    let row: (String, i32) = sqlx::query_as(&format!(
+        "SELECT status, attempts FROM {}.outbox",
+        db.schema()
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        row,
+        ("pending".to_string(), 0),
+        "the event stays pending, unattempted"
+    );
+    db.drop_schema().await;
+}
+
 /// Counts the messages handed to the backend it wraps.
 struct Counting {
     inner: Arc<dyn outbox_relay::publisher::Publisher>,

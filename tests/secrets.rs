@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{free_port, numbered_on, output_text as text, relay_bin, TestDb};
+use common::{free_port, last_lines, numbered_on, output_text as text, relay_bin, TestDb};
 use outbox_relay::store::NewEvent;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -367,11 +367,12 @@ async fn no_command_prints_a_secret_or_an_unrequested_payload() {
         served.push_str(&body);
     }
     let status = stop(&mut child);
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
     assert!(
         status.success(),
-        "the relay stops cleanly on SIGTERM: {status}"
+        "the relay stops cleanly on SIGTERM: {status}; its last log lines:\n{}",
+        last_lines(&stderr, 40)
     );
-    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
     assert_no_secret("HTTP endpoints", &served);
     assert_no_payload("HTTP endpoints", &served);
     assert_no_secret("run (HTTP)", &format!("{stdout}{stderr}"));

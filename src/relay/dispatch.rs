@@ -297,6 +297,35 @@ impl Dispatcher {
         self.outage.get(b).is_some_and(|o| o.rounds > 0)
     }
 
+    /// Whether something is in flight and all of it waits on backends that are unreachable:
+    /// in an outage here, or named in `probed_down` (their latest health probe failed, which
+    /// is how a broker that was down from the start is known before any result comes back).
+    /// On the way out, waiting `shutdown_timeout` for those answers is waiting for brokers
+    /// that are not there: the relay releases the rows at once instead (they stay pending).
+    pub fn only_unreachable_in_flight(&self, probed_down: &[String]) -> bool {
+        let unreachable: Vec<bool> = (0..self.router.backend_count())
+            .map(|b| {
+                self.down(b)
+                    || probed_down
+                        .iter()
+                        .any(|n| n.as_str() == self.router.backend_name(b))
+            })
+            .collect();
+        if !unreachable.contains(&true) {
+            return false;
+        }
+        let mut any = false;
+        for r in self.rows.values() {
+            if let State::Handed { .. } = r.state {
+                match r.route {
+                    Some((b, _)) if unreachable.get(b) == Some(&true) => any = true,
+                    _ => return false,
+                }
+            }
+        }
+        any
+    }
+
     /// Rows rescheduled so far without a hand-off because their backend was down.
     pub fn held_back(&self) -> u64 {
         self.held_back
@@ -1608,6 +1637,36 @@ mod tests {
         );
         assert_eq!(ids(&out), vec![3, 4], "back: everything goes");
         assert_eq!(d.held_back(), 0);
+    }
+
+    #[test]
+    fn in_flight_only_to_a_backend_that_is_down_is_known() {
+        let mut d = with_n_down(Backoff::new(Duration::ZERO, Duration::ZERO));
+        let none: &[String] = &[];
+        assert!(!d.only_unreachable_in_flight(none), "nothing in flight");
+        // The probe to n, which is down, and an event to k, which is not.
+        let (out, _) = d.add_batch(
+            2,
+            2,
+            vec![on_topic(2, "b", "orders.x"), on_topic(3, "c", "payments.x")],
+        );
+        assert_eq!(ids(&out), vec![2, 3]);
+        assert!(
+            !d.only_unreachable_in_flight(none),
+            "k's answer may still come"
+        );
+        assert!(
+            d.only_unreachable_in_flight(&["k".to_string()]),
+            "k's health probe failed: nothing is coming"
+        );
+        d.on_result(ack(&out[1], Ok(())));
+        assert!(
+            d.only_unreachable_in_flight(none),
+            "only the probe to n is left"
+        );
+        // n answers: it is back.
+        d.on_result(ack(&out[0], Ok(())));
+        assert!(!d.only_unreachable_in_flight(none));
     }
 
     #[test]

@@ -546,6 +546,8 @@ impl Relay {
         // When a signal asked to stop, the end of `shutdown_timeout`: what the backends get to
         // flush in closing is what is left of it.
         let mut stop_by: Option<tokio::time::Instant> = None;
+        // While stopping, when to look again whether only unreachable brokers are awaited.
+        let mut recheck_at = tokio::time::Instant::now();
         let depth = self.cfg.pipeline_depth as usize;
         let mut poll = tokio::time::interval(self.cfg.poll_interval.0);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -631,6 +633,26 @@ impl Relay {
                 claiming = Some(on_task("claiming", async move {
                     store.claim_share(limit, from, &share).await
                 }));
+            }
+            if stopping && stop_deadline.is_some() && now >= recheck_at {
+                recheck_at = now + Duration::from_millis(200);
+                let probed_down: Vec<String> = self
+                    .observed
+                    .snapshot()
+                    .backends
+                    .into_iter()
+                    .filter(|b| !b.up)
+                    .map(|b| b.name)
+                    .collect();
+                if d.only_unreachable_in_flight(&probed_down) {
+                    // No answer is coming: the stop need not wait for brokers that are down,
+                    // nor give their clients the rest of the timeout to flush in closing.
+                    tracing::info!(
+                        "shutting down: what is in flight waits only on brokers that are down"
+                    );
+                    stop_deadline = Some(now);
+                    stop_by = stop_deadline;
+                }
             }
             if stopping && claiming.is_none() && txs.is_empty() && finishing.is_empty() {
                 break;

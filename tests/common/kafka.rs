@@ -258,8 +258,7 @@ impl PrivateKafka {
     /// The last `n` lines of the broker's log, for a failure message.
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        super::last_lines(&text, n)
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open and nothing answers.

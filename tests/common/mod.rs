@@ -31,6 +31,12 @@ pub fn output_text(o: &std::process::Output) -> String {
     )
 }
 
+/// The last `n` lines of a log, for a failure message.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The server tests use; `TEST_DATABASE_URL` overrides.
 pub fn base_url() -> String {
     std::env::var("TEST_DATABASE_URL")

@@ -48,6 +48,26 @@ fn is_unavailable(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Errors about the producer's own state, not the message: an idempotent producer whose epoch
+/// or sequence the broker no longer accepts (after a broker restart or a long freeze, say), a
+/// fatal producer error, or our own purge of what a replaced producer still held. The message
+/// was never judged, so no attempt is spent on it; the producer is replaced (see `heal`) and
+/// the message is sent again through the new one.
+pub fn is_producer_state(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::Fatal
+            | C::ProducerFenced
+            | C::InvalidProducerEpoch
+            | C::InvalidProducerIdMapping
+            | C::OutOfOrderSequenceNumber
+            | C::UnknownProducerId
+            | C::PurgeQueue
+            | C::PurgeInflight
+    )
+}
+
 /// A delivery report's error as a result for the ACK channel, with the broker's reason.
 /// Queue full, timeouts, transport failures, leader changes and anything not known to be
 /// permanent are retryable: a wrong "retryable" costs attempts, a wrong "permanent" an event.
@@ -56,7 +76,7 @@ pub fn classify(err: &KafkaError) -> PublishError {
     let reason = format!("kafka: {err}");
     match code {
         Some(c) if is_permanent(c) => PublishError::permanent(reason),
-        Some(c) if is_unavailable(c) => PublishError::unavailable(reason),
+        Some(c) if is_unavailable(c) || is_producer_state(c) => PublishError::unavailable(reason),
         _ => PublishError::retryable(reason),
     }
 }
@@ -88,14 +108,27 @@ mod tests {
                 "{code:?}: no broker answered about the message"
             );
         }
+        assert_eq!(
+            classify(&KafkaError::MessageProduction(
+                RDKafkaErrorCode::NotEnoughReplicas
+            ))
+            .kind,
+            ErrorKind::Retryable,
+            "the broker answered about the message: counted as an attempt"
+        );
         for code in [
-            RDKafkaErrorCode::NotEnoughReplicas,
             RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+            RDKafkaErrorCode::UnknownProducerId,
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::PurgeQueue,
+            RDKafkaErrorCode::PurgeInflight,
         ] {
             assert_eq!(
                 classify(&KafkaError::MessageProduction(code)).kind,
-                ErrorKind::Retryable,
-                "{code:?}: the broker answered, counted as an attempt"
+                ErrorKind::Unavailable,
+                "{code:?}: about the producer, not the message; no attempt spent"
             );
         }
         for code in [

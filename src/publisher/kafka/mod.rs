@@ -281,7 +281,8 @@ impl KafkaPublisher {
     }
 
     /// Replaces a producer that can no longer produce (see [`ProducerHealth::wedged`]). What the
-    /// old one still holds is purged: those tickets resolve as retryable, the rows stay pending.
+    /// old one still holds is purged: those tickets resolve as unavailable
+    /// (no attempt spent), the rows stay pending.
     fn heal(&self) {
         let Some(why) = self.health.wedged() else {
             return;
@@ -406,7 +407,7 @@ impl Publisher for KafkaPublisher {
             let _ = tokio::task::spawn_blocking(move || {
                 if producer.flush(timeout).is_err() {
                     // What is still queued or in flight gets a "purged" delivery report, which
-                    // resolves its ticket as retryable: the rows stay pending.
+                    // resolves its ticket as unavailable: the rows stay pending, no attempt spent.
                     producer.purge(PurgeConfig::default().queue().inflight());
                     let _ = producer.flush(Duration::from_millis(500));
                 }
