@@ -169,13 +169,7 @@ async fn drain_plain_loop(cfg: &Config, n: u64, publisher: Arc<dyn Publisher>) -
                 attempts: 0,
             };
             ids.push(event.id);
-            let ticket = AckTicket::new(
-                event.id,
-                0,
-                event.event_id,
-                Arc::from(event.topic.as_str()),
-                ack_tx.clone(),
-            );
+            let ticket = AckTicket::new(event.id, 0, ack_tx.clone());
             burst.push(Outgoing {
                 event: Arc::new(event),
                 format: Default::default(),

@@ -59,7 +59,8 @@ impl Publisher for Stopwatch {
 /// back from it (the relay's ticket is resolved right after, with the same outcome).
 struct Timed {
     inner: Arc<dyn Publisher>,
-    waiting: Arc<Mutex<HashMap<Uuid, AckTicket>>>,
+    /// By row id: the event id and the relay's ticket.
+    waiting: Arc<Mutex<HashMap<i64, (Uuid, AckTicket)>>>,
     tx: AckSender,
 }
 
@@ -67,18 +68,18 @@ impl Timed {
     fn new(inner: Arc<dyn Publisher>, acked: Arc<Mutex<HashMap<Uuid, Instant>>>) -> Self {
         let (tx, mut rx) =
             tokio::sync::mpsc::unbounded_channel::<outbox_relay::publisher::AckResult>();
-        let waiting: Arc<Mutex<HashMap<Uuid, AckTicket>>> = Arc::default();
+        let waiting: Arc<Mutex<HashMap<i64, (Uuid, AckTicket)>>> = Arc::default();
         let (w, a) = (waiting.clone(), acked.clone());
         tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
-                if r.outcome.is_ok() {
-                    a.lock()
-                        .unwrap()
-                        .entry(r.event_id)
-                        .or_insert_with(Instant::now);
-                }
-                let ticket = w.lock().unwrap().remove(&r.event_id);
-                if let Some(t) = ticket {
+                let waiting = w.lock().unwrap().remove(&r.row_id);
+                if let Some((event_id, t)) = waiting {
+                    if r.outcome.is_ok() {
+                        a.lock()
+                            .unwrap()
+                            .entry(event_id)
+                            .or_insert_with(Instant::now);
+                    }
                     t.resolve(r.outcome);
                 }
             }
@@ -99,14 +100,8 @@ impl Publisher for Timed {
         let burst: Vec<Outgoing> = burst
             .into_iter()
             .map(|o| {
-                let ticket = AckTicket::new(
-                    o.event.id,
-                    0,
-                    o.event.event_id,
-                    Arc::from(o.event.topic.as_str()),
-                    self.tx.clone(),
-                );
-                waiting.insert(o.event.event_id, o.ticket);
+                let ticket = AckTicket::new(o.event.id, 0, self.tx.clone());
+                waiting.insert(o.event.id, (o.event.event_id, o.ticket));
                 Outgoing { ticket, ..o }
             })
             .collect();

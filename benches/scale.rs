@@ -10,6 +10,7 @@
 //!   cargo bench --bench scale                       # memory backend
 //!   BENCH_BACKEND=nats cargo bench --bench scale    # JetStream at BENCH_NATS_URL
 //!   BENCH_BACKEND=kafka cargo bench --bench scale   # Kafka at BENCH_KAFKA_BROKERS
+//!   BENCH_BACKEND=pulsar cargo bench --bench scale  # Pulsar at BENCH_PULSAR_URL
 //!   BENCH_ORDERING=pipelined BENCH_WINDOW=1024       # the many-aggregate drains pipelined
 //!   BENCH_ONLY_HOT=1                                 # only the one-aggregate drains
 //!
@@ -24,6 +25,7 @@ use outbox_relay::config::{Config, Dur, OrderingMode};
 use outbox_relay::publisher::kafka::KafkaPublisher;
 use outbox_relay::publisher::memory::MemoryPublisher;
 use outbox_relay::publisher::nats::NatsPublisher;
+use outbox_relay::publisher::pulsar::PulsarPublisher;
 use outbox_relay::publisher::Publisher;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +42,8 @@ async fn publisher(backend: &str, cfg: &Config) -> std::sync::Arc<dyn Publisher>
             KafkaPublisher::new(&brokers::kafka_config(), cfg.relay.publish_timeout)
                 .expect("a Kafka producer"),
         ),
-        other => panic!("BENCH_BACKEND={other}: memory, nats or kafka"),
+        "pulsar" => std::sync::Arc::new(PulsarPublisher::connect(&brokers::pulsar_config()).await),
+        other => panic!("BENCH_BACKEND={other}: memory, nats, kafka or pulsar"),
     }
 }
 

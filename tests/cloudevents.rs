@@ -506,13 +506,7 @@ async fn the_kafka_consumer_example_reads_every_format_once_in_order() {
         occurred_at: Utc::now(),
         attempts: 0,
     });
-    let ticket = outbox_relay::publisher::AckTicket::new(
-        1,
-        0,
-        again.event_id,
-        again.topic.as_str().into(),
-        tx,
-    );
+    let ticket = outbox_relay::publisher::AckTicket::new(1, 0, tx);
     publisher
         .publish(vec![outbox_relay::publisher::Outgoing {
             event,

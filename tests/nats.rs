@@ -117,7 +117,7 @@ async fn a_republish_is_deduplicated_and_the_rows_still_end_published() {
             occurred_at: chrono::Utc::now(),
             attempts: 0,
         });
-        let ticket = AckTicket::new(i as i64, 0, ev.event_id, topic.as_str().into(), tx.clone());
+        let ticket = AckTicket::new(i as i64, 0, tx.clone());
         burst.push(Outgoing {
             event: ev,
             format: BodyFormat::Raw,

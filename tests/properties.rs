@@ -180,7 +180,7 @@ proptest! {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let event = Arc::new(event);
         let o = Outgoing {
-            ticket: AckTicket::new(1, 1, event.event_id, event.topic.as_str().into(), tx),
+            ticket: AckTicket::new(1, 1, tx),
             event,
             format,
         };

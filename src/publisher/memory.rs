@@ -292,13 +292,7 @@ mod tests {
             .map(|e| {
                 let e = Arc::new(e);
                 Outgoing {
-                    ticket: AckTicket::new(
-                        e.id,
-                        1,
-                        e.event_id,
-                        e.topic.as_str().into(),
-                        tx.clone(),
-                    ),
+                    ticket: AckTicket::new(e.id, 1, tx.clone()),
                     event: e,
                     format,
                 }

@@ -38,9 +38,8 @@ use crate::envelope::{BodyFormat, Event};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
-use uuid::Uuid;
 
 /// Whether a failure may succeed on a later attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,17 +96,25 @@ pub struct AckResult {
     pub row_id: i64,
     /// Identifies the hand-off this result answers; results of an abandoned hand-off are ignored.
     pub token: u64,
-    pub event_id: Uuid,
-    pub topic: Arc<str>,
     pub outcome: Result<(), PublishError>,
-    /// When the backend decided.
+    /// When the backend decided (the one clock reading a result costs, on the client's thread).
     pub at: DateTime<Utc>,
-    /// When the relay handed the message over; `at - handed_at` is the publish latency.
-    pub handed_at: Instant,
+    /// When the relay handed the message over (read once per burst of hand-offs).
+    pub handed_at: DateTime<Utc>,
     /// The backend it was handed to (the relay's index) and the event's occurred_at, for the
     /// latency metrics; see [`AckTicket::with_origin`].
     pub backend: usize,
     pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl AckResult {
+    /// From the hand-off to the backend's decision (wall clock: never negative, whatever the
+    /// clock did meanwhile).
+    pub fn publish_latency(&self) -> Duration {
+        (self.at - self.handed_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+    }
 }
 
 /// The sending half of the ACK channel.
@@ -118,22 +125,23 @@ pub type AckSender = mpsc::UnboundedSender<AckResult>;
 pub struct AckTicket {
     row_id: i64,
     token: u64,
-    event_id: Uuid,
-    topic: Arc<str>,
-    handed_at: Instant,
+    handed_at: DateTime<Utc>,
     backend: usize,
     occurred_at: Option<DateTime<Utc>>,
     tx: Option<AckSender>,
 }
 
 impl AckTicket {
-    pub fn new(row_id: i64, token: u64, event_id: Uuid, topic: Arc<str>, tx: AckSender) -> Self {
+    pub fn new(row_id: i64, token: u64, tx: AckSender) -> Self {
+        Self::handed_at(row_id, token, tx, Utc::now())
+    }
+
+    /// As [`AckTicket::new`], handed over at `at`: the relay reads the clock once per burst.
+    pub fn handed_at(row_id: i64, token: u64, tx: AckSender, at: DateTime<Utc>) -> Self {
         AckTicket {
             row_id,
             token,
-            event_id,
-            topic,
-            handed_at: Instant::now(),
+            handed_at: at,
             backend: 0,
             occurred_at: None,
             tx: Some(tx),
@@ -145,10 +153,6 @@ impl AckTicket {
         self.backend = backend;
         self.occurred_at = Some(occurred_at);
         self
-    }
-
-    pub fn event_id(&self) -> Uuid {
-        self.event_id
     }
 
     /// The broker has the message.
@@ -172,8 +176,6 @@ impl AckTicket {
             let _ = tx.send(AckResult {
                 row_id: self.row_id,
                 token: self.token,
-                event_id: self.event_id,
-                topic: self.topic.clone(),
                 outcome,
                 at: Utc::now(),
                 handed_at: self.handed_at,

@@ -216,7 +216,7 @@ mod tests {
         let p = StdoutPublisher::to_writer(client);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let e = Arc::new(sample_event(1, "order-9"));
-        let ticket = AckTicket::new(1, 1, e.event_id, e.topic.as_str().into(), tx);
+        let ticket = AckTicket::new(1, 1, tx);
         p.publish(vec![Outgoing {
             event: e.clone(),
             format: BodyFormat::Raw,
@@ -252,7 +252,7 @@ mod tests {
         let outgoing = |e: &Arc<crate::envelope::Event>| Outgoing {
             event: e.clone(),
             format,
-            ticket: AckTicket::new(e.id, 1, e.event_id, e.topic.as_str().into(), tx.clone()),
+            ticket: AckTicket::new(e.id, 1, tx.clone()),
         };
         p.publish(vec![outgoing(&bad), outgoing(&good)]).await;
         let first = rx.recv().await.unwrap();

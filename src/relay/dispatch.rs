@@ -214,6 +214,11 @@ pub struct Dispatcher {
     outage: Vec<Outage>,
     /// Rows rescheduled so far without being handed over, their backend being down.
     held_back: u64,
+    /// Per backend (by index), when it last reported a success.
+    last_success: Vec<Option<Instant>>,
+    /// The time of the call in progress, read once at each entry that may hand rows over
+    /// (`add_batch`, `on_result_at`, `expire`, `release_stale`) rather than once per row.
+    clock: Instant,
 }
 
 /// A backend's outage: while its latest result was "unavailable", its rows are not handed over
@@ -273,6 +278,8 @@ impl Dispatcher {
                 backends
             ],
             held_back: 0,
+            last_success: vec![None; backends],
+            clock: Instant::now(),
         }
     }
 
@@ -299,16 +306,30 @@ impl Dispatcher {
 
     /// Whether something is in flight and all of it waits on backends that are unreachable:
     /// in an outage here, or named in `probed_down` (their latest health probe failed, which
-    /// is how a broker that was down from the start is known before any result comes back).
-    /// On the way out, waiting `shutdown_timeout` for those answers is waiting for brokers
-    /// that are not there: the relay releases the rows at once instead (they stay pending).
-    pub fn only_unreachable_in_flight(&self, probed_down: &[String]) -> bool {
+    /// is how a broker that was down from the start is known before any result comes back),
+    /// and in either case without a success for `quiet` up to `now` (a probe can be stale
+    /// and "latest result unavailable" can be one partition's while others deliver). On the
+    /// way out, waiting `shutdown_timeout` for those answers is waiting for brokers that are
+    /// not there: the relay releases the rows instead (they stay pending).
+    pub fn only_unreachable_in_flight(
+        &self,
+        probed_down: &[String],
+        now: Instant,
+        quiet: Duration,
+    ) -> bool {
         let unreachable: Vec<bool> = (0..self.router.backend_count())
             .map(|b| {
-                self.down(b)
-                    || probed_down
-                        .iter()
-                        .any(|n| n.as_str() == self.router.backend_name(b))
+                let silent = self
+                    .last_success
+                    .get(b)
+                    .copied()
+                    .flatten()
+                    .is_none_or(|t| now.saturating_duration_since(t) >= quiet);
+                silent
+                    && (self.down(b)
+                        || probed_down
+                            .iter()
+                            .any(|n| n.as_str() == self.router.backend_name(b)))
             })
             .collect();
         if !unreachable.contains(&true) {
@@ -516,6 +537,7 @@ impl Dispatcher {
         claimed.sort_by_key(|c| c.event.id);
         let now = chrono::Utc::now();
         let claimed_at = Instant::now();
+        self.clock = claimed_at;
         self.batches.insert(
             batch,
             BatchState {
@@ -582,7 +604,7 @@ impl Dispatcher {
             // or a later valid row could be published while an earlier one retries.
             let placement = self.place(id, prev.as_ref(), now);
             let (chain, seq) = self.join_chain(id, &placement);
-            let event = Arc::new(c.event);
+            let event = c.event;
             self.rows.insert(
                 id,
                 RowState {
@@ -718,7 +740,7 @@ impl Dispatcher {
         let r = self.rows.get_mut(&id).expect("handing a known row");
         r.state = State::Handed {
             token,
-            at: Instant::now(),
+            at: self.clock,
         };
         let (backend, format) = r.route.expect("handed rows have a route");
         Handoff {
@@ -968,6 +990,18 @@ impl Dispatcher {
     /// Takes one result from the ACK channel. Results for rows no longer in flight (their
     /// claim was abandoned, or the hand-off timed out) are ignored.
     pub fn on_result(&mut self, ack: AckResult) -> (Vec<Handoff>, Vec<Completed>) {
+        self.on_result_at(ack, Instant::now())
+    }
+
+    /// As [`Dispatcher::on_result`], read at `now`.
+    pub fn on_result_at(&mut self, ack: AckResult, now: Instant) -> (Vec<Handoff>, Vec<Completed>) {
+        self.clock = now;
+        // Even a late answer to an abandoned hand-off shows the backend is there.
+        if ack.outcome.is_ok() {
+            if let Some(t) = self.last_success.get_mut(ack.backend) {
+                *t = Some(now);
+            }
+        }
         let mut out = Vec::new();
         let mut done = Vec::new();
         let Some(r) = self.rows.get(&ack.row_id) else {
@@ -1046,6 +1080,7 @@ impl Dispatcher {
     /// about the event, so no attempt is counted.
     pub fn expire(&mut self, timeout: Duration) -> (Vec<Handoff>, Vec<Completed>) {
         let now = Instant::now();
+        self.clock = now;
         let expired: Vec<(i64, u32, usize)> = self
             .rows
             .iter()
@@ -1080,6 +1115,7 @@ impl Dispatcher {
     /// released rows are claimed again.
     pub fn release_stale(&mut self, age: Duration) -> (Vec<Handoff>, Vec<Completed>) {
         let now = Instant::now();
+        self.clock = now;
         let mut stale: Vec<i64> = self
             .rows
             .iter()
@@ -1200,7 +1236,6 @@ mod tests {
     use crate::envelope::sample_event;
     use crate::publisher::PublishError;
     use chrono::Utc;
-    use uuid::Uuid;
 
     fn dispatcher(max_attempts: u32) -> Dispatcher {
         let router = Router::new(
@@ -1221,7 +1256,7 @@ mod tests {
 
     fn row(id: i64, agg: &str, prev: Option<i64>) -> Claimed {
         Claimed {
-            event: sample_event(id, agg),
+            event: Arc::new(sample_event(id, agg)),
             invalid: None,
             prev: prev.map(|p| Prev {
                 id: p,
@@ -1235,11 +1270,9 @@ mod tests {
         AckResult {
             row_id: h.event.id,
             token: h.token,
-            event_id: Uuid::nil(),
-            topic: "t".into(),
             outcome,
             at: Utc::now(),
-            handed_at: Instant::now(),
+            handed_at: Utc::now(),
             backend: h.backend,
             occurred_at: Some(h.event.occurred_at),
         }
@@ -1299,7 +1332,7 @@ mod tests {
     }
 
     fn moved_to(mut c: Claimed, topic: &str) -> Claimed {
-        c.event.topic = topic.into();
+        Arc::make_mut(&mut c.event).topic = topic.into();
         c
     }
 
@@ -1441,9 +1474,9 @@ mod tests {
     fn a_completed_batch_counts_its_verdicts_per_topic_and_backend() {
         let mut d = dispatcher(5);
         let mut other = row(3, "c", None);
-        other.event.topic = "orders.paid".into();
+        Arc::make_mut(&mut other.event).topic = "orders.paid".into();
         let mut unrouted = row(4, "d", None);
-        unrouted.event.topic = "nowhere".into();
+        Arc::make_mut(&mut unrouted.event).topic = "nowhere".into();
         let (out, _) = d.add_batch(
             1,
             1,
@@ -1514,7 +1547,7 @@ mod tests {
     fn retryable_errors_fail_the_row_after_max_attempts() {
         let mut d = dispatcher(2);
         let mut r = row(1, "a", None);
-        r.event.attempts = 1;
+        Arc::make_mut(&mut r.event).attempts = 1;
         let (out, _) = d.add_batch(1, 1, vec![r]);
         let (_, done) = d.on_result(ack(&out[0], Err(PublishError::retryable("down"))));
         let (_, attempted, reason) = &done[0].marks.failed[0];
@@ -1529,7 +1562,7 @@ mod tests {
     fn an_unavailable_broker_never_uses_attempts_up() {
         let mut d = dispatcher(2);
         let mut r = row(1, "a", None);
-        r.event.attempts = 7;
+        Arc::make_mut(&mut r.event).attempts = 7;
         let (out, _) = d.add_batch(1, 1, vec![r]);
         let (_, done) = d.on_result(ack(
             &out[0],
@@ -1572,7 +1605,7 @@ mod tests {
 
     fn on_topic(id: i64, agg: &str, topic: &str) -> Claimed {
         let mut r = row(id, agg, None);
-        r.event.topic = topic.into();
+        Arc::make_mut(&mut r.event).topic = topic.into();
         r
     }
 
@@ -1643,7 +1676,12 @@ mod tests {
     fn in_flight_only_to_a_backend_that_is_down_is_known() {
         let mut d = with_n_down(Backoff::new(Duration::ZERO, Duration::ZERO));
         let none: &[String] = &[];
-        assert!(!d.only_unreachable_in_flight(none), "nothing in flight");
+        let quiet = Duration::from_secs(2);
+        let later = Instant::now() + quiet;
+        assert!(
+            !d.only_unreachable_in_flight(none, later, quiet),
+            "nothing in flight"
+        );
         // The probe to n, which is down, and an event to k, which is not.
         let (out, _) = d.add_batch(
             2,
@@ -1652,21 +1690,29 @@ mod tests {
         );
         assert_eq!(ids(&out), vec![2, 3]);
         assert!(
-            !d.only_unreachable_in_flight(none),
+            !d.only_unreachable_in_flight(none, later, quiet),
             "k's answer may still come"
         );
         assert!(
-            d.only_unreachable_in_flight(&["k".to_string()]),
-            "k's health probe failed: nothing is coming"
+            d.only_unreachable_in_flight(&["k".to_string()], later, quiet),
+            "k's health probe failed and k never answered: nothing is coming"
         );
-        d.on_result(ack(&out[1], Ok(())));
+        let k_answered = Instant::now();
+        d.on_result_at(ack(&out[1], Ok(())), k_answered);
         assert!(
-            d.only_unreachable_in_flight(none),
+            d.only_unreachable_in_flight(none, later, quiet),
             "only the probe to n is left"
         );
         // n answers: it is back.
         d.on_result(ack(&out[0], Ok(())));
-        assert!(!d.only_unreachable_in_flight(none));
+        assert!(!d.only_unreachable_in_flight(none, later, quiet));
+        // A failed probe says nothing while the backend delivered lately (the probe is older,
+        // or timed out on something else): only a silence of `quiet` counts.
+        let (out, _) = d.add_batch(3, 3, vec![on_topic(4, "e", "payments.x")]);
+        assert_eq!(ids(&out), vec![4]);
+        let k = ["k".to_string()];
+        assert!(!d.only_unreachable_in_flight(&k, k_answered, quiet));
+        assert!(d.only_unreachable_in_flight(&k, k_answered + quiet, quiet));
     }
 
     #[test]
@@ -1757,9 +1803,9 @@ mod tests {
     fn invalid_rows_fail_without_a_hand_off_and_unrouted_topics_name_the_topic() {
         let mut d = dispatcher(5);
         let mut bad = row(1, "a", None);
-        bad.event.topic = "orders.ünicode".into();
+        Arc::make_mut(&mut bad.event).topic = "orders.ünicode".into();
         let mut unrouted = row(2, "b", None);
-        unrouted.event.topic = "billing.x".into();
+        Arc::make_mut(&mut unrouted.event).topic = "billing.x".into();
         let (out, done) = d.add_batch(1, 1, vec![bad, unrouted, row(3, "c", None)]);
         assert_eq!(ids(&out), vec![3]);
         assert!(done.is_empty());

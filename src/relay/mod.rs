@@ -46,6 +46,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+/// On the way out, a backend counts as unreachable (its events released without waiting out
+/// `shutdown_timeout`) only after this long without a success from it.
+const UNREACHABLE_QUIET: Duration = Duration::from_secs(2);
+
 /// Why the relay could not start or go on.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -334,7 +338,7 @@ impl Relay {
             return;
         }
         if let Some((publish, end_to_end)) = self.latency.get(ack.backend) {
-            publish.observe(ack.handed_at.elapsed().as_secs_f64());
+            publish.observe(ack.publish_latency().as_secs_f64());
             if let Some(at) = ack.occurred_at {
                 let ms = (ack.at - at).num_microseconds().unwrap_or(i64::MAX).max(0);
                 end_to_end.observe(ms as f64 / 1e6);
@@ -371,6 +375,7 @@ impl Relay {
             return;
         }
         let mut bursts: Vec<Vec<Outgoing>> = (0..self.backends.len()).map(|_| Vec::new()).collect();
+        let handed_at = chrono::Utc::now();
         for mut h in handoffs {
             if self.tracer.is_on() {
                 let mut book = self.book();
@@ -383,14 +388,8 @@ impl Relay {
                     h.event = Arc::new(wire);
                 }
             }
-            let ticket = AckTicket::new(
-                h.event.id,
-                h.token,
-                h.event.event_id,
-                Arc::from(h.event.topic.as_str()),
-                acks.clone(),
-            )
-            .with_origin(h.backend, h.event.occurred_at);
+            let ticket = AckTicket::handed_at(h.event.id, h.token, acks.clone(), handed_at)
+                .with_origin(h.backend, h.event.occurred_at);
             bursts[h.backend].push(Outgoing {
                 event: h.event,
                 format: h.format,
@@ -644,7 +643,7 @@ impl Relay {
                     .filter(|b| !b.up)
                     .map(|b| b.name)
                     .collect();
-                if d.only_unreachable_in_flight(&probed_down) {
+                if d.only_unreachable_in_flight(&probed_down, now.into_std(), UNREACHABLE_QUIET) {
                     // No answer is coming: the stop need not wait for brokers that are down,
                     // nor give their clients the rest of the timeout to flush in closing.
                     tracing::info!(
@@ -747,10 +746,13 @@ impl Relay {
                     let mut handoffs = Vec::new();
                     let mut completed = Vec::new();
                     let mut next = Some(ack);
+                    // One clock reading for the results read together (the dispatcher's
+                    // hand-off times; the latencies come with the results).
+                    let read_at = Instant::now();
                     while let Some(ack) = next {
-                        summary.latency(ack.handed_at.elapsed());
+                        summary.latency(ack.publish_latency());
                         self.observe(&ack);
-                        let (h, c) = d.on_result(ack);
+                        let (h, c) = d.on_result_at(ack, read_at);
                         handoffs.extend(h);
                         completed.extend(c);
                         next = ack_rx.try_recv().ok();

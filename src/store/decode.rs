@@ -103,7 +103,7 @@ pub(super) fn decode_claimed(
     };
     Ok((
         Claimed {
-            event,
+            event: std::sync::Arc::new(event),
             invalid: bad.reason(),
             prev,
         },

@@ -26,6 +26,7 @@ use decode::decode_claimed;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use enqueue::{NewEvent, Outbox};
@@ -169,7 +170,9 @@ pub struct Prev {
 /// One claimed row.
 #[derive(Debug, Clone)]
 pub struct Claimed {
-    pub event: Event,
+    /// Shared from the start: decoded on the claim's task straight into its final place, so
+    /// the relay's loop never moves the envelope again.
+    pub event: Arc<Event>,
     /// Set when a column could not be decoded into the envelope (bad headers JSON).
     pub invalid: Option<String>,
     pub prev: Option<Prev>,

@@ -223,7 +223,7 @@ pub fn outgoing(i: i64, topic: &str, tx: &AckSender) -> Outgoing {
         occurred_at: chrono::Utc::now(),
         attempts: 0,
     });
-    let ticket = AckTicket::new(i, i as u64, event.event_id, topic.into(), tx.clone());
+    let ticket = AckTicket::new(i, i as u64, tx.clone());
     Outgoing {
         event,
         format: BodyFormat::Raw,

@@ -121,6 +121,7 @@ mod tests {
             RDKafkaErrorCode::ProducerFenced,
             RDKafkaErrorCode::OutOfOrderSequenceNumber,
             RDKafkaErrorCode::UnknownProducerId,
+            RDKafkaErrorCode::InvalidProducerIdMapping,
             RDKafkaErrorCode::Fatal,
             RDKafkaErrorCode::PurgeQueue,
             RDKafkaErrorCode::PurgeInflight,

@@ -44,10 +44,19 @@ pub struct ProducerHealth {
     /// No success for this long while messages keep failing: replace the producer. Twice the
     /// message timeout, so a broker that is merely slow never triggers it.
     stall_after_ms: AtomicU64,
-    /// Milliseconds since `epoch` of the last success.
+    /// Successes so far. A delivery report only counts (no clock reading per message); the
+    /// time of the last success is taken when `wedged` next finds the count moved.
+    successes: AtomicU64,
+    /// `successes` as `wedged` last saw it.
+    successes_seen: AtomicU64,
+    /// Milliseconds since `epoch` of the last success (as of the last `wedged`).
     last_ok_ms: AtomicU64,
     /// librdkafka raised a fatal error: this producer instance can never produce again.
     fatal: AtomicBool,
+    /// The broker refused this producer's own state (fenced, unknown producer id, a stale
+    /// epoch or sequence): such results spend no attempts (see `error::is_producer_state`),
+    /// so the producer is replaced at the next hand-off instead of after a stall.
+    refused_state: AtomicBool,
     epoch: OnceInstant,
 }
 
@@ -71,7 +80,7 @@ impl ProducerHealth {
                     self.failures.store(0, Ordering::Relaxed);
                     self.answered_failures.store(0, Ordering::Relaxed);
                 }
-                self.last_ok_ms.store(self.epoch.ms(), Ordering::Relaxed);
+                self.successes.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Err(code) => code,
@@ -80,6 +89,10 @@ impl ProducerHealth {
             // Backpressure and our own purges say nothing about the producer's state.
             Some(C::QueueFull | C::PurgeQueue | C::PurgeInflight) => return,
             Some(C::Fatal) => self.fatal.store(true, Ordering::Relaxed),
+            Some(c) if error::is_producer_state(c) => {
+                self.refused_state.store(true, Ordering::Relaxed);
+                self.answered_failures.fetch_add(1, Ordering::Relaxed);
+            }
             Some(
                 C::MessageTimedOut
                 | C::BrokerTransportFailure
@@ -103,11 +116,17 @@ impl ProducerHealth {
         if self.fatal.load(Ordering::Relaxed) {
             return Some("librdkafka raised a fatal error".into());
         }
-        // A success recorded on another thread since `ms()` was read may be later than it.
-        let since_ok = self
-            .epoch
-            .ms()
-            .saturating_sub(self.last_ok_ms.load(Ordering::Relaxed));
+        if self.refused_state.load(Ordering::Relaxed) {
+            return Some("the broker refused the producer's id, epoch or sequence".into());
+        }
+        let now = self.epoch.ms();
+        let successes = self.successes.load(Ordering::Relaxed);
+        if self.successes_seen.swap(successes, Ordering::Relaxed) != successes {
+            self.last_ok_ms.store(now, Ordering::Relaxed);
+        }
+        // The last success as of this look (delivery reports only count them): at worst
+        // later than it was, which delays a rebuild by the gap between two hand-offs.
+        let since_ok = now.saturating_sub(self.last_ok_ms.load(Ordering::Relaxed));
         let refused = self.answered_failures.load(Ordering::Relaxed);
         if refused >= 50 && since_ok >= 5_000 {
             return Some(format!(
@@ -124,6 +143,7 @@ impl ProducerHealth {
         self.answered_failures.store(0, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
         self.fatal.store(false, Ordering::Relaxed);
+        self.refused_state.store(false, Ordering::Relaxed);
         self.last_ok_ms.store(self.epoch.ms(), Ordering::Relaxed);
     }
 }
@@ -415,5 +435,49 @@ impl Publisher for KafkaPublisher {
             .await;
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RDKafkaErrorCode as C;
+
+    fn health() -> ProducerHealth {
+        let h = ProducerHealth::default();
+        h.stall_after_ms.store(60_000, Ordering::Relaxed);
+        h.reset();
+        h
+    }
+
+    #[test]
+    fn a_refused_producer_state_asks_for_a_new_producer_at_once() {
+        let h = health();
+        h.on_result(Ok(()));
+        assert_eq!(h.wedged(), None);
+        h.on_result(Err(Some(C::OutOfOrderSequenceNumber)));
+        let why = h.wedged().expect("replace the producer");
+        assert!(why.contains("epoch or sequence"), "{why}");
+        h.reset();
+        assert_eq!(h.wedged(), None, "a new producer starts clean");
+    }
+
+    #[test]
+    fn our_own_purges_and_an_absent_broker_ask_for_nothing_at_once() {
+        let h = health();
+        for code in [C::PurgeQueue, C::PurgeInflight, C::QueueFull] {
+            h.on_result(Err(Some(code)));
+        }
+        assert_eq!(h.wedged(), None);
+        for _ in 0..100 {
+            h.on_result(Err(Some(C::MessageTimedOut)));
+        }
+        assert_eq!(
+            h.wedged(),
+            None,
+            "a broker away: a new producer would not help"
+        );
+        h.on_result(Err(Some(C::Fatal)));
+        assert!(h.wedged().is_some());
     }
 }
