@@ -815,6 +815,18 @@ async fn claims_are_bounded_in_bytes_and_oversized_payloads_are_never_fetched() 
         "a cut claim starts the next one from the front"
     );
     drop(claim);
+    // Four rows that all fit are not a cut claim, though the fourth ends past the budget.
+    let claim = store
+        .claim_share(4, outbox_relay::store::Walk::Front, &share)
+        .await
+        .unwrap();
+    assert_eq!(claim.rows.len(), 4);
+    assert!(!claim.cut, "nothing locked was left out");
+    assert!(
+        claim.rows.iter().all(|r| r.invalid.is_none()),
+        "every row whole"
+    );
+    drop(claim);
     sqlx::query(&format!(
         "UPDATE {}_partitions SET owner = NULL",
         db.names.qualified()

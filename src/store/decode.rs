@@ -13,12 +13,17 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgRow, PgValueFormat, PgValueRef};
 use sqlx::{Row, ValueRef};
 
+/// Whether a claim row is the first one past the claim's byte budget (its last column): it
+/// marks the claim as cut short and is not an event to publish.
+pub(super) fn past_the_budget(row: &PgRow) -> bool {
+    row.try_get::<Option<bool>, _>(19).ok().flatten() == Some(true)
+}
+
 /// Decodes one claim row by column position (the claim's select list, in order).
-/// Also returns how many rows the claim locked (its last column).
 pub(super) fn decode_claimed(
     row: &PgRow,
     payload_cap: i64,
-) -> Result<(Claimed, Cursor, i64), sqlx::Error> {
+) -> Result<(Claimed, Cursor), sqlx::Error> {
     let id: i64 = row.try_get(0)?;
     let mut bad = Problems::default();
     // A payload over the cap is not fetched: the claim sends its size instead.
@@ -35,11 +40,6 @@ pub(super) fn decode_claimed(
         }
         _ => bad.required(row, 7, "payload"),
     };
-    let locked: i64 = row
-        .try_get::<Option<i64>, _>(19)
-        .ok()
-        .flatten()
-        .unwrap_or(0);
     let headers = match jsonb(row, 8) {
         Ok(json) => match parse_headers(json.as_ref()) {
             Ok(h) => h,
@@ -108,7 +108,6 @@ pub(super) fn decode_claimed(
             prev,
         },
         key,
-        locked,
     ))
 }
 
