@@ -666,6 +666,12 @@ async fn the_claim_runs_on_the_partial_indexes_even_with_stale_statistics() {
     // waiting in the aggregate is one descent of the small waiting index.
     assert!(plan.contains("One-Time Filter"), "{plan}");
     assert!(plan.contains("outbox_waiting_idx"), "{plan}");
+    // Whether the waiting index holds anything at all: one look for the whole claim, on that
+    // index (a scan of anything else would cost the claim the table).
+    assert!(
+        plan.contains("Index Only Scan using outbox_waiting_idx on outbox x"),
+        "{plan}"
+    );
     assert!(
         !plan.contains("Seq Scan") && !plan.contains("Bitmap") && !plan.contains("Sort"),
         "{plan}"

@@ -15,8 +15,10 @@ use sqlx::{Row, ValueRef};
 
 /// Whether a claim row is the first one past the claim's byte budget (its last column): it
 /// marks the claim as cut short and is not an event to publish.
-pub(super) fn past_the_budget(row: &PgRow) -> bool {
-    row.try_get::<Option<bool>, _>(19).ok().flatten() == Some(true)
+pub(super) fn past_the_budget(row: &PgRow) -> Result<bool, sqlx::Error> {
+    // The relay's own computed column: a failure to read it fails the claim (its rows are
+    // claimed again), rather than publishing the marker as an event without its payload.
+    Ok(row.try_get::<Option<bool>, _>(19)? == Some(true))
 }
 
 /// Decodes one claim row by column position (the claim's select list, in order).

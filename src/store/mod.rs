@@ -1120,7 +1120,7 @@ fn decode_all(
     let mut last: Option<Cursor> = None;
     let mut cut = false;
     for row in rows {
-        if decode::past_the_budget(&row) {
+        if decode::past_the_budget(&row).map_err(StoreError::sql("decode claimed row"))? {
             cut = true;
             continue;
         }
