@@ -90,6 +90,31 @@ async fn pipe(
     }
 }
 
+/// Sends SIGTERM and waits for the exit: the status and how long it took. Kills the process
+/// and fails the test if it is still running after `limit`.
+async fn sigterm_and_wait(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> (std::process::ExitStatus, Duration) {
+    let t0 = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM");
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return (s, t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the relay did not exit within {limit:?} of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// host:port of a postgres:// URL.
 fn host_port(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -166,24 +191,7 @@ async fn sigterm_exits_in_time_with_a_frozen_broker_and_a_black_holed_database()
     .await;
     // Postgres goes silent too, then the stop.
     proxy.black_hole.store(true, Ordering::SeqCst);
-    let t0 = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM");
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("the relay did not exit within 30 s of SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let took = t0.elapsed();
+    let (status, took) = sigterm_and_wait(&mut child, Duration::from_secs(30)).await;
     eprintln!("exited after {took:?} with {status}");
     // shutdown_timeout 2 s, then at most the 5 s grace, plus the process' own start of exit.
     assert!(
@@ -271,23 +279,7 @@ async fn sigterm_does_not_wait_for_a_broker_that_is_down() {
         },
     )
     .await;
-    let t0 = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > Duration::from_secs(90) {
-            let _ = child.kill();
-            panic!("the relay did not exit within 90 s of SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let took = t0.elapsed();
+    let (status, took) = sigterm_and_wait(&mut child, Duration::from_secs(90)).await;
     let logs = logs.join().unwrap();
     assert!(
         status.success(),

@@ -248,21 +248,12 @@ pub fn spawn(relay: Relay) -> (tokio::task::JoinHandle<Relay>, CancellationToken
 }
 
 /// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
-pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_or_dump(timeout, what, cond, || async { String::new() }).await
 }
 
 /// [`wait_for`], and on timeout the panic message carries what `dump` says then (the relay's
@@ -281,7 +272,8 @@ where
         }
         if tokio::time::Instant::now() >= deadline {
             let state = dump().await;
-            panic!("timed out after {timeout:?} waiting for: {what}\n{state}");
+            let sep = if state.is_empty() { "" } else { "\n" };
+            panic!("timed out after {timeout:?} waiting for: {what}{sep}{state}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
