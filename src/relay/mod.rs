@@ -687,7 +687,9 @@ impl Relay {
                                 claim_errors = 0;
                             }
                             let n = rows.len();
-                            if n as u32 == self.cfg.batch_size {
+                            // Full (as many rows as it asked for, which the byte budget may
+                            // have made fewer than the batch size): more may be due.
+                            if next.is_some() || n as u32 == self.cfg.batch_size {
                                 want_claim = true;
                             }
                             if n == 0 && drain && txs.is_empty() && finishing.is_empty() {

@@ -13,12 +13,55 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgRow, PgValueFormat, PgValueRef};
 use sqlx::{Row, ValueRef};
 
-/// Whether a claim row is the first one past the claim's byte budget (its last column): it
-/// marks the claim as cut short and is not an event to publish.
-pub(super) fn past_the_budget(row: &PgRow) -> Result<bool, sqlx::Error> {
-    // The relay's own computed column: a failure to read it fails the claim (its rows are
-    // claimed again), rather than publishing the marker as an event without its payload.
-    Ok(row.try_get::<Option<bool>, _>(19)? == Some(true))
+/// What the claim says of a row besides its envelope (columns 15-18, see `claim_sql_where`).
+pub(super) struct ClaimMeta {
+    /// What the row counts against the claim's byte budget: its payload (as far as the cap,
+    /// past which it is not fetched) and its headers.
+    pub size: i64,
+    /// Due at `-infinity`: never retried, deferred, held or scheduled.
+    pub fresh: bool,
+    /// The transaction that wrote it (a 32-bit xid); `None` if unreadable, which has the row
+    /// probed.
+    pub written_by: Option<i64>,
+    /// `_waiting_idx` holds something.
+    pub waiting: bool,
+}
+
+/// Reads the claim's own columns of a row. Unreadable values take the cautious side: a
+/// row counts its cap, is probed, and the waiting index is taken as non-empty.
+pub(super) fn claim_meta(row: &PgRow, payload_cap: i64) -> ClaimMeta {
+    let payload = row
+        .try_get::<Option<i64>, _>(15)
+        .ok()
+        .flatten()
+        .map_or(payload_cap, |n| n.min(payload_cap));
+    let headers = row.try_get::<Option<i64>, _>(16).ok().flatten().unwrap_or(0);
+    ClaimMeta {
+        size: payload.saturating_add(headers),
+        fresh: matches!(timestamp(row, 14), Ok(Some(Ts::NegInfinity))),
+        written_by: row.try_get::<Option<i64>, _>(17).ok().flatten(),
+        waiting: row.try_get::<Option<bool>, _>(18).ok().flatten() != Some(false),
+    }
+}
+
+/// Decodes one row of the predecessor probe: the claimed row's id, and its predecessor (or
+/// why that could not be read, as a reason naming the field).
+pub(super) fn decode_prev(row: &PgRow) -> Result<(i64, Result<Prev, String>), sqlx::Error> {
+    let id: i64 = row.try_get(0)?;
+    let prev = (|| {
+        let prev_id: i64 = row
+            .try_get(1)
+            .map_err(|e| format!("field prev_id: {}", undecodable(e)))?;
+        let status: String = row
+            .try_get(2)
+            .map_err(|e| format!("field prev_status: {}", undecodable(e)))?;
+        Ok(Prev {
+            id: prev_id,
+            status,
+            next_attempt_at: cursor_time(timestamp(row, 3)),
+        })
+    })();
+    Ok((id, prev))
 }
 
 /// Decodes one claim row by column position (the claim's select list, in order).
@@ -29,7 +72,7 @@ pub(super) fn decode_claimed(
     let id: i64 = row.try_get(0)?;
     let mut bad = Problems::default();
     // A payload over the cap is not fetched: the claim sends its size instead.
-    let payload = match row.try_get::<Option<i64>, _>(18) {
+    let payload = match row.try_get::<Option<i64>, _>(15) {
         Ok(Some(size)) if size > payload_cap => {
             bad.add(
                 "payload",
@@ -89,25 +132,11 @@ pub(super) fn decode_claimed(
     // The claim's own key: only where the next claim starts. A row due at -infinity is
     // claimed like any other; its key becomes the earliest instant Postgres can take back.
     let key: Cursor = (cursor_time(timestamp(row, 14)), id);
-    let prev = match row.try_get::<Option<i64>, _>(15) {
-        Ok(Some(prev_id)) => Some(Prev {
-            id: prev_id,
-            status: bad.required(row, 16, "prev_status"),
-            next_attempt_at: cursor_time(timestamp(row, 17)),
-        }),
-        Ok(None) => None,
-        // Without it this row's order cannot be known; it stays unpublished (failed, with the
-        // reason) rather than risk overtaking its predecessor.
-        Err(e) => {
-            bad.add("prev_id", e.to_string());
-            None
-        }
-    };
     Ok((
         Claimed {
             event: std::sync::Arc::new(event),
             invalid: bad.reason(),
-            prev,
+            prev: None,
         },
         key,
     ))

@@ -23,9 +23,12 @@ use crate::config::{redact_url, DatabaseConfig};
 use crate::envelope::Event;
 use chrono::{DateTime, Utc};
 use decode::decode_claimed;
+use futures::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,49 +222,37 @@ pub struct Session {
     pub operator: bool,
 }
 
-/// The claim. The CTE walks the due index in (next_attempt_at, id) order and stops after $1
-/// rows it could lock; with a cursor ($4, $5: the last key the previous claim took) it starts
-/// past the keys already taken, so it never re-walks rows in flight nor the dead entries that
-/// deletes leave at the front of the index until vacuum. Its cost is the batch, whatever the
-/// table holds.
+/// The claim: it walks the due index in (next_attempt_at, id) order and stops after $1 rows it
+/// could lock; with a cursor (the last key the previous claim took) it starts past the keys
+/// already taken, so it never re-walks rows in flight nor the dead entries that deletes leave
+/// at the front of the index until vacuum. Its cost is the batch, whatever the table holds.
 ///
-/// Bytes are bounded as well as rows: a payload over $2 (`relay.max_payload_bytes`) is not
-/// fetched at all (only its size, and the row fails naming it), and rows are returned only
-/// while the running size of payloads and headers stays under $3 (`relay.batch_max_bytes`;
-/// the first row always), so a burst of huge payloads cannot exhaust the relay's memory. Rows
-/// locked past the budget are released unchanged when the claim commits; the first of them
-/// comes back without its payload, flagged `over`, which is how the relay knows the claim was
-/// cut (a `count(*) OVER ()` did that before, at a fifth of the claim's time: it holds back
-/// every row until the last). The running sum and the `lag` share one window, in the CTE's
-/// own (index) order, so no sort is added.
+/// It is one flat index scan and nothing per row but the columns, because anything per row
+/// in Postgres costs the claim more than the walk itself: a window for the byte budget and a
+/// lateral probe (even behind a gate that is false) made it four times the plain loop's
+/// SELECT. Both moved to the relay's side ([`Store::take_claim`]):
 ///
-/// The lateral probe finds a returned row's nearest unfinished predecessor on the aggregate
-/// index (one backward index probe): how the relay keeps one event per aggregate in flight.
-/// It runs only where the claim order can have missed one (its gate is a one-time filter per
-/// row); elsewhere the relay's own memory of the aggregate's rows is the whole story:
+/// * Bytes are bounded as well as rows. A payload over $2 (`relay.max_payload_bytes`) is not
+///   fetched at all (only its size, and the row fails naming it). The relay reads the rows as
+///   they arrive and keeps them while the running size of payloads and headers stays under
+///   `relay.batch_max_bytes` (the first row always); rows locked past the budget are dropped
+///   as they arrive and released unchanged when the claim commits. So that a table of large
+///   payloads does not send a whole batch of them for a budget's worth, the next claim asks
+///   for about as many rows as the budget held at the last claim's sizes.
+/// * The predecessor probe (the nearest unfinished earlier row of the aggregate, one backward
+///   probe on the aggregate index) is a second statement in the same transaction, for the
+///   rows that need it only (see [`Store::probe_predecessors`] on which those are). In a healthy drain of a
+///   backlog none does, and the claim is the one statement.
 ///
-/// * the row is not fresh (retried, deferred, held, scheduled): its key sorts it after every
-///   fresh row, so a fresh predecessor may not have been walked yet;
-/// * its aggregate has a row that is not fresh before it (the small `_waiting_idx` says so
-///   with one descent): a retry, deferral, hold or failure is waiting there. That descent is
-///   skipped for every row when `_waiting_idx` is empty (one look per claim, an InitPlan):
-///   the healthy drain, where the descent per row was about a quarter of the claim's time;
-/// * it was written by a transaction at least as new as the oldest one running when the
-///   claims' walk began from the front (`young`): only then can an earlier event of its
-///   aggregate have committed *behind* the walk (a producer that writes an aggregate's events
-///   one transaction after another), where the cursor would not see it.
-///
-/// Otherwise every earlier unfinished row of the aggregate is fresh and was visible to the walk
-/// when it passed its key (fresh rows sort by id): it is in this claim, in an earlier claim
-/// this relay still tracks, or done. `relay::dispatch` chains the row behind its aggregate's
-/// rows in memory, with or without a probe.
+/// `waiting` says whether `_waiting_idx` holds anything at all: a retry, deferral, hold or
+/// failure anywhere. One look per claim (an InitPlan).
 fn claim_sql(t: &str, cursor: bool) -> String {
     let after = if cursor {
-        cursor_after(5, 6)
+        cursor_after(3, 4)
     } else {
         String::new()
     };
-    claim_sql_where(t, &after, 4)
+    claim_sql_where(t, &after)
 }
 
 /// Past the key (`$at`, `$id`) the previous claim took last. A fresh row's key is `-infinity`,
@@ -274,78 +265,89 @@ fn cursor_after(at: u8, id: u8) -> String {
     )
 }
 
-/// The claim of a relay that owns a share of the partitions (`$1`-`$3` as in `claim_sql`):
-/// `$4` its partitions (sorted, fenced), `$5` its name, `$6`/`$7` the lowest and highest of
-/// them, `$8` whether they are every partition in between; with a cursor, `$9`/`$10` the key
+/// The claim of a relay that owns a share of the partitions (`$1`, `$2` as in `claim_sql`):
+/// `$3` its partitions (sorted, fenced), `$4` its name, `$5`/`$6` the lowest and highest of
+/// them, `$7` whether they are every partition in between; with a cursor, `$8`/`$9` the key
 /// to start after.
 ///
 /// The range is checked inside the claim index (`part` is its last key column), so rows of
 /// other relays' partitions cost a skipped index entry; the exact set is a filter only when
-/// the share is not one range (while partitions move). The uncorrelated subquery runs once:
+/// the share is not one range (while partitions move); so in the ownership check, where a
+/// 256-element `ANY` over 256 rows cost a sixth of the claim. The uncorrelated subquery runs once:
 /// the claim takes nothing unless every partition still names this relay in
 /// `<table>_partitions`, which is how a relay whose ownership session died (and whose
 /// partitions another relay may have taken over) is fenced out. See
 /// [`crate::relay::ownership`].
 fn claim_share_sql(t: &str, cursor: bool) -> String {
     let after = if cursor {
-        cursor_after(10, 11)
+        cursor_after(8, 9)
     } else {
         String::new()
     };
     let share = format!(
-        "AND part BETWEEN $6 AND $7 AND ($8 OR part = ANY($4)) \
-         AND (SELECT count(*) FROM {t}_partitions WHERE part = ANY($4) AND owner = $5) \
-             = cardinality($4::int2[]) {after}"
+        "AND part BETWEEN $5 AND $6 AND ($7 OR part = ANY($3)) \
+         AND (SELECT count(*) FROM {t}_partitions \
+              WHERE part BETWEEN $5 AND $6 AND ($7 OR part = ANY($3)) AND owner = $4) \
+             = cardinality($3::int2[]) {after}"
     );
-    claim_sql_where(t, &share, 9)
+    claim_sql_where(t, &share)
 }
 
-/// `young` numbers the parameter holding the walk's oldest running transaction (a 32-bit
-/// xid as bigint; NULL: probe every row). See `claim_sql` on when a row needs its probe.
-fn claim_sql_where(t: &str, after: &str, young: u8) -> String {
+/// The claim's select list, by position: the envelope's columns (0-14, see
+/// `decode::decode_claimed`), then 15 the payload's size, 16 the headers' size, 17 the
+/// writing transaction (a 32-bit xid) and 18 whether any row waits (see `claim_sql`).
+fn claim_sql_where(t: &str, and: &str) -> String {
     format!(
-        "WITH c AS ( \
-           SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, \
-                  event_version, \
-                  CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
-                  headers, content_type, traceparent, correlation_id, occurred_at, attempts, \
-                  next_attempt_at, octet_length(payload)::bigint AS payload_size, \
-                  coalesce(pg_column_size(headers), 0)::bigint AS headers_size, \
-                  xmin AS written_by \
-           FROM {t} \
-           WHERE status = 'pending' AND next_attempt_at <= now() {after}\
-           ORDER BY next_attempt_at, id \
-           LIMIT $1 \
-           FOR UPDATE SKIP LOCKED), \
-         k AS ( \
-           SELECT c.*, sum(least(payload_size, $2) + headers_size) OVER w \
-                       - least(payload_size, $2) - headers_size AS before, \
-                  lag(least(payload_size, $2) + headers_size, 1, 0::bigint) OVER w \
-                       AS prev_size \
-           FROM c WINDOW w AS (ROWS UNBOUNDED PRECEDING)) \
-         SELECT k.id, k.event_id, k.topic, k.aggregate_id, k.aggregate_type, k.event_type, \
-                k.event_version, CASE WHEN k.before < $3 THEN k.payload END AS payload, \
-                k.headers, k.content_type, k.traceparent, \
-                k.correlation_id, k.occurred_at, k.attempts, k.next_attempt_at, \
-                p.id AS prev_id, p.status AS prev_status, p.next_attempt_at AS prev_next, \
-                k.payload_size, k.before >= $3 AS over \
-         FROM k LEFT JOIN LATERAL ( \
-           SELECT id, status, next_attempt_at FROM {t} p \
-           WHERE (k.next_attempt_at <> '-infinity' \
-                  OR ${young}::bigint IS NULL \
-                  OR age(k.written_by) <= age(${young}::bigint::text::xid) \
-                  OR ((SELECT EXISTS (SELECT 1 FROM {t} x \
-                                      WHERE x.status <> 'published' \
-                                        AND x.next_attempt_at <> '-infinity')) \
-                      AND EXISTS (SELECT 1 FROM {t} w \
-                                  WHERE w.aggregate_id = k.aggregate_id AND w.id < k.id \
-                                    AND w.status <> 'published' \
-                                    AND w.next_attempt_at <> '-infinity'))) \
+        "SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, event_version, \
+                CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
+                headers, content_type, traceparent, correlation_id, occurred_at, attempts, \
+                next_attempt_at, octet_length(payload)::bigint AS payload_size, \
+                coalesce(pg_column_size(headers), 0)::bigint AS headers_size, \
+                xmin::text::bigint AS written_by, \
+                (SELECT EXISTS (SELECT 1 FROM {t} x \
+                                WHERE x.status <> 'published' \
+                                  AND x.next_attempt_at <> '-infinity')) AS waiting \
+         FROM {t} \
+         WHERE status = 'pending' AND next_attempt_at <= now() {and}\
+         ORDER BY next_attempt_at, id \
+         LIMIT $1 \
+         FOR UPDATE SKIP LOCKED"
+    )
+}
+
+/// The predecessor probe of the claimed rows `$1` (with `$2`: probe it whatever `_waiting_idx`
+/// says): each one's nearest unfinished earlier row of its aggregate, one backward probe on
+/// the aggregate index. A row not marked `must` is probed only if its aggregate has a row
+/// waiting before it (one descent of the small `_waiting_idx`; the gate does not depend on
+/// the probed rows, so it is a one-time filter per row). Rows without a predecessor do not
+/// come back. The aggregate is the row's own, read by id: not the relay's decoding of it.
+fn probe_sql(t: &str) -> String {
+    format!(
+        "SELECT u.id, p.id, p.status, p.next_attempt_at \
+         FROM unnest($1::bigint[], $2::bool[]) AS u(id, must) \
+         JOIN {t} k ON k.id = u.id \
+         CROSS JOIN LATERAL ( \
+           SELECT p.id, p.status, p.next_attempt_at FROM {t} p \
+           WHERE (u.must \
+                  OR EXISTS (SELECT 1 FROM {t} w \
+                             WHERE w.aggregate_id = k.aggregate_id AND w.id < k.id \
+                               AND w.status <> 'published' \
+                               AND w.next_attempt_at <> '-infinity')) \
              AND p.aggregate_id = k.aggregate_id AND p.id < k.id \
              AND p.status <> 'published' \
-           ORDER BY p.id DESC LIMIT 1) p ON true \
-         WHERE k.before - k.prev_size < $3"
+           ORDER BY p.id DESC LIMIT 1) p"
     )
+}
+
+/// Whether a row written by transaction `written_by` needs its predecessor probe, given the
+/// walk that began when `young` was the oldest transaction running (both 32-bit xids, as
+/// Postgres compares them: modulo 2^32, within 2^31 of each other). Rows written by an older
+/// transaction were committed before the walk began, so every earlier unfinished row of their
+/// aggregate was visible to the walk when it passed its key. A frozen or bootstrap xid (below
+/// 3) is older than anything running.
+pub(crate) fn written_during_walk(written_by: i64, young: i64) -> bool {
+    let (w, y) = (written_by as u32, young as u32);
+    w >= 3 && (w.wrapping_sub(y) as i32) >= 0
 }
 
 /// How many partitions the aggregates are hashed into (`part` in the outbox table).
@@ -385,6 +387,7 @@ struct Statements {
     claim_after: String,
     claim_share: String,
     claim_share_after: String,
+    probe: String,
     fence: String,
     delete: String,
     keep_published: String,
@@ -408,6 +411,7 @@ impl Statements {
             claim_after: claim_sql(&t, true),
             claim_share: claim_share_sql(&t, false),
             claim_share_after: claim_share_sql(&t, true),
+            probe: probe_sql(&t),
             // The claim's half of the fence: a shared transaction lock per partition, which a
             // relay taking a partition over waits out (exclusively) before its first claim
             // there, so it never claims beside a claim of the previous owner still open.
@@ -500,6 +504,9 @@ pub struct Store {
     payload_cap: i64,
     /// A claim returns rows while their payloads and headers fit (`relay.batch_max_bytes`).
     batch_max_bytes: i64,
+    /// How many rows a claim asks for at most: about what the byte budget held at the last
+    /// claim's row sizes (see `claim_sql`).
+    rows_that_fit: AtomicU32,
 }
 
 /// What a claim brought back.
@@ -618,6 +625,7 @@ impl Store {
             client_timeout: Duration::from_secs(60),
             payload_cap: 1024 * 1024,
             batch_max_bytes: 8 * 1024 * 1024,
+            rows_that_fit: AtomicU32::new(u32::MAX),
         }
     }
 
@@ -699,21 +707,16 @@ impl Store {
             None => &self.stmts.claim,
             Some(_) => &self.stmts.claim_after,
         };
-        // No walk to speak of: every row gets its probe.
+        let limit = self.rows_to_ask(limit);
         let mut q = sqlx::query(sql)
             .bind(limit as i64)
-            .bind(self.payload_cap)
-            .bind(self.batch_max_bytes)
-            .bind(None::<i64>);
+            .bind(self.payload_cap);
         if let Some((at, id)) = cursor {
             q = q.bind(at).bind(id);
         }
-        let rows = q
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(StoreError::sql("claim"))?;
-        let (out, last, _) = decode_all(rows, self.payload_cap)?;
-        Ok((tx, out, last))
+        // No walk to speak of: every row gets its probe.
+        let taken = self.take_claim(&mut tx, q, None).await?;
+        Ok((tx, taken.rows, taken.last))
     }
 
     /// As [`Store::claim_after`], for a relay that owns a share of the partitions: only rows
@@ -765,36 +768,154 @@ impl Store {
         } else {
             &self.stmts.claim_share
         };
+        let limit = self.rows_to_ask(limit);
         let mut q = sqlx::query(sql)
             .bind(limit as i64)
             .bind(self.payload_cap)
-            .bind(self.batch_max_bytes)
             .bind(&fenced)
             .bind(&share.owner)
             .bind(lo)
             .bind(hi)
-            .bind(contiguous)
-            .bind(walk_xmin);
+            .bind(contiguous);
         if let Some((at, id)) = cursor {
             q = q.bind(at).bind(id);
         }
-        let rows = q
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(StoreError::sql("claim"))?;
-        let (rows, last, cut) = decode_all(rows, self.payload_cap)?;
-        let next = if rows.len() as u32 == limit {
-            last
+        let taken = self.take_claim(&mut tx, q, walk_xmin).await?;
+        let next = if taken.rows.len() as u32 == limit {
+            taken.last
         } else {
             None
         };
         Ok(Claim {
             tx,
-            rows,
+            rows: taken.rows,
             next,
-            cut,
+            cut: taken.cut,
             walk_xmin,
         })
+    }
+
+    /// A claim's row limit: `limit`, or fewer where the byte budget held fewer at the last
+    /// claim's row sizes.
+    fn rows_to_ask(&self, limit: u32) -> u32 {
+        limit.min(self.rows_that_fit.load(Ordering::Relaxed)).max(1)
+    }
+
+    /// Runs a claim statement and takes its rows as they arrive, while they fit the byte
+    /// budget (see `claim_sql`); then probes the predecessors of those that need it
+    /// ([`Store::probe_predecessors`]). `young`: the oldest transaction running when the claims' walk
+    /// began (`None`: every row is probed).
+    async fn take_claim(
+        &self,
+        tx: &mut ClaimTx,
+        claim: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+        young: Option<i64>,
+    ) -> Result<Taken, StoreError> {
+        let mut taken = Taken::default();
+        let mut bytes = 0i64;
+        let mut probe: Vec<(usize, bool)> = Vec::new();
+        let mut waiting = false;
+        {
+            let mut rows = claim.fetch(&mut **tx);
+            while let Some(row) = rows
+                .try_next()
+                .await
+                .map_err(StoreError::sql("claim"))?
+            {
+                let meta = decode::claim_meta(&row, self.payload_cap);
+                if !taken.rows.is_empty() && bytes >= self.batch_max_bytes {
+                    // Locked past the budget: released unchanged at commit. Dropping the
+                    // stream has the driver skip the rest before the next statement.
+                    taken.cut = true;
+                    break;
+                }
+                bytes = bytes.saturating_add(meta.size);
+                let (c, key) = decode_claimed(&row, self.payload_cap)
+                    .map_err(StoreError::sql("decode claimed row"))?;
+                if taken.last.is_none_or(|l| key > l) {
+                    taken.last = Some(key);
+                }
+                waiting |= meta.waiting;
+                let must = !meta.fresh
+                    || match (young, meta.written_by) {
+                        (Some(y), Some(w)) => written_during_walk(w, y),
+                        _ => true,
+                    };
+                if must || waiting {
+                    probe.push((taken.rows.len(), must));
+                }
+                taken.rows.push(c);
+            }
+        }
+        if let Some(per_row) = bytes.checked_div(taken.rows.len() as i64) {
+            let fit = self.batch_max_bytes / per_row.max(1);
+            let ask = fit.saturating_add(fit / 4).saturating_add(1);
+            self.rows_that_fit
+                .store(u32::try_from(ask).unwrap_or(u32::MAX), Ordering::Relaxed);
+        }
+        if !probe.is_empty() {
+            self.probe_predecessors(tx, &mut taken.rows, &probe).await?;
+        }
+        Ok(taken)
+    }
+
+    /// Finds the nearest unfinished predecessor of the claimed rows `which` (index into
+    /// `rows`, and whether the row is probed whatever `_waiting_idx` says), in the claim's
+    /// transaction. A row needs it only where the claim order can have missed one; elsewhere
+    /// the relay's own memory of the aggregate's rows is the whole story (`relay::dispatch`
+    /// chains every row behind its aggregate's rows in memory, probed or not):
+    ///
+    /// * the row is not fresh (retried, deferred, held, scheduled): its key sorts it after every
+    ///   fresh row, so a fresh predecessor may not have been walked yet;
+    /// * it was written by a transaction at least as new as the oldest one running when the
+    ///   claims' walk began from the front: only then can an earlier event of its aggregate
+    ///   have committed *behind* the walk (a producer that writes an aggregate's events one
+    ///   transaction after another), where the cursor would not see it;
+    /// * its aggregate has a row that is not fresh before it: a retry, deferral, hold or
+    ///   failure is waiting there. Only asked (one descent of `_waiting_idx` in the probe)
+    ///   when the claim saw that index hold anything.
+    ///
+    /// Otherwise every earlier unfinished row of the aggregate is fresh and was visible to the
+    /// walk when it passed its key: it is in this claim, in an earlier claim this relay still
+    /// tracks, or done. The probe runs after the claim statement, on a later snapshot; what it
+    /// sees in addition (an earlier row committed since) only holds the row back.
+    async fn probe_predecessors(
+        &self,
+        tx: &mut ClaimTx,
+        rows: &mut [Claimed],
+        which: &[(usize, bool)],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<i64> = which.iter().map(|&(i, _)| rows[i].event.id).collect();
+        let must: Vec<bool> = which.iter().map(|&(_, m)| m).collect();
+        let found = sqlx::query(&self.stmts.probe)
+            .bind(&ids)
+            .bind(&must)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(StoreError::sql("probe predecessors"))?;
+        let at: HashMap<i64, usize> = which.iter().map(|&(i, _)| (rows[i].event.id, i)).collect();
+        for row in &found {
+            let (id, prev) = decode::decode_prev(row).map_err(StoreError::sql("decode predecessor"))?;
+            let Some(&i) = at.get(&id) else { continue };
+            match prev {
+                Ok(p) => rows[i].prev = Some(p),
+                // Without it this row's order cannot be known; it stays unpublished (failed,
+                // with the reason) rather than risk overtaking its predecessor.
+                Err(reason) => {
+                    let r = &mut rows[i].invalid;
+                    *r = Some(match r.take() {
+                        Some(before) => format!("{before}; {reason}"),
+                        None => reason,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The predecessor probe's statement (see `probe_sql`), for EXPLAIN in tests.
+    pub fn probe_statement(&self) -> &str {
+        &self.stmts.probe
     }
 
     /// The partitioned claim's statement (see `claim_share_sql`), for EXPLAIN in tests.
@@ -1110,33 +1231,32 @@ impl Store {
     }
 }
 
-/// Decodes a claim's rows; also returns the last key taken (the next claim's cursor) and
-/// whether the byte budget cut the claim short (it locked rows it did not return).
-fn decode_all(
-    rows: Vec<sqlx::postgres::PgRow>,
-    payload_cap: i64,
-) -> Result<(Vec<Claimed>, Option<Cursor>, bool), StoreError> {
-    let mut out = Vec::with_capacity(rows.len());
-    let mut last: Option<Cursor> = None;
-    let mut cut = false;
-    for row in rows {
-        if decode::past_the_budget(&row).map_err(StoreError::sql("decode claimed row"))? {
-            cut = true;
-            continue;
-        }
-        let (c, key) =
-            decode_claimed(&row, payload_cap).map_err(StoreError::sql("decode claimed row"))?;
-        if last.is_none_or(|l| key > l) {
-            last = Some(key);
-        }
-        out.push(c);
-    }
-    Ok((out, last, cut))
+/// A claim's rows as taken: the last key among them (the next claim's cursor) and whether the
+/// byte budget cut the claim short (it locked rows it did not return).
+#[derive(Default)]
+struct Taken {
+    rows: Vec<Claimed>,
+    last: Option<Cursor>,
+    cut: bool,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As Postgres' `age(written_by) <= age(young)`: modulo 2^32, frozen rows always old.
+    #[test]
+    fn a_row_is_young_if_written_since_the_walk_began() {
+        assert!(written_during_walk(1000, 1000));
+        assert!(written_during_walk(1001, 1000));
+        assert!(!written_during_walk(999, 1000));
+        // Across the wrap of the 32-bit counter.
+        assert!(written_during_walk(5, u32::MAX as i64 - 5));
+        assert!(!written_during_walk(u32::MAX as i64 - 5, 5));
+        // Frozen (2) and bootstrap (1) xids are older than anything running.
+        assert!(!written_during_walk(2, u32::MAX as i64 - 5));
+        assert!(!written_during_walk(1, 3));
+    }
 
     #[test]
     fn channel_fits_postgres_identifier_limit() {
