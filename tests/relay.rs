@@ -888,6 +888,109 @@ async fn claims_are_bounded_in_bytes_and_oversized_payloads_are_never_fetched() 
     db.drop_schema().await;
 }
 
+/// A claim cut by its byte budget has read its statement to the end before it returns (rows
+/// left unsent would keep the statement running through the publish, past the reach of the
+/// idle-in-transaction timeout), probes on the same session, and the next claims ask Postgres
+/// for as many rows as the budget holds at the sizes last seen: full claims, not cut ones.
+#[tokio::test]
+async fn a_claim_past_its_byte_budget_ends_its_statement_and_asks_for_what_fits() {
+    let db = TestDb::new().await;
+    let fill = |rows: u32, size: u32| {
+        format!(
+            "INSERT INTO {{t}} (event_id, topic, aggregate_id, event_type, payload) \
+             SELECT gen_random_uuid(), 'orders.x', 'a' || (g % 3), 'T', \
+                    convert_to(repeat('x', {size}), 'UTF8') \
+             FROM generate_series(0, {}) g ORDER BY g",
+            rows - 1
+        )
+    };
+    // 40 rows of 300 KB: 12 MB, more than the socket buffers hold.
+    db.sql(&fill(40, 300 * 1024)).await;
+    let mut cfg = db.config();
+    cfg.relay.batch_max_bytes = 1024 * 1024;
+    let store = || async {
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+            .await
+            .unwrap()
+            .bounded_in_bytes(cfg.relay.max_payload_bytes, cfg.relay.batch_max_bytes)
+    };
+    let share = outbox_relay::store::Share {
+        owner: "nobody".into(),
+        parts: (0..outbox_relay::store::PARTITIONS).collect(),
+    };
+    db.sql("UPDATE {t}_partitions SET owner = 'nobody'").await;
+    // Every row probed: the fourth row (a0's second) finds the first, in the same claim.
+    let claim = store()
+        .await
+        .claim_share(100, outbox_relay::store::Walk::ProbeAll(None), &share)
+        .await
+        .unwrap();
+    assert_eq!(claim.rows.len(), 4);
+    assert!(claim.cut);
+    assert_eq!(
+        claim.rows[3].prev.as_ref().map(|p| p.id),
+        Some(claim.rows[0].event.id),
+        "probed after the cut, on the claim's own session"
+    );
+    claim.tx.rollback().await.unwrap();
+    // No row needs a probe (all written before the walk began): the claim statement is the
+    // claim's last, and has ended when the claim returns.
+    let store = store().await;
+    let claim = store
+        .claim_share(100, outbox_relay::store::Walk::Front, &share)
+        .await
+        .unwrap();
+    assert_eq!((claim.rows.len(), claim.cut), (4, true));
+    let still_running: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE state <> 'idle in transaction' \
+           AND query LIKE '%FOR UPDATE SKIP LOCKED%' AND query LIKE '%' || $1 || '.%' \
+           AND pid <> pg_backend_pid()",
+    )
+    .bind(db.schema())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        still_running, 0,
+        "the claim statement ended before the claim returned"
+    );
+    claim.tx.rollback().await.unwrap();
+    // Rows of 100 KB after rows of 300 KB: the first claim asks for four (what the budget held
+    // at 300 KB) and is full; the next asks for what holds at 100 KB: eleven, not cut.
+    db.sql("DELETE FROM {t}").await;
+    db.sql(&fill(60, 100 * 1024)).await;
+    let claim = store
+        .claim_share(100, outbox_relay::store::Walk::Front, &share)
+        .await
+        .unwrap();
+    assert_eq!((claim.rows.len(), claim.cut), (4, false));
+    assert!(claim.next.is_some(), "full at the size it asked for");
+    claim.tx.rollback().await.unwrap();
+    let claim = store
+        .claim_share(100, outbox_relay::store::Walk::Front, &share)
+        .await
+        .unwrap();
+    assert_eq!((claim.rows.len(), claim.cut), (11, false));
+    assert!(claim.next.is_some());
+    claim.tx.rollback().await.unwrap();
+    // Small rows again: back to the batch size at once.
+    db.sql("DELETE FROM {t}").await;
+    db.sql(&fill(60, 200)).await;
+    let claim = store
+        .claim_share(100, outbox_relay::store::Walk::Front, &share)
+        .await
+        .unwrap();
+    assert_eq!(claim.rows.len(), 11);
+    claim.tx.rollback().await.unwrap();
+    let claim = store
+        .claim_share(100, outbox_relay::store::Walk::Front, &share)
+        .await
+        .unwrap();
+    assert_eq!((claim.rows.len(), claim.cut), (60, false));
+    claim.tx.rollback().await.unwrap();
+    db.drop_schema().await;
+}
+
 /// An aggregate written one transaction after another by a producer whose first transaction
 /// stayed open while the relay's claims walked far past its row (a long business
 /// transaction): its second event, committed after the first, is claimed by a claim that

@@ -235,10 +235,10 @@ pub struct Session {
 /// * Bytes are bounded as well as rows. A payload over $2 (`relay.max_payload_bytes`) is not
 ///   fetched at all (only its size, and the row fails naming it). The relay reads the rows as
 ///   they arrive and keeps them while the running size of payloads and headers stays under
-///   `relay.batch_max_bytes` (the first row always); rows locked past the budget are dropped
-///   as they arrive and released unchanged when the claim commits. So that a table of large
-///   payloads does not send a whole batch of them for a budget's worth, the next claim asks
-///   for about as many rows as the budget held at the last claim's sizes.
+///   `relay.batch_max_bytes` (the first row always); rows locked past the budget are read
+///   and dropped as they arrive, and released unchanged when the claim commits. So that a
+///   table of large payloads does not send a whole batch of them for a budget's worth, a
+///   relay's next claim asks for as many rows as the budget holds at the last claim's sizes.
 /// * The predecessor probe (the nearest unfinished earlier row of the aggregate, one backward
 ///   probe on the aggregate index) is a second statement in the same transaction, for the
 ///   rows that need it only (see [`Store::probe_predecessors`] on which those are). In a healthy drain of a
@@ -707,7 +707,6 @@ impl Store {
             None => &self.stmts.claim,
             Some(_) => &self.stmts.claim_after,
         };
-        let limit = self.rows_to_ask(limit);
         let mut q = sqlx::query(sql)
             .bind(limit as i64)
             .bind(self.payload_cap);
@@ -795,8 +794,8 @@ impl Store {
         })
     }
 
-    /// A claim's row limit: `limit`, or fewer where the byte budget held fewer at the last
-    /// claim's row sizes.
+    /// A partitioned claim's row limit: `limit`, or fewer where the byte budget held fewer at
+    /// the last claim's row sizes (the claim then tells it came back full by its `next`).
     fn rows_to_ask(&self, limit: u32) -> u32 {
         limit.min(self.rows_that_fit.load(Ordering::Relaxed)).max(1)
     }
@@ -822,12 +821,18 @@ impl Store {
                 .await
                 .map_err(StoreError::sql("claim"))?
             {
+                if taken.cut {
+                    continue;
+                }
                 let meta = decode::claim_meta(&row, self.payload_cap);
                 if !taken.rows.is_empty() && bytes >= self.batch_max_bytes {
-                    // Locked past the budget: released unchanged at commit. Dropping the
-                    // stream has the driver skip the rest before the next statement.
+                    // Locked past the budget: released unchanged at commit. The rest is read
+                    // to its end and dropped, not left unread: a statement still sending
+                    // would keep running (its timeout counting, the session's idle timeout
+                    // not) through the whole publish, and an error in it would only surface
+                    // at the finish.
                     taken.cut = true;
-                    break;
+                    continue;
                 }
                 bytes = bytes.saturating_add(meta.size);
                 let (c, key) = decode_claimed(&row, self.payload_cap)
@@ -848,10 +853,12 @@ impl Store {
             }
         }
         if let Some(per_row) = bytes.checked_div(taken.rows.len() as i64) {
-            let fit = self.batch_max_bytes / per_row.max(1);
-            let ask = fit.saturating_add(fit / 4).saturating_add(1);
+            // As many rows of that size as the budget keeps (the last one starts under it):
+            // rows alike come back as a full claim, which the next one continues.
+            let per_row = per_row.max(1);
+            let fit = self.batch_max_bytes.saturating_add(per_row - 1) / per_row;
             self.rows_that_fit
-                .store(u32::try_from(ask).unwrap_or(u32::MAX), Ordering::Relaxed);
+                .store(u32::try_from(fit).unwrap_or(u32::MAX), Ordering::Relaxed);
         }
         if !probe.is_empty() {
             self.probe_predecessors(tx, &mut taken.rows, &probe).await?;
