@@ -198,26 +198,6 @@ async fn drain_plain_loop(cfg: &Config, n: u64, publisher: Arc<dyn Publisher>) -
     }
 }
 
-/// CPU seconds the whole machine spent (all processes: the relay, Postgres, the broker), from
-/// /proc/stat, so the relay and the floor loop can be compared per event.
-fn machine_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system (idle iowait excluded) irq softirq steal
-    let busy: f64 = [0usize, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|i| f.get(*i))
-        .sum();
-    busy / 100.0
-}
-
 /// The relay's own claim and mark statements, `depth` loops at once, no publishing.
 async fn drain_sql_only(cfg: &Config, n: u64) -> Figures {
     let store = Arc::new(Store::connect(&cfg.database, &session(cfg)).await.unwrap());
@@ -300,9 +280,9 @@ async fn bench() {
     );
     for n in sizes {
         db.fill(0, n, 10_000).await;
-        let m0 = machine_cpu_seconds();
+        let m0 = common::machine_cpu_seconds();
         let relay = drain_with_relay(&cfg, n, &backend).await;
-        let relay_machine = machine_cpu_seconds() - m0;
+        let relay_machine = common::machine_cpu_seconds() - m0;
         if std::env::var_os("BENCH_ONLY_RELAY").is_some() {
             // For profiling the relay alone (perf record on this process).
             println!(
@@ -342,9 +322,9 @@ async fn bench() {
             "pulsar" => Arc::new(PulsarPublisher::connect(&brokers::pulsar_config()).await),
             _ => Arc::new(MemoryPublisher::counting()),
         };
-        let m0 = machine_cpu_seconds();
+        let m0 = common::machine_cpu_seconds();
         let floor = drain_plain_loop(&cfg, n, floor_publisher).await;
-        let floor_machine = machine_cpu_seconds() - m0;
+        let floor_machine = common::machine_cpu_seconds() - m0;
         let floor_rate = floor.rows as f64 / floor.secs;
         println!(
             "{n:>9} events: plain batch loop {floor_rate:>9.0} ev/s ({:.2}s, {:.2} CPU-s) | relay/loop speed {:.2} | \

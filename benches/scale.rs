@@ -3,7 +3,8 @@
 //! 1. A backlog of BENCH_EVENTS (100 000) events of 200 bytes over 300 and over 1 000
 //!    aggregates, drained by 1, 2 and 3 relays started together (each with its own pool,
 //!    ownership session and backend client, in this process, as they would share the machine
-//!    as processes).
+//!    as processes); then again by relays already running and settled on their shares when
+//!    the backlog is committed.
 //! 2. One aggregate holding BENCH_HOT (20 000) events, drained by one relay in pipelined and in
 //!    strict ordering.
 //!
@@ -94,6 +95,80 @@ async fn drain(db: &BenchDb, cfg: &Config, backend: &str, relays: usize) -> (f64
     (secs, deferred)
 }
 
+/// As `drain`, with the relays already running and settled on their shares when the backlog
+/// arrives (one INSERT of `events` rows, committed at once): the steady state of relays
+/// run for availability, without the joining and hand-over of partitions that relays
+/// started together on a backlog go through first. Timed from the commit; also returns the
+/// CPU seconds the whole machine spent meanwhile, and per event the microseconds of each of
+/// `SPLIT`.
+async fn drain_settled(
+    db: &BenchDb,
+    cfg: &Config,
+    backend: &str,
+    relays: usize,
+    events: u64,
+    aggregates: u64,
+) -> (f64, f64, Vec<f64>) {
+    let stop = CancellationToken::new();
+    let mut handles = Vec::new();
+    let mut stats = Vec::new();
+    for i in 0..relays {
+        let mut cfg = cfg.clone();
+        cfg.relay.instance_id = Some(format!("bench-{i}"));
+        let relay = common::relay(&cfg, backend, publisher(backend, &cfg).await)
+            .await
+            .with_monitor(cfg.monitor.clone(), format!("bench-{i}"));
+        stats.push(relay.stats());
+        let stop = stop.clone();
+        handles.push(tokio::spawn(async move { relay.run(stop).await.unwrap() }));
+    }
+    let owned = |s: &std::sync::Arc<outbox_relay::relay::Stats>| {
+        s.owned_partitions.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let t = Instant::now();
+    while !(stats.iter().all(|s| owned(s) > 0)
+        && stats.iter().map(owned).sum::<u64>() == outbox_relay::store::PARTITIONS as u64)
+    {
+        assert!(t.elapsed() < Duration::from_secs(60), "relays did not settle");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {} (event_id, topic, aggregate_id, event_type, payload) \
+         SELECT gen_random_uuid(), 'bench.events', 'agg-' || (g % $2), 'BenchEvent', \
+                convert_to(rpad(g::text, 200, 'x'), 'UTF8') \
+         FROM generate_series(1, $1::bigint) g",
+        db.names.qualified()
+    ))
+    .bind(events as i64)
+    .bind(aggregates as i64)
+    .execute(&db.pool)
+    .await
+    .expect("fill");
+    let t0 = Instant::now();
+    let m0 = common::machine_cpu_seconds();
+    let p0 = common::cpu_by_command(&SPLIT);
+    while pending(db).await > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(600), "drain stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let machine = common::machine_cpu_seconds() - m0;
+    let split: Vec<f64> = common::cpu_by_command(&SPLIT)
+        .iter()
+        .zip(&p0)
+        .map(|(a, b)| (a - b) / events as f64 * 1e6)
+        .collect();
+    stop.cancel();
+    for h in handles {
+        h.await.unwrap();
+    }
+    (secs, machine, split)
+}
+
+/// Whose CPU the settled drains report per event: the relays (this process), Postgres, and
+/// the brokers of the benchmarks.
+const SPLIT: [&str; 4] = ["scale-", "postgres", "tansu", "pulsar-lite"];
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     outbox_relay::allocator::tune();
@@ -143,6 +218,21 @@ async fn main() {
             line.push_str(&format!(
                 " {relays} relay(s) {:>7.0} ev/s (deferred {deferred}) |",
                 events as f64 / secs
+            ));
+        }
+        println!("{line}");
+        let mut line = format!("{aggregates:>5} aggregates, relays settled first:");
+        for relays in 1..=3 {
+            let (secs, machine, split) =
+                drain_settled(&db, &cfg, &backend, relays, events, aggregates).await;
+            line.push_str(&format!(
+                " {relays} relay(s) {:>7.0} ev/s, machine {:.1} us/ev (relays {:.1}, \
+                 postgres {:.1}, broker {:.1}) |",
+                events as f64 / secs,
+                machine / events as f64 * 1e6,
+                split[0],
+                split[1],
+                split[2] + split[3]
             ));
         }
         println!("{line}");

@@ -147,3 +147,49 @@ pub async fn relay(cfg: &Config, name: &str, publisher: Arc<dyn Publisher>) -> R
 pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
 }
+
+/// CPU seconds the whole machine spent (all processes: the relay, Postgres, the broker), from
+/// /proc/stat, so the relay and the floor loop can be compared per event.
+pub fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system (idle iowait excluded) irq softirq steal
+    let busy: f64 = [0usize, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| f.get(*i))
+        .sum();
+    busy / 100.0
+}
+
+/// CPU seconds spent so far by the processes whose command name starts with each of `names`
+/// (e.g. "postgres", "tansu"), from /proc; a process that ended meanwhile is not counted.
+#[allow(dead_code)] // the scale benchmark's split of the machine's CPU
+pub fn cpu_by_command(names: &[&str]) -> Vec<f64> {
+    let mut out = vec![0.0; names.len()];
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let Some(i) = names.iter().position(|n| comm.starts_with(n)) else {
+            continue;
+        };
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        out[i] += (ticks(11) + ticks(12)) / 100.0;
+    }
+    out
+}
