@@ -123,13 +123,17 @@ async fn drain_settled(
         handles.push(tokio::spawn(async move { relay.run(stop).await.unwrap() }));
     }
     let owned = |s: &std::sync::Arc<outbox_relay::relay::Stats>| {
-        s.owned_partitions.load(std::sync::atomic::Ordering::Relaxed)
+        s.owned_partitions
+            .load(std::sync::atomic::Ordering::Relaxed)
     };
     let t = Instant::now();
     while !(stats.iter().all(|s| owned(s) > 0)
         && stats.iter().map(owned).sum::<u64>() == outbox_relay::store::PARTITIONS as u64)
     {
-        assert!(t.elapsed() < Duration::from_secs(60), "relays did not settle");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "relays did not settle"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sqlx::query(&format!(

@@ -35,7 +35,11 @@ pub(super) fn claim_meta(row: &PgRow, payload_cap: i64) -> ClaimMeta {
         .ok()
         .flatten()
         .map_or(payload_cap, |n| n.min(payload_cap));
-    let headers = row.try_get::<Option<i64>, _>(16).ok().flatten().unwrap_or(0);
+    let headers = row
+        .try_get::<Option<i64>, _>(16)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
     ClaimMeta {
         size: payload.saturating_add(headers),
         fresh: matches!(timestamp(row, 14), Ok(Some(Ts::NegInfinity))),

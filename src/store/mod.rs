@@ -707,9 +707,7 @@ impl Store {
             None => &self.stmts.claim,
             Some(_) => &self.stmts.claim_after,
         };
-        let mut q = sqlx::query(sql)
-            .bind(limit as i64)
-            .bind(self.payload_cap);
+        let mut q = sqlx::query(sql).bind(limit as i64).bind(self.payload_cap);
         if let Some((at, id)) = cursor {
             q = q.bind(at).bind(id);
         }
@@ -816,11 +814,7 @@ impl Store {
         let mut waiting = false;
         {
             let mut rows = claim.fetch(&mut **tx);
-            while let Some(row) = rows
-                .try_next()
-                .await
-                .map_err(StoreError::sql("claim"))?
-            {
+            while let Some(row) = rows.try_next().await.map_err(StoreError::sql("claim"))? {
                 if taken.cut {
                     continue;
                 }
@@ -902,7 +896,8 @@ impl Store {
             .map_err(StoreError::sql("probe predecessors"))?;
         let at: HashMap<i64, usize> = which.iter().map(|&(i, _)| (rows[i].event.id, i)).collect();
         for row in &found {
-            let (id, prev) = decode::decode_prev(row).map_err(StoreError::sql("decode predecessor"))?;
+            let (id, prev) =
+                decode::decode_prev(row).map_err(StoreError::sql("decode predecessor"))?;
             let Some(&i) = at.get(&id) else { continue };
             match prev {
                 Ok(p) => rows[i].prev = Some(p),
