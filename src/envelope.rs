@@ -8,6 +8,7 @@
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 use uuid::Uuid;
 
@@ -449,7 +450,10 @@ pub struct CloudEventAttributes<'a> {
 }
 
 /// A message as headers (name, value) and a body; see [`Event::message`].
-pub type WireMessage<'a> = (Vec<(&'a str, String)>, Vec<u8>);
+/// The body borrows the payload where the format is the payload itself (raw): the Kafka
+/// client copies it into its own buffer anyway, so a copy of ours would be one per event for
+/// nothing.
+pub type WireMessage<'a> = (Vec<(&'a str, String)>, Cow<'a, [u8]>);
 
 /// One row of [`cloudevents::ATTRIBUTES`]: (name, Kafka header, NATS header).
 pub type CloudEventAttribute = (&'static str, &'static str, &'static str);
@@ -922,9 +926,13 @@ impl Event {
             BodyFormat::CloudEvents(ce) => {
                 let attributes = self.cloudevent(&ce)?;
                 let headers = self.cloudevent_headers(&attributes, ce.mode, wire);
-                Ok((headers, self.cloudevent_body(attributes, ce.mode)?))
+                Ok((
+                    headers,
+                    Cow::Owned(self.cloudevent_body(attributes, ce.mode)?),
+                ))
             }
-            other => Ok((self.wire_headers(), self.try_body(other)?)),
+            BodyFormat::Raw => Ok((self.wire_headers(), Cow::Borrowed(&self.payload))),
+            other => Ok((self.wire_headers(), Cow::Owned(self.try_body(other)?))),
         }
     }
 
@@ -1552,7 +1560,7 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
         assert!(v.get("data_base64").is_none());
-        assert_eq!(e.body(ce(CloudEventsMode::Structured)), body);
+        assert_eq!(e.body(ce(CloudEventsMode::Structured)), *body);
     }
 
     #[test]

@@ -199,9 +199,9 @@ const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 /// An event as the parts of a Kafka record; its topic and key (the aggregate id) are the
 /// event's own.
-pub struct KafkaMessage {
+pub struct KafkaMessage<'a> {
     pub headers: OwnedHeaders,
-    pub body: Vec<u8>,
+    pub body: std::borrow::Cow<'a, [u8]>,
 }
 
 /// Builds the Kafka record of an event without a broker, or says why the row cannot be sent:
@@ -216,7 +216,7 @@ pub fn kafka_message(
     event: &Event,
     format: BodyFormat,
     max_message_bytes: Option<usize>,
-) -> Result<KafkaMessage, InvalidEvent> {
+) -> Result<KafkaMessage<'_>, InvalidEvent> {
     // Also what keeps librdkafka's topic CString free of NUL bytes.
     config::validate_kafka_topic(&event.topic).map_err(InvalidEvent::BackendTopic)?;
     event.validate_for(Wire::Kafka)?;
@@ -352,7 +352,7 @@ impl KafkaPublisher {
             };
         let mut record = BaseRecord::with_opaque_to(&event.topic, Box::new(ticket))
             .key(event.aggregate_id.as_bytes())
-            .payload(&body)
+            .payload(&*body)
             .headers(headers);
         loop {
             match producer.send(record) {

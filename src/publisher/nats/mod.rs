@@ -196,7 +196,10 @@ pub fn nats_message(
             });
         }
     }
-    Ok(NatsMessage { headers, body })
+    Ok(NatsMessage {
+        headers,
+        body: body.into_owned(),
+    })
 }
 
 /// The headers of an event's NATS message in the route's format; see [`nats_message`].

@@ -76,7 +76,7 @@ pub fn pulsar_message(
     }
     let millis = event.occurred_at.timestamp_millis();
     Ok(Message {
-        payload: body,
+        payload: body.into_owned(),
         properties,
         partition_key: Some(event.aggregate_id.clone()),
         ordering_key: Some(event.aggregate_id.as_bytes().to_vec()),
