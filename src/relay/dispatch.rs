@@ -190,7 +190,7 @@ pub struct Dispatcher {
     rows: HashMap<i64, RowState>,
     /// Per aggregate (by a hash of its id), the rows of it in `rows`. The claim probes the
     /// database for a row's predecessor only where its own order could have missed one (see
-    /// `store::claim_sql`); otherwise the row's predecessors are these, or done.
+    /// `Store::probe_predecessors`); otherwise the row's predecessors are these, or done.
     /// Ordered, so a hot aggregate's thousands of rows in memory cost a tree step, not a scan.
     by_aggregate: HashMap<u64, Tracked>,
     /// The chains, by number.

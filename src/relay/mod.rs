@@ -518,7 +518,7 @@ impl Relay {
         // Claims start past the last key taken while they come back full; from the front of the
         // due index again when one comes back short and at least once per poll interval, so
         // rows committed late (behind the cursor) are found too. With the key goes the oldest
-        // transaction running when the walk began (see `store::claim_sql`).
+        // transaction running when the walk began (see `Store::probe_predecessors`).
         let mut cursor: Option<(Cursor, i64)> = None;
         // Claims cut short by their byte budget and still open: they hold rows locked that
         // nobody tracks, so claims started meanwhile probe every row.

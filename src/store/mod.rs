@@ -371,7 +371,7 @@ pub struct Share {
 pub type Cursor = (DateTime<Utc>, i64);
 
 /// Where a claim stands in the claims' walk through the due index, which decides the rows
-/// whose predecessor probe it may skip (see `claim_sql`).
+/// whose predecessor probe it may skip (see [`Store::probe_predecessors`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Walk {
     /// From the front: a new walk begins, with the oldest transaction running now.
@@ -402,11 +402,10 @@ impl Statements {
     fn new(n: &Names) -> Self {
         let t = n.qualified();
         Statements {
-            // The CTE walks the due index in (next_attempt_at, id) order and stops after $1
-            // rows it could lock: its cost is the batch plus rows other claims hold, whatever
-            // the table's size. The lateral probe finds each row's nearest unfinished
-            // predecessor on the aggregate index (one backward index probe per row), which is
-            // how the relay keeps one event per aggregate in flight.
+            // The claim walks the due index in (next_attempt_at, id) order and stops after
+            // $1 rows it could lock: its cost is the batch plus rows other claims hold,
+            // whatever the table's size. The probe finds, for the rows that need it, the
+            // nearest unfinished predecessor on the aggregate index (see `claim_sql`).
             claim: claim_sql(&t, false),
             claim_after: claim_sql(&t, true),
             claim_share: claim_share_sql(&t, false),
