@@ -126,10 +126,25 @@ async fn drain_settled(
         s.owned_partitions
             .load(std::sync::atomic::Ordering::Relaxed)
     };
+    // Settled: the shares are the targets' sizes (in some order) and stay so for two
+    // rebalance intervals, so no hand-over falls inside the timed drain.
+    let mut want: Vec<u64> = (0..relays)
+        .map(|i| outbox_relay::relay::ownership::target(i, relays).len() as u64)
+        .collect();
+    want.sort_unstable();
     let t = Instant::now();
-    while !(stats.iter().all(|s| owned(s) > 0)
-        && stats.iter().map(owned).sum::<u64>() == outbox_relay::store::PARTITIONS as u64)
-    {
+    let mut since: Option<Instant> = None;
+    loop {
+        let mut have: Vec<u64> = stats.iter().map(owned).collect();
+        have.sort_unstable();
+        since = if have == want {
+            since.or(Some(Instant::now()))
+        } else {
+            None
+        };
+        if since.is_some_and(|s| s.elapsed() >= 2 * cfg.relay.rebalance_interval.0) {
+            break;
+        }
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "relays did not settle"

@@ -904,8 +904,8 @@ async fn a_claim_past_its_byte_budget_ends_its_statement_and_asks_for_what_fits(
             rows - 1
         )
     };
-    // 40 rows of 300 KB: 12 MB, more than the socket buffers hold.
-    db.sql(&fill(40, 300 * 1024)).await;
+    // 60 rows of 300 KB: 18 MB, more than the socket buffers hold.
+    db.sql(&fill(60, 300 * 1024)).await;
     let mut cfg = db.config();
     cfg.relay.batch_max_bytes = 1024 * 1024;
     let store = || async {
@@ -933,16 +933,34 @@ async fn a_claim_past_its_byte_budget_ends_its_statement_and_asks_for_what_fits(
         "probed after the cut, on the claim's own session"
     );
     claim.tx.rollback().await.unwrap();
-    // No row needs a probe (all written before the walk began): the claim statement is the
-    // claim's last, and has ended when the claim returns.
+    // No row needs a probe: all were written before a walk that began with a transaction
+    // newer than theirs (read now, whatever else runs on the server), and nothing waits. The
+    // claim statement is the claim's last, and has ended when the claim returns.
+    let walk_began: i64 =
+        sqlx::query_scalar("SELECT (pg_current_xact_id()::text::numeric % 4294967296)::bigint")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     let store = store().await;
+    // Any time before year 1 stands for the fresh rows' `-infinity` (see the claim's cursor).
+    let before_year_one = chrono::NaiveDate::from_ymd_opt(-100, 1, 1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let from_the_front = (before_year_one, 0);
     let claim = store
-        .claim_share(100, outbox_relay::store::Walk::Front, &share)
+        .claim_share(
+            100,
+            outbox_relay::store::Walk::After(from_the_front, walk_began),
+            &share,
+        )
         .await
         .unwrap();
     assert_eq!((claim.rows.len(), claim.cut), (4, true));
+    assert!(claim.rows.iter().all(|r| r.prev.is_none()), "no probe ran");
     let still_running: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE state <> 'idle in transaction' \
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
            AND query LIKE '%FOR UPDATE SKIP LOCKED%' AND query LIKE '%' || $1 || '.%' \
            AND pid <> pg_backend_pid()",
     )
