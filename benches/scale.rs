@@ -28,6 +28,9 @@ use outbox_relay::publisher::memory::MemoryPublisher;
 use outbox_relay::publisher::nats::NatsPublisher;
 use outbox_relay::publisher::pulsar::PulsarPublisher;
 use outbox_relay::publisher::Publisher;
+use outbox_relay::relay::Stats;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -58,12 +61,15 @@ async fn pending(db: &BenchDb) -> i64 {
     .unwrap()
 }
 
-/// Starts `relays` relays at once on the filled outbox and times the drain (from the start to
-/// no pending row left).
-async fn drain(db: &BenchDb, cfg: &Config, backend: &str, relays: usize) -> (f64, u64) {
-    let stop = CancellationToken::new();
-    let mut handles = Vec::new();
-    let t0 = Instant::now();
+/// Starts `relays` relays at once (each with its own pool, ownership session and client), until
+/// `stop`: their stats and their tasks.
+async fn start(
+    cfg: &Config,
+    backend: &str,
+    relays: usize,
+    stop: &CancellationToken,
+) -> Vec<(Arc<Stats>, tokio::task::JoinHandle<()>)> {
+    let mut started = Vec::new();
     for i in 0..relays {
         let mut cfg = cfg.clone();
         cfg.relay.instance_id = Some(format!("bench-{i}"));
@@ -71,14 +77,20 @@ async fn drain(db: &BenchDb, cfg: &Config, backend: &str, relays: usize) -> (f64
             .await
             .with_monitor(cfg.monitor.clone(), format!("bench-{i}"));
         let stop = stop.clone();
-        handles.push(tokio::spawn(async move {
-            relay.run(stop).await.unwrap();
-            relay
-                .stats()
-                .deferred
-                .load(std::sync::atomic::Ordering::Relaxed)
-        }));
+        started.push((
+            relay.stats(),
+            tokio::spawn(async move { relay.run(stop).await.unwrap() }),
+        ));
     }
+    started
+}
+
+/// Starts `relays` relays at once on the filled outbox and times the drain (from the start to
+/// no pending row left).
+async fn drain(db: &BenchDb, cfg: &Config, backend: &str, relays: usize) -> (f64, u64) {
+    let stop = CancellationToken::new();
+    let t0 = Instant::now();
+    let started = start(cfg, backend, relays, &stop).await;
     loop {
         if pending(db).await == 0 {
             break;
@@ -89,8 +101,9 @@ async fn drain(db: &BenchDb, cfg: &Config, backend: &str, relays: usize) -> (f64
     let secs = t0.elapsed().as_secs_f64();
     stop.cancel();
     let mut deferred = 0;
-    for h in handles {
-        deferred += h.await.unwrap();
+    for (stats, task) in started {
+        task.await.unwrap();
+        deferred += stats.deferred.load(Ordering::Relaxed);
     }
     (secs, deferred)
 }
@@ -110,22 +123,8 @@ async fn drain_settled(
     aggregates: u64,
 ) -> (f64, f64, Vec<f64>) {
     let stop = CancellationToken::new();
-    let mut handles = Vec::new();
-    let mut stats = Vec::new();
-    for i in 0..relays {
-        let mut cfg = cfg.clone();
-        cfg.relay.instance_id = Some(format!("bench-{i}"));
-        let relay = common::relay(&cfg, backend, publisher(backend, &cfg).await)
-            .await
-            .with_monitor(cfg.monitor.clone(), format!("bench-{i}"));
-        stats.push(relay.stats());
-        let stop = stop.clone();
-        handles.push(tokio::spawn(async move { relay.run(stop).await.unwrap() }));
-    }
-    let owned = |s: &std::sync::Arc<outbox_relay::relay::Stats>| {
-        s.owned_partitions
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let started = start(cfg, backend, relays, &stop).await;
+    let owned = |s: &Arc<Stats>| s.owned_partitions.load(Ordering::Relaxed);
     // Settled: the shares are the targets' sizes (in some order) and stay so for two
     // rebalance intervals, so no hand-over falls inside the timed drain.
     let mut want: Vec<u64> = (0..relays)
@@ -135,7 +134,7 @@ async fn drain_settled(
     let t = Instant::now();
     let mut since: Option<Instant> = None;
     loop {
-        let mut have: Vec<u64> = stats.iter().map(owned).collect();
+        let mut have: Vec<u64> = started.iter().map(|(s, _)| owned(s)).collect();
         have.sort_unstable();
         since = if have == want {
             since.or(Some(Instant::now()))
@@ -178,8 +177,8 @@ async fn drain_settled(
         .map(|(a, b)| (a - b) / events as f64 * 1e6)
         .collect();
     stop.cancel();
-    for h in handles {
-        h.await.unwrap();
+    for (_, task) in started {
+        task.await.unwrap();
     }
     (secs, machine, split)
 }

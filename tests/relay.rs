@@ -820,40 +820,32 @@ async fn claims_are_bounded_in_bytes_and_oversized_payloads_are_never_fetched() 
     .execute(&db.pool)
     .await
     .unwrap();
-    let claim = store
-        .claim_share(100, outbox_relay::store::Walk::Front, &share)
-        .await
-        .unwrap();
+    let claim_front = |limit| store.claim_share(limit, outbox_relay::store::Walk::Front, &share);
+    let claim = claim_front(100).await.unwrap();
     assert_eq!(claim.rows.len(), 4, "rows under a 1 MB budget");
     assert!(claim.cut, "the budget cut the claim");
     assert!(
         claim.next.is_none(),
         "a cut claim starts the next one from the front"
     );
-    drop(claim);
+    claim.tx.rollback().await.unwrap();
     // Four rows that all fit are not a cut claim, though the fourth ends past the budget.
-    let claim = store
-        .claim_share(4, outbox_relay::store::Walk::Front, &share)
-        .await
-        .unwrap();
+    let claim = claim_front(4).await.unwrap();
     assert_eq!(claim.rows.len(), 4);
     assert!(!claim.cut, "nothing locked was left out");
     assert!(
         claim.rows.iter().all(|r| r.invalid.is_none()),
         "every row whole"
     );
-    drop(claim);
-    // Having seen 300 KB rows, a claim of 100 asks Postgres for about what the budget holds
-    // (four or five rows), not for 100 rows of which it would drop 96 as they arrive: it
-    // comes back full at that size, and says where the next one starts.
-    let claim = store
-        .claim_share(100, outbox_relay::store::Walk::Front, &share)
-        .await
-        .unwrap();
+    claim.tx.rollback().await.unwrap();
+    // Having seen 300 KB rows, a claim of 100 asks Postgres for what the budget holds (four
+    // rows), not for 100 rows of which it would drop 96 as they arrive: it comes back full at
+    // that size, and says where the next one starts.
+    let claim = claim_front(100).await.unwrap();
     assert_eq!(claim.rows.len(), 4);
     assert!(!claim.cut, "no row was sent past the budget");
     assert!(claim.next.is_some(), "full at the size it asked for");
-    drop(claim);
+    claim.tx.rollback().await.unwrap();
     sqlx::query(&format!(
         "UPDATE {}_partitions SET owner = NULL",
         db.names.qualified()
@@ -973,37 +965,26 @@ async fn a_claim_past_its_byte_budget_ends_its_statement_and_asks_for_what_fits(
         "the claim statement ended before the claim returned"
     );
     claim.tx.rollback().await.unwrap();
+    let claim_front = |limit| store.claim_share(limit, outbox_relay::store::Walk::Front, &share);
     // Rows of 100 KB after rows of 300 KB: the first claim asks for four (what the budget held
     // at 300 KB) and is full; the next asks for what holds at 100 KB: eleven, not cut.
     db.sql("DELETE FROM {t}").await;
     db.sql(&fill(60, 100 * 1024)).await;
-    let claim = store
-        .claim_share(100, outbox_relay::store::Walk::Front, &share)
-        .await
-        .unwrap();
+    let claim = claim_front(100).await.unwrap();
     assert_eq!((claim.rows.len(), claim.cut), (4, false));
     assert!(claim.next.is_some(), "full at the size it asked for");
     claim.tx.rollback().await.unwrap();
-    let claim = store
-        .claim_share(100, outbox_relay::store::Walk::Front, &share)
-        .await
-        .unwrap();
+    let claim = claim_front(100).await.unwrap();
     assert_eq!((claim.rows.len(), claim.cut), (11, false));
     assert!(claim.next.is_some());
     claim.tx.rollback().await.unwrap();
     // Small rows again: back to the batch size at once.
     db.sql("DELETE FROM {t}").await;
     db.sql(&fill(60, 200)).await;
-    let claim = store
-        .claim_share(100, outbox_relay::store::Walk::Front, &share)
-        .await
-        .unwrap();
+    let claim = claim_front(100).await.unwrap();
     assert_eq!(claim.rows.len(), 11);
     claim.tx.rollback().await.unwrap();
-    let claim = store
-        .claim_share(100, outbox_relay::store::Walk::Front, &share)
-        .await
-        .unwrap();
+    let claim = claim_front(100).await.unwrap();
     assert_eq!((claim.rows.len(), claim.cut), (60, false));
     claim.tx.rollback().await.unwrap();
     db.drop_schema().await;

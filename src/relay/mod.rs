@@ -689,7 +689,7 @@ impl Relay {
                             let n = rows.len();
                             // Full (as many rows as it asked for, which the byte budget may
                             // have made fewer than the batch size): more may be due.
-                            if next.is_some() || n as u32 == self.cfg.batch_size {
+                            if next.is_some() {
                                 want_claim = true;
                             }
                             if n == 0 && drain && txs.is_empty() && finishing.is_empty() {

@@ -241,8 +241,8 @@ pub struct Session {
 ///   relay's next claim asks for as many rows as the budget holds at the last claim's sizes.
 /// * The predecessor probe (the nearest unfinished earlier row of the aggregate, one backward
 ///   probe on the aggregate index) is a second statement in the same transaction, for the
-///   rows that need it only (see [`Store::probe_predecessors`] on which those are). In a healthy drain of a
-///   backlog none does, and the claim is the one statement.
+///   rows that need it only (see [`Store::probe_predecessors`] on which those are). In a
+///   healthy drain of a backlog none does, and the claim is the one statement.
 ///
 /// `waiting` says whether `_waiting_idx` holds anything at all: a retry, deferral, hold or
 /// failure anywhere. One look per claim (an InitPlan).
@@ -272,9 +272,9 @@ fn cursor_after(at: u8, id: u8) -> String {
 ///
 /// The range is checked inside the claim index (`part` is its last key column), so rows of
 /// other relays' partitions cost a skipped index entry; the exact set is a filter only when
-/// the share is not one range (while partitions move); so in the ownership check, where a
-/// 256-element `ANY` over 256 rows cost a sixth of the claim. The uncorrelated subquery runs once:
-/// the claim takes nothing unless every partition still names this relay in
+/// the share is not one range (while partitions move). The same holds in the ownership check,
+/// where a 256-element `ANY` over 256 rows cost a sixth of the claim. That uncorrelated
+/// subquery runs once: the claim takes nothing unless every partition still names this relay in
 /// `<table>_partitions`, which is how a relay whose ownership session died (and whose
 /// partitions another relay may have taken over) is fenced out. See
 /// [`crate::relay::ownership`].
@@ -799,8 +799,8 @@ impl Store {
 
     /// Runs a claim statement and takes its rows as they arrive, while they fit the byte
     /// budget (see `claim_sql`); then probes the predecessors of those that need it
-    /// ([`Store::probe_predecessors`]). `young`: the oldest transaction running when the claims' walk
-    /// began (`None`: every row is probed).
+    /// ([`Store::probe_predecessors`]). `young`: the oldest transaction running when the
+    /// claims' walk began (`None`: every row is probed).
     async fn take_claim(
         &self,
         tx: &mut ClaimTx,
