@@ -185,7 +185,8 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     pub connect_timeout: Dur,
     pub statement_timeout: Dur,
-    /// TLS: "" (the URL's sslmode, else prefer), disable, prefer, require, verify-ca or
+    /// TLS: "" (the URL's sslmode, else prefer; on a loopback host with no TLS setting at all,
+    /// plaintext where the server takes it), disable, prefer, require, verify-ca or
     /// verify-full.
     pub ssl_mode: String,
     /// PEM file of the CA(s) that sign the server's certificate; "" = the URL's sslrootcert,

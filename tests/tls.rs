@@ -104,6 +104,19 @@ struct TlsPostgres {
 impl TlsPostgres {
     /// A private server with TLS on that accepts TCP connections only over TLS.
     fn start() -> TlsPostgres {
+        Self::start_with_hba(
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+    }
+
+    /// A private server with TLS on that accepts TCP connections with or without it.
+    fn start_either() -> TlsPostgres {
+        Self::start_with_hba(
+            "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
+        )
+    }
+
+    fn start_with_hba(hba: &str) -> TlsPostgres {
         let pg = PrivatePostgres::start();
         let certs = tempfile::tempdir().unwrap();
         make_ca(certs.path(), "ca");
@@ -113,11 +126,7 @@ impl TlsPostgres {
         for f in ["server.crt", "server.key"] {
             std::fs::copy(certs.path().join(f), data.join(f)).unwrap();
         }
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
-        )
-        .unwrap();
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         let mut conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
         conf.push_str("\nssl = on\n");
         std::fs::write(data.join("postgresql.auto.conf"), conf).unwrap();
@@ -177,15 +186,64 @@ fn relay(url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// migrate, then check: both succeed and check reports an encrypted session.
 fn assert_connects(url: &str, env: &[(&str, &str)], what: &str) {
-    let o = relay(url, &["migrate"], env);
-    assert!(o.status.success(), "{what}: migrate: {}", text(&o));
-    let o = relay(url, &["check"], env);
-    assert!(o.status.success(), "{what}: check: {}", text(&o));
-    let out = text(&o);
+    let out = migrate_and_check(url, env, what);
     assert!(
         out.contains("ok       database") && out.contains("TLSv1."),
         "{what}: check does not report TLS:\n{out}"
     );
+}
+
+/// migrate, then check; both must succeed. Returns check's output.
+fn migrate_and_check(url: &str, env: &[(&str, &str)], what: &str) -> String {
+    let o = relay(url, &["migrate"], env);
+    assert!(o.status.success(), "{what}: migrate: {}", text(&o));
+    let o = relay(url, &["check"], env);
+    assert!(o.status.success(), "{what}: check: {}", text(&o));
+    text(&o)
+}
+
+/// On a loopback host with no TLS setting the relay goes without TLS where the server takes
+/// that, and with it (sslmode prefer, as libpq) where the server demands it; any TLS setting
+/// given is followed as it is.
+#[test]
+fn a_loopback_session_goes_without_tls_only_where_nothing_asks_for_it() {
+    let _w = common::watchdog(
+        "a_loopback_session_goes_without_tls_only_where_nothing_asks_for_it",
+        std::time::Duration::from_secs(300),
+    );
+    let either = TlsPostgres::start_either();
+    for host in ["127.0.0.1", "localhost"] {
+        let out = migrate_and_check(&either.url(host, ""), &[], host);
+        assert!(
+            out.contains("no TLS: a loopback host and no sslmode given"),
+            "{host}: the session should be plaintext:\n{out}"
+        );
+    }
+    // Asked for, TLS is used on loopback as anywhere.
+    assert_connects(
+        &either.url("127.0.0.1", "?sslmode=prefer"),
+        &[],
+        "prefer in the URL",
+    );
+    assert_connects(
+        &either.url("127.0.0.1", ""),
+        &[("RELAY__DATABASE__SSL_MODE", "prefer")],
+        "prefer as the key",
+    );
+    assert_connects(
+        &either.url("127.0.0.1", ""),
+        &[("PGSSLMODE", "prefer")],
+        "prefer in PGSSLMODE",
+    );
+    // A server that takes only TLS from here: the relay falls back to prefer at start-up.
+    let only_tls = TlsPostgres::start();
+    assert_connects(
+        &only_tls.url("127.0.0.1", ""),
+        &[],
+        "TLS demanded by the server",
+    );
+    let o = relay(&only_tls.url("127.0.0.1", ""), &["status"], &[]);
+    assert!(o.status.success(), "status over the fallback: {}", text(&o));
 }
 
 /// check fails on the database with `expect` in its output (the reason and the hint).

@@ -32,6 +32,9 @@ pub async fn check(cfg: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode
             let tls = match (ssl, tls) {
                 (true, Some(t)) => format!("{t}, sslmode {mode}"),
                 (true, None) => format!("TLS, sslmode {mode}"),
+                (false, _) if store.plaintext_loopback() => {
+                    "no TLS: a loopback host and no sslmode given".to_string()
+                }
                 (false, _) => format!("no TLS, sslmode {mode}"),
             };
             println!("ok       database   {url} (PostgreSQL {v}; {tls})")

@@ -506,6 +506,46 @@ pub struct Store {
     /// How many rows a claim asks for at most: about what the byte budget held at the last
     /// claim's row sizes (see `claim_sql`).
     rows_that_fit: AtomicU32,
+    /// Sessions go without TLS: a loopback host, no TLS setting given, and the server took a
+    /// plaintext session at start-up (see [`tls_left_to_us`]).
+    plaintext_loopback: bool,
+}
+
+/// Whether the TLS of the database's sessions is ours to choose: no TLS setting anywhere (the
+/// keys, the URL, `PGSSLMODE` / `PGSSLROOTCERT`) and a loopback host (`localhost`,
+/// 127.0.0.0/8, `::1`). There TLS protects nothing (the bytes never leave the kernel, as
+/// over a Unix socket, where libpq does not encrypt either) and costs the relay about 5 % of
+/// its CPU, and Postgres as much again; so the relay goes without it, if the server agrees.
+fn tls_left_to_us(tls: &crate::config::DatabaseTls, host: &str) -> bool {
+    let set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+    tls.mode.is_none()
+        && tls.root_cert.is_none()
+        && !set("PGSSLMODE")
+        && !set("PGSSLROOTCERT")
+        && is_loopback(host)
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Does the server take a plaintext session with these settings? One connection, at most
+/// `within`; any failure (TLS demanded by `pg_hba.conf`, the server away) keeps the URL's
+/// default, `prefer`, so plaintext is used only where it was seen to work.
+async fn plaintext_accepted(opts: &PgConnectOptions, within: Duration) -> bool {
+    use sqlx::Connection;
+    let plain = opts.clone().ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    match tokio::time::timeout(within, sqlx::PgConnection::connect_with(&plain)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            true
+        }
+        _ => false,
+    }
 }
 
 /// What a claim brought back.
@@ -603,6 +643,14 @@ impl Store {
             ));
         }
         opts = opts.options(params);
+        let plaintext_loopback = if tls_left_to_us(&tls, opts.get_host()) {
+            plaintext_accepted(&opts, db.connect_timeout.0).await
+        } else {
+            false
+        };
+        if plaintext_loopback {
+            opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(db.max_connections)
             .acquire_timeout(db.connect_timeout.0)
@@ -611,6 +659,7 @@ impl Store {
         // Past the server's own statement timeout (plus a connect), nothing will answer.
         store.client_timeout =
             db.statement_timeout.0 + db.connect_timeout.0 + Duration::from_secs(1);
+        store.plaintext_loopback = plaintext_loopback;
         Ok(store)
     }
 
@@ -625,7 +674,14 @@ impl Store {
             payload_cap: 1024 * 1024,
             batch_max_bytes: 8 * 1024 * 1024,
             rows_that_fit: AtomicU32::new(u32::MAX),
+            plaintext_loopback: false,
         }
+    }
+
+    /// Sessions go in plaintext because the host is a loopback one and no TLS setting was
+    /// given (see [`tls_left_to_us`]).
+    pub fn plaintext_loopback(&self) -> bool {
+        self.plaintext_loopback
     }
 
     /// Bounds claims in bytes: payloads over `max_payload_bytes` are not fetched, and a claim
@@ -1257,6 +1313,41 @@ mod tests {
         // Frozen (2) and bootstrap (1) xids are older than anything running.
         assert!(!written_during_walk(2, u32::MAX as i64 - 5));
         assert!(!written_during_walk(1, 3));
+    }
+
+    #[test]
+    fn only_loopback_hosts_without_a_tls_setting_are_ours_to_choose() {
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.3.2.1",
+            "::1",
+            "[::1]",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "db.example.com",
+            "10.0.0.5",
+            "::2",
+            "/var/run/postgresql",
+            "",
+            "localhost.evil",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
+        let tls = |mode: Option<&str>, root: Option<&str>| crate::config::DatabaseTls {
+            mode: mode.map(String::from),
+            root_cert: root.map(String::from),
+        };
+        assert!(!tls_left_to_us(&tls(Some("prefer"), None), "127.0.0.1"));
+        assert!(!tls_left_to_us(&tls(Some("disable"), None), "127.0.0.1"));
+        assert!(!tls_left_to_us(&tls(None, Some("/ca.crt")), "127.0.0.1"));
+        assert!(!tls_left_to_us(&tls(None, None), "db.example.com"));
+        if std::env::var_os("PGSSLMODE").is_none() && std::env::var_os("PGSSLROOTCERT").is_none() {
+            assert!(tls_left_to_us(&tls(None, None), "127.0.0.1"));
+        }
     }
 
     #[test]
