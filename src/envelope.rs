@@ -449,11 +449,46 @@ pub struct CloudEventAttributes<'a> {
     pub eventversion: i32,
 }
 
+/// `occurred_at` as RFC 3339 in UTC with microseconds (`2026-11-29T14:05:09.123456Z`), as
+/// chrono's `to_rfc3339_opts(SecondsFormat::Micros, true)` writes it, without its formatting
+/// machinery for the years 0-9999 (every event's header carries one; chrono is a tenth of a
+/// hand-off's cost there). Other years go through chrono.
+pub fn rfc3339_micros(at: DateTime<Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    let year = at.year();
+    if !(0..=9999).contains(&year) {
+        return at.to_rfc3339_opts(SecondsFormat::Micros, true);
+    }
+    // A leap second is nanosecond 1e9 and more: chrono writes its seconds as 60.
+    let nanos = at.nanosecond();
+    let (second, micros) = if nanos >= 1_000_000_000 {
+        (60, (nanos - 1_000_000_000) / 1000)
+    } else {
+        (at.second(), nanos / 1000)
+    };
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for k in (at..at + width).rev() {
+            b[k] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, at.month());
+    put(8, 2, at.day());
+    put(11, 2, at.hour());
+    put(14, 2, at.minute());
+    put(17, 2, second);
+    put(20, 6, micros);
+    // Only ASCII digits and separators were written.
+    String::from_utf8_lossy(&b).into_owned()
+}
+
 /// A message as headers (name, value) and a body; see [`Event::message`].
 /// The body borrows the payload where the format is the payload itself (raw): the Kafka
 /// client copies it into its own buffer anyway, so a copy of ours would be one per event for
 /// nothing.
-pub type WireMessage<'a> = (Vec<(&'a str, String)>, Cow<'a, [u8]>);
+pub type WireMessage<'a> = (Vec<(&'a str, Cow<'a, str>)>, Cow<'a, [u8]>);
 
 /// One row of [`cloudevents::ATTRIBUTES`]: (name, Kafka header, NATS header).
 pub type CloudEventAttribute = (&'static str, &'static str, &'static str);
@@ -855,32 +890,37 @@ impl Event {
     /// The metadata headers every backend puts on the wire, then the row's own headers.
     /// The row's headers cannot replace the relay's: [`Event::validate`] fails a row that
     /// tries, and a clashing name is skipped here all the same.
-    pub fn wire_headers(&self) -> Vec<(&str, String)> {
-        let mut out: Vec<(&str, String)> = Vec::with_capacity(9 + self.headers.len());
-        out.push((headers::EVENT_ID, self.event_id.to_string()));
-        out.push((headers::AGGREGATE_ID, self.aggregate_id.clone()));
+    ///
+    /// Values the row holds are borrowed: a backend that copies them anyway (librdkafka does)
+    /// pays no allocation for them here.
+    pub fn wire_headers(&self) -> Vec<(&str, Cow<'_, str>)> {
+        let mut out: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(9 + self.headers.len());
+        out.push((headers::EVENT_ID, Cow::Owned(self.event_id.to_string())));
+        out.push((headers::AGGREGATE_ID, Cow::Borrowed(&self.aggregate_id)));
         if let Some(t) = &self.aggregate_type {
-            out.push((headers::AGGREGATE_TYPE, t.clone()));
+            out.push((headers::AGGREGATE_TYPE, Cow::Borrowed(t)));
         }
-        out.push((headers::EVENT_TYPE, self.event_type.clone()));
-        out.push((headers::EVENT_VERSION, self.event_version.to_string()));
+        out.push((headers::EVENT_TYPE, Cow::Borrowed(&self.event_type)));
+        out.push((
+            headers::EVENT_VERSION,
+            Cow::Owned(self.event_version.to_string()),
+        ));
         out.push((
             headers::OCCURRED_AT,
-            self.occurred_at
-                .to_rfc3339_opts(SecondsFormat::Micros, true),
+            Cow::Owned(rfc3339_micros(self.occurred_at)),
         ));
         if let Some(ct) = &self.content_type {
-            out.push((headers::CONTENT_TYPE, ct.clone()));
+            out.push((headers::CONTENT_TYPE, Cow::Borrowed(ct)));
         }
         if let Some(tp) = &self.traceparent {
-            out.push((headers::TRACEPARENT, tp.clone()));
+            out.push((headers::TRACEPARENT, Cow::Borrowed(tp)));
         }
         if let Some(c) = &self.correlation_id {
-            out.push((headers::CORRELATION_ID, c.clone()));
+            out.push((headers::CORRELATION_ID, Cow::Borrowed(c)));
         }
         for (k, v) in &self.headers {
             if !is_relay_header(k) {
-                out.push((k.as_str(), v.clone()));
+                out.push((k.as_str(), Cow::Borrowed(v)));
             }
         }
         out
@@ -949,7 +989,7 @@ impl Event {
         &self,
         format: BodyFormat,
         wire: Wire,
-    ) -> Result<Vec<(&str, String)>, InvalidEvent> {
+    ) -> Result<Vec<(&str, Cow<'_, str>)>, InvalidEvent> {
         match format {
             BodyFormat::CloudEvents(ce) => {
                 let attributes = self.cloudevent(&ce)?;
@@ -1074,12 +1114,12 @@ impl Event {
         attributes: &CloudEventAttributes<'_>,
         mode: CloudEventsMode,
         wire: Wire,
-    ) -> Vec<(&str, String)> {
+    ) -> Vec<(&str, Cow<'_, str>)> {
         let mut out = self.wire_headers();
         out.retain(|(k, v)| !(*k == headers::CONTENT_TYPE && v.is_empty()));
         match mode {
             CloudEventsMode::Structured => {
-                let ct = cloudevents::STRUCTURED_CONTENT_TYPE.to_string();
+                let ct = Cow::Borrowed(cloudevents::STRUCTURED_CONTENT_TYPE);
                 match out.iter_mut().find(|(k, _)| *k == headers::CONTENT_TYPE) {
                     Some((_, v)) => *v = ct,
                     None => out.push((headers::CONTENT_TYPE, ct)),
@@ -1090,13 +1130,13 @@ impl Event {
                     match wire {
                         // The content-type header already carries it.
                         Wire::Kafka if *name == "datacontenttype" => {}
-                        Wire::Kafka => out.push((kafka, value)),
+                        Wire::Kafka => out.push((kafka, Cow::Owned(value))),
                         Wire::Nats => {
                             let value = match cloudevents::percent_encode(&value) {
                                 std::borrow::Cow::Borrowed(_) => value,
                                 std::borrow::Cow::Owned(encoded) => encoded,
                             };
-                            out.push((nats, value))
+                            out.push((nats, Cow::Owned(value)))
                         }
                     }
                 }
@@ -1292,7 +1332,7 @@ mod tests {
         let mut e = sample_event(7, "order-1");
         e.headers.push(("X-Event-ID".into(), "spoofed".into()));
         let h = e.wire_headers();
-        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_ref());
         assert_eq!(get("X-Event-ID"), Some(e.event_id.to_string().as_str()));
         assert_eq!(get("X-Aggregate-ID"), Some("order-1"));
         assert_eq!(get("X-Event-Version"), Some("1"));
@@ -1453,8 +1493,43 @@ mod tests {
         })
     }
 
-    fn header<'a>(h: &'a [(&str, String)], name: &str) -> Option<&'a str> {
-        h.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    /// The header's time text is chrono's, byte for byte, for any instant (leap seconds and
+    /// years outside 0-9999 included).
+    #[test]
+    fn occurred_at_is_written_as_chrono_writes_it() {
+        use chrono::{NaiveDate, TimeZone};
+        let chrono_text = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let mut times: Vec<DateTime<Utc>> = vec![
+            DateTime::UNIX_EPOCH,
+            Utc.with_ymd_and_hms(2026, 11, 29, 14, 5, 9).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(-1, 6, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap(),
+            NaiveDate::from_ymd_opt(2016, 12, 31)
+                .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 1_999_999))
+                .unwrap()
+                .and_utc(),
+            DateTime::<Utc>::MIN_UTC,
+            DateTime::<Utc>::MAX_UTC,
+        ];
+        let mut x: i64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            // A spread of instants from year -9000 to 9999, with any microsecond.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let secs = x.rem_euclid(346_000_000_000) - 346_000_000_000 + 253_402_300_799;
+            let micros = (x >> 20).rem_euclid(1_000_000) as u32;
+            times.push(DateTime::from_timestamp(secs, micros * 1000).unwrap());
+        }
+        for t in times {
+            assert_eq!(rfc3339_micros(t), chrono_text(t), "{t:?}");
+        }
+    }
+
+    fn header<'a>(h: &'a [(&str, Cow<'_, str>)], name: &str) -> Option<&'a str> {
+        h.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_ref())
     }
 
     #[test]

@@ -31,7 +31,7 @@ impl BackendUnderTest for Memory {
                     .event
                     .wire_headers()
                     .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
+                    .map(|(k, v)| (k.to_string(), v.into_owned()))
                     .collect(),
                 body: r.body,
             })

@@ -70,7 +70,7 @@ pub fn try_render_line(o: &Outgoing) -> Result<Vec<u8>, InvalidEvent> {
     let (wire, body) = e.message(o.format, Wire::Kafka)?;
     let headers: serde_json::Map<String, serde_json::Value> = wire
         .into_iter()
-        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.into_owned())))
         .collect();
     let mut line = json!({
         "topic": e.topic,

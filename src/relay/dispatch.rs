@@ -756,8 +756,10 @@ impl Dispatcher {
     /// waiting rows go (as far as the gate allows); anything else defers the first waiting
     /// row (and through it the rest) and taints rows already in flight behind it.
     fn decide(&mut self, id: i64, verdict: Verdict, out: &mut Vec<Handoff>, done: &mut Vec<i64>) {
-        let mut work = vec![(id, verdict)];
-        while let Some((id, verdict)) = work.pop() {
+        // Most verdicts settle nothing behind them: the work list allocates only when one does.
+        let mut work = Vec::new();
+        let mut first = Some((id, verdict));
+        while let Some((id, verdict)) = first.take().or_else(|| work.pop()) {
             let Some(r) = self.rows.get_mut(&id) else {
                 continue;
             };
@@ -1164,12 +1166,13 @@ impl Dispatcher {
             return;
         };
         for id in &state.rows {
-            // The row may already belong to a newer claim: a claim that ran after this commit
-            // can take it again before the loop hears of the commit.
-            if self.rows.get(id).is_some_and(|r| r.batch != batch) {
-                continue;
-            }
             if let Some(r) = self.rows.remove(id) {
+                // The row may already belong to a newer claim: a claim that ran after this
+                // commit can take it again before the loop hears of the commit.
+                if r.batch != batch {
+                    self.rows.insert(*id, r);
+                    continue;
+                }
                 self.untrack(r.aggregate_key, *id);
                 self.leave_chain(r.chain);
                 if ok && matches!(r.state, State::Done(Verdict::Published)) {

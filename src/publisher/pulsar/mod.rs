@@ -60,7 +60,7 @@ pub fn pulsar_message(
     let mut overhead = 2 * event.aggregate_id.len();
     for (k, v) in wire {
         overhead = overhead.saturating_add(k.len() + v.len());
-        properties.insert(k.to_string(), v);
+        properties.insert(k.to_string(), v.into_owned());
     }
     let size = overhead.saturating_add(body.len());
     if size > limit {
