@@ -1069,3 +1069,70 @@ async fn an_event_committed_behind_the_claims_walk_still_goes_first() {
     assert!(p < r, "the second event overtook the first ({p} vs {r})");
     db.drop_schema().await;
 }
+
+/// Columns whose type an operator changed decode as sqlx decodes them: a `varchar` topic and
+/// content type are read as text, a `bigint` event version fails its row naming the field,
+/// and the schema's own types next to them come straight from the wire, unchanged.
+#[tokio::test]
+async fn columns_of_other_types_decode_as_before_and_fail_only_their_row() {
+    let db = TestDb::new().await;
+    db.sql(
+        "ALTER TABLE {t} ALTER COLUMN topic TYPE varchar(200), \
+                         ALTER COLUMN content_type TYPE varchar(100)",
+    )
+    .await;
+    db.sql(
+        "INSERT INTO {t} (event_id, topic, aggregate_id, event_type, event_version, payload, \
+                          content_type, headers, attempts) \
+         VALUES ('00000000-0000-0000-0000-00000000abcd', 'orders.x', 'a1', 'T', 7, \
+                 '\\x00ff10'::bytea, 'text/plain', '{\"h\": \"v\"}', 2)",
+    )
+    .await;
+    let cfg = db.config();
+    let share = outbox_relay::store::Share {
+        owner: "nobody".into(),
+        parts: (0..outbox_relay::store::PARTITIONS).collect(),
+    };
+    db.sql("UPDATE {t}_partitions SET owner = 'nobody'").await;
+    // A store of its own each time: a session's prepared claim does not survive the change
+    // of its result's types.
+    let claim_one = || async {
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+            .await
+            .unwrap()
+            .claim_share(10, outbox_relay::store::Walk::ProbeAll(None), &share)
+            .await
+            .unwrap()
+    };
+    let claim = claim_one().await;
+    assert_eq!(claim.rows.len(), 1);
+    let row = &claim.rows[0];
+    assert_eq!(row.invalid, None);
+    let e = &row.event;
+    assert_eq!(
+        e.event_id,
+        uuid::Uuid::parse_str("00000000-0000-0000-0000-00000000abcd").unwrap()
+    );
+    assert_eq!(
+        (e.topic.as_str(), e.aggregate_id.as_str()),
+        ("orders.x", "a1")
+    );
+    assert_eq!((e.event_version, e.attempts), (7, 2));
+    assert_eq!(e.payload, vec![0x00, 0xff, 0x10]);
+    assert_eq!(e.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(e.aggregate_type, None);
+    assert_eq!(e.headers, vec![("h".to_string(), "v".to_string())]);
+    claim.tx.rollback().await.unwrap();
+
+    db.sql("ALTER TABLE {t} ALTER COLUMN event_version TYPE bigint")
+        .await;
+    let claim = claim_one().await;
+    assert_eq!(claim.rows.len(), 1);
+    let why = claim.rows[0].invalid.clone().unwrap_or_default();
+    assert!(
+        why.contains("field event_version: cannot be decoded") && why.contains("INT8"),
+        "{why}"
+    );
+    assert_eq!(claim.rows[0].event.topic, "orders.x");
+    claim.tx.rollback().await.unwrap();
+}

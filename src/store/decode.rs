@@ -5,7 +5,9 @@
 //!
 //! Timestamps are read from their wire bytes rather than through sqlx's chrono decoding, which
 //! panics on `infinity` and `-infinity` (and on finite values past chrono's range, year
-//! 262 143, which Postgres accepts up to 294 276).
+//! 262 143, which Postgres accepts up to 294 276). So are the other columns where they have
+//! the schema's own types ([`FromWire`]); a column an operator gave another type goes through
+//! sqlx, with the same result or error as ever.
 
 use super::{Claimed, Cursor, Prev};
 use crate::envelope::{parse_headers, Event};
@@ -30,21 +32,13 @@ pub(super) struct ClaimMeta {
 /// Reads the claim's own columns of a row. Unreadable values take the cautious side: a
 /// row counts its cap, is probed, and the waiting index is taken as non-empty.
 pub(super) fn claim_meta(row: &PgRow, payload_cap: i64) -> ClaimMeta {
-    let payload = row
-        .try_get::<Option<i64>, _>(15)
-        .ok()
-        .flatten()
-        .map_or(payload_cap, |n| n.min(payload_cap));
-    let headers = row
-        .try_get::<Option<i64>, _>(16)
-        .ok()
-        .flatten()
-        .unwrap_or(0);
+    let payload = nullable::<i64>(row, 15).map_or(payload_cap, |n| n.min(payload_cap));
+    let headers = nullable::<i64>(row, 16).unwrap_or(0);
     ClaimMeta {
         size: payload.saturating_add(headers),
         fresh: matches!(timestamp(row, 14), Ok(Some(Ts::NegInfinity))),
-        written_by: row.try_get::<Option<i64>, _>(17).ok().flatten(),
-        waiting: row.try_get::<Option<bool>, _>(18).ok().flatten() != Some(false),
+        written_by: nullable::<i64>(row, 17),
+        waiting: nullable::<bool>(row, 18) != Some(false),
     }
 }
 
@@ -73,11 +67,14 @@ pub(super) fn decode_claimed(
     row: &PgRow,
     payload_cap: i64,
 ) -> Result<(Claimed, Cursor), sqlx::Error> {
-    let id: i64 = row.try_get(0)?;
+    let id: i64 = match from_wire::<i64>(row, 0) {
+        Some(Some(id)) => id,
+        _ => row.try_get(0)?,
+    };
     let mut bad = Problems::default();
     // A payload over the cap is not fetched: the claim sends its size instead.
-    let payload = match row.try_get::<Option<i64>, _>(15) {
-        Ok(Some(size)) if size > payload_cap => {
+    let payload = match nullable::<i64>(row, 15) {
+        Some(size) if size > payload_cap => {
             bad.add(
                 "payload",
                 format!(
@@ -146,6 +143,86 @@ pub(super) fn decode_claimed(
     ))
 }
 
+/// A column's value read straight from its binary wire bytes, for the schema's own column
+/// types: a claim decodes 19 columns per row, and sqlx's checks of each column's type against
+/// every type it could decode from cost about as much as the decoding itself.
+trait FromWire: Sized {
+    /// The Postgres type the bytes are read as.
+    const OID: u32;
+    /// `None`: not a value of that type after all; sqlx's decoding says why.
+    fn from_wire(bytes: &[u8]) -> Option<Self>;
+}
+
+impl FromWire for String {
+    const OID: u32 = 25; // text
+    fn from_wire(bytes: &[u8]) -> Option<Self> {
+        std::str::from_utf8(bytes).ok().map(str::to_owned)
+    }
+}
+
+impl FromWire for i32 {
+    const OID: u32 = 23; // integer
+    fn from_wire(bytes: &[u8]) -> Option<Self> {
+        <[u8; 4]>::try_from(bytes).ok().map(i32::from_be_bytes)
+    }
+}
+
+impl FromWire for i64 {
+    const OID: u32 = 20; // bigint
+    fn from_wire(bytes: &[u8]) -> Option<Self> {
+        <[u8; 8]>::try_from(bytes).ok().map(i64::from_be_bytes)
+    }
+}
+
+impl FromWire for bool {
+    const OID: u32 = 16; // boolean
+    fn from_wire(bytes: &[u8]) -> Option<Self> {
+        match bytes {
+            [0] => Some(false),
+            [1] => Some(true),
+            _ => None,
+        }
+    }
+}
+
+impl FromWire for uuid::Uuid {
+    const OID: u32 = 2950; // uuid
+    fn from_wire(bytes: &[u8]) -> Option<Self> {
+        uuid::Uuid::from_slice(bytes).ok()
+    }
+}
+
+impl FromWire for Vec<u8> {
+    const OID: u32 = 17; // bytea
+    fn from_wire(bytes: &[u8]) -> Option<Self> {
+        Some(bytes.to_vec())
+    }
+}
+
+/// Column `i` read from the wire: `Some(None)` for NULL, `Some(Some(v))` for a binary value
+/// of `T`'s own type; `None` for anything else (another type, the text format, bytes that
+/// are no such value), which the caller decodes through sqlx instead, for the same result
+/// or the same error as ever.
+fn from_wire<T: FromWire>(row: &PgRow, i: usize) -> Option<Option<T>> {
+    let raw = row.try_get_raw(i).ok()?;
+    if raw.is_null() {
+        return Some(None);
+    }
+    if raw.format() != PgValueFormat::Binary || raw.type_info().oid().map(|o| o.0) != Some(T::OID) {
+        return None;
+    }
+    T::from_wire(raw.as_bytes().ok()?).map(Some)
+}
+
+/// A nullable column of `T`: from the wire where it can be, else through sqlx; `None` if NULL
+/// or undecodable.
+fn nullable<'r, T>(row: &'r PgRow, i: usize) -> Option<T>
+where
+    T: FromWire + sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    from_wire::<T>(row, i).unwrap_or_else(|| row.try_get::<Option<T>, _>(i).ok().flatten())
+}
+
 /// What could not be decoded, column by column.
 #[derive(Default)]
 struct Problems(Vec<String>);
@@ -162,9 +239,13 @@ impl Problems {
     /// A NOT NULL column: its value, or a placeholder and a problem.
     fn required<'r, T>(&mut self, row: &'r PgRow, i: usize, column: &str) -> T
     where
-        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Default,
+        T: FromWire + sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Default,
     {
-        match row.try_get::<Option<T>, _>(i) {
+        let value = match from_wire::<T>(row, i) {
+            Some(v) => Ok(v),
+            None => row.try_get::<Option<T>, _>(i),
+        };
+        match value {
             Ok(Some(v)) => v,
             Ok(None) => {
                 self.add(column, "is null".into());
@@ -179,8 +260,11 @@ impl Problems {
 
     fn optional<'r, T>(&mut self, row: &'r PgRow, i: usize, column: &str) -> Option<T>
     where
-        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+        T: FromWire + sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
     {
+        if let Some(v) = from_wire::<T>(row, i) {
+            return v;
+        }
         row.try_get::<Option<T>, _>(i).unwrap_or_else(|e| {
             self.add(column, undecodable(e));
             None
