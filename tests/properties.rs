@@ -154,7 +154,7 @@ proptest! {
         match &nats {
             Ok(m) => {
                 prop_assert!(m.headers.get("Nats-Msg-Id").is_some());
-                prop_assert_eq!(m.body.clone(), event.body(format));
+                prop_assert_eq!(m.body.to_vec(), event.body(format));
             }
             Err(e) => prop_assert!(names_a_field(&e.to_string()), "{e}"),
         }

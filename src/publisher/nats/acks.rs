@@ -141,8 +141,9 @@ impl AckPath {
         &self,
         client: &Client,
         subject: Arc<str>,
+        to: Subject,
         headers: HeaderMap,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         ticket: AckTicket,
     ) -> bool {
         let room = match self.shared.room.try_acquire() {
@@ -186,11 +187,10 @@ impl AckPath {
             n
         };
         let reply = Subject::from(reply_subject(&self.prefix, n));
-        let to = Subject::from(&*subject);
         // The queue's send is cancel-safe: on a timeout the message was never queued.
         let sent = tokio::time::timeout(
             self.shared.timeout,
-            client.publish_with_reply_and_headers(to, reply, headers, body.into()),
+            client.publish_with_reply_and_headers(to, reply, headers, body),
         )
         .await;
         let (why, away) = match sent {

@@ -25,7 +25,8 @@ use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
 use crate::envelope::{headers, shown, BodyFormat, Event, InvalidEvent, Wire};
 use acks::AckPath;
 use async_nats::connection::State;
-use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
+use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue, Subject};
+use bytes::Bytes;
 use config::Persistence;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -163,9 +164,10 @@ impl NatsPublisher {
 /// An event as a NATS message: its headers (the relay's metadata, the row's own headers and
 /// `Nats-Msg-Id` = event id) and its body.
 #[derive(Debug)]
-pub struct NatsMessage {
+pub struct NatsMessage<'a> {
     pub headers: HeaderMap,
-    pub body: Vec<u8>,
+    /// Borrowed from the event where the route sends its payload as it is.
+    pub body: Cow<'a, [u8]>,
 }
 
 /// Builds the NATS message of an event without a connection, or says why the row cannot be
@@ -178,7 +180,7 @@ pub fn nats_message(
     event: &Event,
     format: BodyFormat,
     max_payload: Option<usize>,
-) -> Result<NatsMessage, InvalidEvent> {
+) -> Result<NatsMessage<'_>, InvalidEvent> {
     config::validate_subject(&event.topic).map_err(InvalidEvent::BackendTopic)?;
     event.validate_for(Wire::Nats)?;
     let (wire, body) = event.message(format, Wire::Nats)?;
@@ -197,16 +199,22 @@ pub fn nats_message(
             });
         }
     }
-    Ok(NatsMessage {
-        headers,
-        body: body.into_owned(),
-    })
+    Ok(NatsMessage { headers, body })
 }
 
 /// The headers of an event's NATS message in the route's format; see [`nats_message`].
 pub fn nats_headers(event: &Event, format: BodyFormat) -> Result<HeaderMap, InvalidEvent> {
     event.validate_for(Wire::Nats)?;
     header_map(event, event.headers_for(format, Wire::Nats)?)
+}
+
+/// An event whose payload is a message's body as it is: the body's bytes stay in the event.
+struct Payload(Arc<Event>);
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.payload
+    }
 }
 
 /// The message's headers as the client's map, with `Nats-Msg-Id` = event id.
@@ -392,31 +400,44 @@ impl Publisher for NatsPublisher {
             // its timeout, holding up the relay; the rows are retried after a backoff instead.
             let mut away = self.client.connection_state() != State::Connected;
             let max_payload = self.client.max_payload();
+            // A burst's events mostly share a topic: its subject and persistence are worked
+            // out once for a run of them.
+            let mut topic: Option<(Arc<str>, Subject, Persistence)> = None;
             for o in burst {
                 // A row NATS cannot carry fails now, connected or not: the same row would fail
                 // the same way after a reconnect.
-                let NatsMessage { headers, body } =
-                    match nats_message(&o.event, o.format, Some(max_payload)) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            o.ticket.nack(PublishError::permanent(e.to_string()));
-                            continue;
-                        }
-                    };
+                let (headers, body) = match nats_message(&o.event, o.format, Some(max_payload)) {
+                    Ok(NatsMessage { headers, body }) => (
+                        headers,
+                        match body {
+                            // The payload as it is: the message holds the event, not a copy.
+                            Cow::Borrowed(_) => Bytes::from_owner(Payload(o.event.clone())),
+                            Cow::Owned(body) => Bytes::from(body),
+                        },
+                    ),
+                    Err(e) => {
+                        o.ticket.nack(PublishError::permanent(e.to_string()));
+                        continue;
+                    }
+                };
                 if away {
                     o.ticket.nack(PublishError::unavailable(
                         "nats: not connected to the server; waiting for the reconnect",
                     ));
                     continue;
                 }
-                let subject: Arc<str> = o.event.topic.as_str().into();
-                match self.cfg.persistence_for(&subject) {
+                let (subject, to, persistence) = match &topic {
+                    Some((s, to, p)) if **s == *o.event.topic => (s.clone(), to.clone(), *p),
+                    _ => {
+                        let s: Arc<str> = o.event.topic.as_str().into();
+                        let seen = (s.clone(), Subject::from(&*s), self.cfg.persistence_for(&s));
+                        topic = Some(seen.clone());
+                        seen
+                    }
+                };
+                match persistence {
                     Persistence::Ephemeral => {
-                        match self
-                            .client
-                            .publish_with_headers(subject.to_string(), headers, body.into())
-                            .await
-                        {
+                        match self.client.publish_with_headers(to, headers, body).await {
                             Ok(()) => flushed.push(o.ticket),
                             Err(e) => {
                                 use async_nats::client::PublishErrorKind as Core;
@@ -440,7 +461,7 @@ impl Publisher for NatsPublisher {
                         // same wait.
                         away |= self
                             .acks
-                            .send(&self.client, subject, headers, body, o.ticket)
+                            .send(&self.client, subject, to, headers, body, o.ticket)
                             .await;
                     }
                 }
