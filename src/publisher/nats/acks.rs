@@ -52,15 +52,29 @@ struct Shared {
 
 impl Shared {
     fn take(&self, n: u64) -> Option<Waiting> {
+        let mut taken = Vec::with_capacity(1);
+        self.take_all([n], &mut taken);
+        taken.pop().map(|(_, w)| w)
+    }
+
+    /// Takes the publishes numbered `ns` that still wait (one lock and one release of room
+    /// for a run of PubAcks that arrived together) into `taken`.
+    fn take_all(&self, ns: impl IntoIterator<Item = u64>, taken: &mut Vec<(u64, Waiting)>) {
+        let before = taken.len();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let w = p.by_n.remove(&n)?;
+        taken.extend(
+            ns.into_iter()
+                .filter_map(|n| p.by_n.remove(&n).map(|w| (n, w))),
+        );
         let empty = p.by_n.is_empty();
         drop(p);
-        self.room.add_permits(1);
-        if empty {
-            self.emptied.notify_waiters();
+        let got = taken.len() - before;
+        if got > 0 {
+            self.room.add_permits(got);
+            if empty {
+                self.emptied.notify_waiters();
+            }
         }
-        Some(w)
     }
 
     /// Reports unavailable, with `why`, every publish still unanswered that was sent at or
@@ -268,7 +282,7 @@ impl Drop for AckPath {
 
 /// Resolves tickets from their replies, and every so often times out the unanswered ones.
 async fn read_replies(
-    mut replies: async_nats::Subscriber,
+    replies: async_nats::Subscriber,
     shared: Arc<Shared>,
     lookup: Arc<NoResponders>,
     stop: CancellationToken,
@@ -277,11 +291,15 @@ async fn read_replies(
     let late = format!("no PubAck within {:?}", shared.timeout);
     let mut sweep = tokio::time::interval(every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The PubAcks that have arrived, a run at a time: one lock of the waiting publishes and
+    // one release of room per run instead of per reply.
+    let mut replies = replies.ready_chunks(1024);
+    let mut taken = Vec::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            reply = replies.next() => match reply {
-                Some(m) => answer(&shared, &lookup, m),
+            run = replies.next() => match run {
+                Some(run) => answer(&shared, &lookup, run, &mut taken),
                 None => break,
             },
             _ = sweep.tick() => {
@@ -296,46 +314,70 @@ async fn read_replies(
     shared.give_up(None, "the publisher stopped before JetStream acknowledged");
 }
 
-fn answer(shared: &Arc<Shared>, lookup: &Arc<NoResponders>, m: Message) {
-    let Some(n) = m
-        .subject
+/// The number a reply is to: the last token of its subject.
+fn reply_number(m: &Message) -> Option<u64> {
+    m.subject
         .rsplit('.')
         .next()
         .and_then(|t| t.parse::<u64>().ok())
-    else {
+}
+
+fn answer(
+    shared: &Arc<Shared>,
+    lookup: &Arc<NoResponders>,
+    run: Vec<Message>,
+    taken: &mut Vec<(u64, Waiting)>,
+) {
+    // In the order they came, which `take_all` keeps: results reach the relay in the order
+    // JetStream stored the messages.
+    let mut answers: Vec<(u64, Message)> = Vec::with_capacity(run.len());
+    for m in run {
+        let Some(n) = reply_number(&m) else { continue };
+        if m.status == Some(StatusCode::NO_RESPONDERS) {
+            no_responders(shared, lookup, n);
+        } else {
+            answers.push((n, m));
+        }
+    }
+    shared.take_all(answers.iter().map(|(n, _)| *n), taken);
+    // `taken` is the part of `answers` still waiting, in the same order.
+    let mut answers = answers.into_iter();
+    for (n, w) in taken.drain(..) {
+        let Some((_, m)) = answers.find(|(a, _)| *a == n) else {
+            continue;
+        };
+        match m.status {
+            Some(status) if status != StatusCode::OK => {
+                w.ticket.nack(PublishError::retryable(format!(
+                    "nats: subject {:?}: JetStream answered status {status}{}",
+                    w.subject,
+                    m.description
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                )))
+            }
+            _ => w.ticket.resolve(error::pub_ack(&w.subject, &m.payload)),
+        }
+    }
+}
+
+/// "No responders" to publish `n`: rare, and the lookup asks JetStream, so off this task and
+/// other replies go on. The publish stays among the waiting until it has its result, so
+/// `settle` waits for it (or the sweep reports it unavailable, should the lookup take longer
+/// than that).
+fn no_responders(shared: &Arc<Shared>, lookup: &Arc<NoResponders>, n: u64) {
+    let Some(subject) = shared.subject_of(n) else {
         return;
     };
-    if m.status == Some(StatusCode::NO_RESPONDERS) {
-        // Rare, and the lookup asks JetStream: off this task, so other replies go on. The
-        // publish stays among the waiting until it has its result, so `settle` waits for it
-        // (or the sweep reports it unavailable, should the lookup take longer than that).
-        let Some(subject) = shared.subject_of(n) else {
-            return;
-        };
-        let lookup = lookup.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let e = lookup.classify(&subject).await;
-            if let Some(w) = shared.take(n) {
-                w.ticket.nack(e);
-            }
-        });
-        return;
-    }
-    let Some(w) = shared.take(n) else { return };
-    match m.status {
-        Some(status) if status != StatusCode::OK => {
-            w.ticket.nack(PublishError::retryable(format!(
-                "nats: subject {:?}: JetStream answered status {status}{}",
-                w.subject,
-                m.description
-                    .as_deref()
-                    .map(|d| format!(" ({d})"))
-                    .unwrap_or_default()
-            )))
+    let lookup = lookup.clone();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let e = lookup.classify(&subject).await;
+        if let Some(w) = shared.take(n) {
+            w.ticket.nack(e);
         }
-        _ => w.ticket.resolve(error::pub_ack(&w.subject, &m.payload)),
-    }
+    });
 }
 
 #[cfg(test)]
