@@ -1202,6 +1202,8 @@ pub struct DatabaseTls {
     /// None: the driver's default (`PGSSLMODE`, else prefer).
     pub mode: Option<String>,
     pub root_cert: Option<String>,
+    /// The URL names a client certificate or key (`sslcert`, `sslkey`).
+    pub client_cert: bool,
 }
 
 impl DatabaseConfig {
@@ -1215,6 +1217,7 @@ impl DatabaseConfig {
                     "sslrootcert" | "ssl-root-cert" | "ssl-ca" => {
                         from_url.root_cert = Some(percent_decode(v, true))
                     }
+                    "sslcert" | "ssl-cert" | "sslkey" | "ssl-key" => from_url.client_cert = true,
                     _ => {}
                 }
             }
@@ -1223,6 +1226,7 @@ impl DatabaseConfig {
         DatabaseTls {
             mode: key(&self.ssl_mode).or(from_url.mode),
             root_cert: key(&self.ssl_root_cert).or(from_url.root_cert),
+            client_cert: from_url.client_cert,
         }
     }
 
@@ -1660,6 +1664,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.database.tls().mode.as_deref(), Some("verify-full"));
+        assert!(!c.database.tls().client_cert);
+        // A client certificate or key in the URL is a TLS setting too.
+        for param in [
+            "sslcert=/c.crt",
+            "ssl-cert=/c.crt",
+            "sslkey=/c.key",
+            "ssl-key=/c.key",
+        ] {
+            let c = load(
+                &format!("[database]\nurl = \"postgres://u@127.0.0.1/db?{param}\"\n"),
+                &[],
+            )
+            .unwrap();
+            assert!(c.database.tls().client_cert, "{param}");
+        }
     }
 
     #[test]

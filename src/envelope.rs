@@ -459,10 +459,10 @@ pub fn rfc3339_micros(at: DateTime<Utc>) -> String {
     if !(0..=9999).contains(&year) {
         return at.to_rfc3339_opts(SecondsFormat::Micros, true);
     }
-    // A leap second is nanosecond 1e9 and more: chrono writes its seconds as 60.
+    // A leap second is nanosecond 1e9 and more: chrono writes it as the next second (60).
     let nanos = at.nanosecond();
     let (second, micros) = if nanos >= 1_000_000_000 {
-        (60, (nanos - 1_000_000_000) / 1000)
+        (at.second() + 1, (nanos - 1_000_000_000) / 1000)
     } else {
         (at.second(), nanos / 1000)
     };

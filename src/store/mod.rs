@@ -512,16 +512,21 @@ pub struct Store {
 }
 
 /// Whether the TLS of the database's sessions is ours to choose: no TLS setting anywhere (the
-/// keys, the URL, `PGSSLMODE` / `PGSSLROOTCERT`) and a loopback host (`localhost`,
-/// 127.0.0.0/8, `::1`). There TLS protects nothing (the bytes never leave the kernel, as
-/// over a Unix socket, where libpq does not encrypt either) and costs the relay about 5 % of
-/// its CPU, and Postgres as much again; so the relay goes without it, if the server agrees.
+/// keys; the URL's `sslmode`, `sslrootcert`, `sslcert`, `sslkey`; `PGSSLMODE`,
+/// `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`) and a loopback host (`localhost`, 127.0.0.0/8,
+/// `::1`) over TCP. There TLS protects nothing when Postgres is the listener (the bytes
+/// never leave the kernel, as over a Unix socket, where libpq does not encrypt either) and
+/// costs the relay about 5 % of its CPU, and Postgres as much again; so the relay goes without
+/// it, if the server agrees, and says so at start-up (a plain TCP forwarder on loopback to a
+/// remote server is the case for setting `database.ssl_mode`).
 fn tls_left_to_us(tls: &crate::config::DatabaseTls, host: &str) -> bool {
     let set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
     tls.mode.is_none()
         && tls.root_cert.is_none()
-        && !set("PGSSLMODE")
-        && !set("PGSSLROOTCERT")
+        && !tls.client_cert
+        && !["PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"]
+            .into_iter()
+            .any(set)
         && is_loopback(host)
 }
 
@@ -534,11 +539,13 @@ fn is_loopback(host: &str) -> bool {
 }
 
 /// Does the server take a plaintext session with these settings? One connection, at most
-/// `within`; any failure (TLS demanded by `pg_hba.conf`, the server away) keeps the URL's
-/// default, `prefer`, so plaintext is used only where it was seen to work.
+/// `within` (and 2 s); any failure (TLS demanded by `pg_hba.conf`, the server away or not up
+/// yet) keeps the default, `prefer`, so plaintext is used only where it was seen to work.
+/// Decided once: sessions opened later use what was decided here.
 async fn plaintext_accepted(opts: &PgConnectOptions, within: Duration) -> bool {
     use sqlx::Connection;
     let plain = opts.clone().ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    let within = within.min(Duration::from_secs(2));
     match tokio::time::timeout(within, sqlx::PgConnection::connect_with(&plain)).await {
         Ok(Ok(conn)) => {
             let _ = conn.close().await;
@@ -643,12 +650,20 @@ impl Store {
             ));
         }
         opts = opts.options(params);
-        let plaintext_loopback = if tls_left_to_us(&tls, opts.get_host()) {
-            plaintext_accepted(&opts, db.connect_timeout.0).await
-        } else {
-            false
-        };
+        // A Unix socket never carries TLS, whatever the host says.
+        let plaintext_loopback =
+            if opts.get_socket().is_none() && tls_left_to_us(&tls, opts.get_host()) {
+                plaintext_accepted(&opts, db.connect_timeout.0).await
+            } else {
+                false
+            };
         if plaintext_loopback {
+            tracing::info!(
+                host = opts.get_host(),
+                "database: a loopback host and no TLS setting: sessions go without TLS \
+                 (set database.ssl_mode to prefer or stricter to encrypt them, e.g. through a \
+                 local forwarder to another host)"
+            );
             opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
         }
         let pool = PgPoolOptions::new()
@@ -1340,7 +1355,13 @@ mod tests {
         let tls = |mode: Option<&str>, root: Option<&str>| crate::config::DatabaseTls {
             mode: mode.map(String::from),
             root_cert: root.map(String::from),
+            client_cert: false,
         };
+        let with_cert = crate::config::DatabaseTls {
+            client_cert: true,
+            ..tls(None, None)
+        };
+        assert!(!tls_left_to_us(&with_cert, "127.0.0.1"));
         assert!(!tls_left_to_us(&tls(Some("prefer"), None), "127.0.0.1"));
         assert!(!tls_left_to_us(&tls(Some("disable"), None), "127.0.0.1"));
         assert!(!tls_left_to_us(&tls(None, Some("/ca.crt")), "127.0.0.1"));

@@ -21,7 +21,7 @@ use super::error;
 use super::NoResponders;
 use crate::publisher::{AckTicket, PublishError};
 use async_nats::{Client, HeaderMap, Message, StatusCode, Subject};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -282,7 +282,7 @@ impl Drop for AckPath {
 
 /// Resolves tickets from their replies, and every so often times out the unanswered ones.
 async fn read_replies(
-    replies: async_nats::Subscriber,
+    mut replies: async_nats::Subscriber,
     shared: Arc<Shared>,
     lookup: Arc<NoResponders>,
     stop: CancellationToken,
@@ -291,15 +291,28 @@ async fn read_replies(
     let late = format!("no PubAck within {:?}", shared.timeout);
     let mut sweep = tokio::time::interval(every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The PubAcks that have arrived, a run at a time: one lock of the waiting publishes and
-    // one release of room per run instead of per reply.
-    let mut replies = replies.ready_chunks(1024);
+    // The PubAcks that have arrived, a run at a time (up to RUN): one lock of the waiting
+    // publishes and one release of room per run instead of per reply. Both buffers are
+    // kept from run to run.
+    const RUN: usize = 256;
+    let mut run = Vec::new();
     let mut taken = Vec::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            run = replies.next() => match run {
-                Some(run) => answer(&shared, &lookup, run, &mut taken),
+            reply = replies.next() => match reply {
+                Some(m) => {
+                    run.push(m);
+                    // The subscription's `next` is a channel receive: dropping it unfinished
+                    // loses nothing.
+                    while run.len() < RUN {
+                        match replies.next().now_or_never() {
+                            Some(Some(m)) => run.push(m),
+                            _ => break,
+                        }
+                    }
+                    answer(&shared, &lookup, &mut run, &mut taken);
+                }
                 None => break,
             },
             _ = sweep.tick() => {
@@ -322,16 +335,17 @@ fn reply_number(m: &Message) -> Option<u64> {
         .and_then(|t| t.parse::<u64>().ok())
 }
 
+/// Resolves the publishes `run` answers (and empties it).
 fn answer(
     shared: &Arc<Shared>,
     lookup: &Arc<NoResponders>,
-    run: Vec<Message>,
+    run: &mut Vec<Message>,
     taken: &mut Vec<(u64, Waiting)>,
 ) {
     // In the order they came, which `take_all` keeps: results reach the relay in the order
     // JetStream stored the messages.
     let mut answers: Vec<(u64, Message)> = Vec::with_capacity(run.len());
-    for m in run {
+    for m in run.drain(..) {
         let Some(n) = reply_number(&m) else { continue };
         if m.status == Some(StatusCode::NO_RESPONDERS) {
             no_responders(shared, lookup, n);
