@@ -185,7 +185,7 @@ async fn drain_settled(
 
 /// Whose CPU the settled drains report per event: the relays (this process), Postgres, and
 /// the brokers of the benchmarks.
-const SPLIT: [&str; 4] = ["scale-", "postgres", "tansu", "pulsar-lite"];
+const SPLIT: [&str; 5] = ["scale-", "postgres", "tansu", "pulsar-lite", "nats-server"];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -250,7 +250,7 @@ async fn main() {
                 machine / events as f64 * 1e6,
                 split[0],
                 split[1],
-                split[2] + split[3]
+                split[2] + split[3] + split[4]
             ));
         }
         println!("{line}");
