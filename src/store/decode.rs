@@ -214,13 +214,24 @@ fn from_wire<T: FromWire>(row: &PgRow, i: usize) -> Option<Option<T>> {
     T::from_wire(raw.as_bytes().ok()?).map(Some)
 }
 
-/// A nullable column of `T`: from the wire where it can be, else through sqlx; `None` if NULL
-/// or undecodable.
+/// Column `i` as `T` (`None` for NULL): from the wire where it can be, else through sqlx,
+/// whose error says why it cannot be.
+fn read_column<'r, T>(row: &'r PgRow, i: usize) -> Result<Option<T>, sqlx::Error>
+where
+    T: FromWire + sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    match from_wire::<T>(row, i) {
+        Some(v) => Ok(v),
+        None => row.try_get::<Option<T>, _>(i),
+    }
+}
+
+/// A nullable column of `T`; `None` if NULL or undecodable.
 fn nullable<'r, T>(row: &'r PgRow, i: usize) -> Option<T>
 where
     T: FromWire + sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
 {
-    from_wire::<T>(row, i).unwrap_or_else(|| row.try_get::<Option<T>, _>(i).ok().flatten())
+    read_column(row, i).ok().flatten()
 }
 
 /// What could not be decoded, column by column.
@@ -241,11 +252,7 @@ impl Problems {
     where
         T: FromWire + sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Default,
     {
-        let value = match from_wire::<T>(row, i) {
-            Some(v) => Ok(v),
-            None => row.try_get::<Option<T>, _>(i),
-        };
-        match value {
+        match read_column::<T>(row, i) {
             Ok(Some(v)) => v,
             Ok(None) => {
                 self.add(column, "is null".into());
@@ -262,10 +269,7 @@ impl Problems {
     where
         T: FromWire + sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
     {
-        if let Some(v) = from_wire::<T>(row, i) {
-            return v;
-        }
-        row.try_get::<Option<T>, _>(i).unwrap_or_else(|e| {
+        read_column::<T>(row, i).unwrap_or_else(|e| {
             self.add(column, undecodable(e));
             None
         })
