@@ -658,12 +658,16 @@ impl Store {
                 false
             };
         if plaintext_loopback {
-            tracing::info!(
-                host = opts.get_host(),
-                "database: a loopback host and no TLS setting: sessions go without TLS \
-                 (set database.ssl_mode to prefer or stricter to encrypt them, e.g. through a \
-                 local forwarder to another host)"
-            );
+            let why = "database: a loopback host and no TLS setting: sessions go without TLS \
+                       (set database.ssl_mode to prefer or stricter to encrypt them, e.g. \
+                       through a local forwarder to another host)";
+            // Said once where the relay starts; an operator's command would repeat it each
+            // time (`check` prints it instead).
+            if session.operator {
+                tracing::debug!(host = opts.get_host(), "{why}");
+            } else {
+                tracing::info!(host = opts.get_host(), "{why}");
+            }
             opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
         }
         let pool = PgPoolOptions::new()
