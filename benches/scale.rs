@@ -14,6 +14,8 @@
 //!   BENCH_BACKEND=pulsar cargo bench --bench scale  # Pulsar at BENCH_PULSAR_URL
 //!   BENCH_ORDERING=pipelined BENCH_WINDOW=1024       # the many-aggregate drains pipelined
 //!   BENCH_ONLY_HOT=1                                 # only the one-aggregate drains
+//!   BENCH_AGGREGATES=300 BENCH_RELAYS=1,3            # some shapes and relay counts only
+//!   BENCH_ONLY_SETTLED=1                             # only the drains of settled relays
 //!
 //! Under `cargo test` it runs a small smoke pass on the memory backend.
 
@@ -227,10 +229,23 @@ async fn main() {
         "scale benchmark: backend={backend} events={events} payload=200 B ordering={:?} window={}",
         cfg.relay.ordering, cfg.relay.aggregate_window
     );
-    let shapes: &[u64] = if only_hot { &[] } else { &[300, 1000] };
-    for &aggregates in shapes {
+    let shapes = if only_hot {
+        vec![]
+    } else if bench {
+        common::sizes("BENCH_AGGREGATES", "300,1000")
+    } else {
+        vec![300, 1000]
+    };
+    let counts = if bench {
+        common::sizes("BENCH_RELAYS", "1,2,3")
+    } else {
+        vec![1, 2, 3]
+    };
+    let together = std::env::var("BENCH_ONLY_SETTLED").is_err();
+    for &aggregates in &shapes {
         let mut line = format!("{aggregates:>5} aggregates:");
-        for relays in 1..=3 {
+        for &relays in counts.iter().filter(|_| together) {
+            let relays = relays as usize;
             db.fill(0, events, aggregates).await;
             let (secs, deferred) = drain(&db, &cfg, &backend, relays).await;
             line.push_str(&format!(
@@ -238,9 +253,12 @@ async fn main() {
                 events as f64 / secs
             ));
         }
-        println!("{line}");
+        if together {
+            println!("{line}");
+        }
         let mut line = format!("{aggregates:>5} aggregates, relays settled first:");
-        for relays in 1..=3 {
+        for &relays in &counts {
+            let relays = relays as usize;
             let (secs, machine, split) =
                 drain_settled(&db, &cfg, &backend, relays, events, aggregates).await;
             line.push_str(&format!(
