@@ -464,54 +464,57 @@ impl Dispatcher {
     fn slot(&self, chain: u64, seq: u64) -> Option<i64> {
         let c = self.chains.get(&chain)?;
         let id = *c.ids.get(usize::try_from(seq.checked_sub(c.base)?).ok()?)?;
-        self.rows
-            .get(&id)
-            .is_some_and(|r| r.chain == chain && r.seq == seq)
-            .then_some(id)
+        Self::slot_row(&self.rows, c, chain, seq).map(|_| id)
+    }
+
+    /// The row in slot `seq` of chain `c` (numbered `chain`), if it is still in memory: a
+    /// slot whose row left memory, or was claimed again into another chain, is a hole.
+    fn slot_row<'a>(
+        rows: &'a HashMap<i64, RowState>,
+        c: &Chain,
+        chain: u64,
+        seq: u64,
+    ) -> Option<&'a RowState> {
+        let id = c.ids.get(usize::try_from(seq.checked_sub(c.base)?).ok()?)?;
+        rows.get(id).filter(|r| r.chain == chain && r.seq == seq)
     }
 
     /// The next waiting row of `chain`, moving its frontier past what is handed or decided.
     fn frontier(&mut self, chain: u64) -> Option<i64> {
-        loop {
-            let c = self.chains.get(&chain)?;
+        // One look-up of the chain for the whole walk (this runs for every acknowledgement
+        // of a chained row).
+        let c = self.chains.get_mut(&chain)?;
+        let end = c.base + c.ids.len() as u64;
+        while c.frontier < end {
             let seq = c.frontier;
-            if seq >= c.base + c.ids.len() as u64 {
-                return None;
-            }
-            if let Some(id) = self.slot(chain, seq) {
-                if matches!(self.rows[&id].state, State::Waiting) {
-                    return Some(id);
+            if let Some(r) = Self::slot_row(&self.rows, c, chain, seq) {
+                if matches!(r.state, State::Waiting) {
+                    return Some(c.ids[(seq - c.base) as usize]);
                 }
             }
-            if let Some(c) = self.chains.get_mut(&chain) {
-                c.frontier = seq + 1;
-            }
+            c.frontier = seq + 1;
         }
+        None
     }
 
     /// The place of the oldest row of `chain` before `upto` not yet published (`upto` if
     /// none), moving its zone past what is published.
     fn zone(&mut self, chain: u64, upto: u64) -> u64 {
-        loop {
-            let Some(c) = self.chains.get(&chain) else {
-                return upto;
-            };
+        let Some(c) = self.chains.get_mut(&chain) else {
+            return upto;
+        };
+        while c.zone < upto {
             let seq = c.zone;
-            if seq >= upto {
-                return upto;
-            }
-            if let Some(id) = self.slot(chain, seq) {
-                let r = &self.rows[&id];
+            if let Some(r) = Self::slot_row(&self.rows, c, chain, seq) {
                 // A tainted row was sent behind a failure: nothing behind it goes, so it never
                 // counts as settled.
                 if r.tainted || !matches!(r.state, State::Done(Verdict::Published)) {
                     return seq;
                 }
             }
-            if let Some(c) = self.chains.get_mut(&chain) {
-                c.zone = seq + 1;
-            }
+            c.zone = seq + 1;
         }
+        upto
     }
 
     /// Rows claimed and not yet committed.
@@ -997,6 +1000,20 @@ impl Dispatcher {
 
     /// As [`Dispatcher::on_result`], read at `now`.
     pub fn on_result_at(&mut self, ack: AckResult, now: Instant) -> (Vec<Handoff>, Vec<Completed>) {
+        let (mut out, mut completed) = (Vec::new(), Vec::new());
+        self.on_result_into(ack, now, &mut out, &mut completed);
+        (out, completed)
+    }
+
+    /// As [`Dispatcher::on_result_at`], adding to the caller's lists: the relay reads results
+    /// in runs and hands on what they free in one burst, with no lists per result.
+    pub fn on_result_into(
+        &mut self,
+        ack: AckResult,
+        now: Instant,
+        out: &mut Vec<Handoff>,
+        completed: &mut Vec<Completed>,
+    ) {
         self.clock = now;
         // Even a late answer to an abandoned hand-off shows the backend is there.
         if ack.outcome.is_ok() {
@@ -1004,14 +1021,13 @@ impl Dispatcher {
                 *t = Some(now);
             }
         }
-        let mut out = Vec::new();
         let mut done = Vec::new();
         let Some(r) = self.rows.get(&ack.row_id) else {
-            return (out, Vec::new());
+            return;
         };
         match r.state {
             State::Handed { token, .. } if token == ack.token => {}
-            _ => return (out, Vec::new()),
+            _ => return,
         }
         let attempts = r.event.attempts as u32 + 1;
         let backend = ack.backend;
@@ -1024,9 +1040,10 @@ impl Dispatcher {
             }
             Err(e) => self.failure_verdict(backend, attempts, e.kind, e.reason),
         };
-        self.decide(ack.row_id, verdict, &mut out, &mut done);
-        let completed = self.collect_completed(done);
-        (out, completed)
+        self.decide(ack.row_id, verdict, out, &mut done);
+        if !done.is_empty() {
+            completed.extend(self.collect_completed(done));
+        }
     }
 
     fn failure_verdict(
@@ -1219,11 +1236,11 @@ fn tracked_prev(id: i64, now: chrono::DateTime<chrono::Utc>) -> Prev {
     }
 }
 
+/// A hash of an aggregate id, for `by_aggregate`. Rows whose ids share one are told apart
+/// by comparing the ids (`tracked_before`), so a fast hash does; the keys never leave memory.
 fn aggregate_key(aggregate: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    aggregate.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(aggregate)
 }
 
 enum Placement {

@@ -754,9 +754,7 @@ impl Relay {
                     while let Some(ack) = next {
                         summary.latency(ack.publish_latency());
                         self.observe(&ack);
-                        let (h, c) = d.on_result_at(ack, read_at);
-                        handoffs.extend(h);
-                        completed.extend(c);
+                        d.on_result_into(ack, read_at, &mut handoffs, &mut completed);
                         next = ack_rx.try_recv().ok();
                     }
                     self.publish(handoffs, &ack_tx).await;
