@@ -1,4 +1,5 @@
 use crate::config::{redact_url, Config};
+use crate::relay::retry::Backoff;
 use crate::relay::Relay;
 use anyhow::Context;
 use std::process::ExitCode;
@@ -48,7 +49,7 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
             Ok(relay) => break relay,
             Err(e) if !args.drain && worth_waiting_for(&e) => {
                 attempt += 1;
-                let wait = START_RETRY_MAX.min(Duration::from_millis(250) * (1 << attempt.min(8)));
+                let wait = START_RETRY.step(attempt);
                 tracing::warn!(attempt, retry_in = ?wait, "cannot start yet: {e:#}");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -90,7 +91,11 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The longest wait between start-up attempts.
-const START_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Waits between start-up attempts: 0.5 s, doubling, at most 30 s.
+const START_RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(250),
+    max: Duration::from_secs(30),
+};
 
 /// Connects, builds the backends, and checks that Postgres answers and the outbox is migrated.
 async fn start(cfg: &Config) -> anyhow::Result<Relay> {

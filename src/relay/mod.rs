@@ -50,6 +50,12 @@ use tokio_util::sync::CancellationToken;
 /// `shutdown_timeout`) only after this long without a success from it.
 const UNREACHABLE_QUIET: Duration = Duration::from_secs(2);
 
+/// Waits after a failed claim: 0.2 s, doubling with each failure in a row, at most 5 s.
+const CLAIM_RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
+
 /// Why the relay could not start or go on.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -734,7 +740,7 @@ impl Relay {
                         }
                         Err(e) => {
                             claim_errors += 1;
-                            let wait = Duration::from_millis(100u64 << claim_errors.min(6)).min(Duration::from_secs(5));
+                            let wait = CLAIM_RETRY.step(claim_errors);
                             if claim_errors == 1 || claim_errors.is_multiple_of(20) {
                                 tracing::warn!(error = %e, retry_in = ?wait, failures = claim_errors, "claim failed");
                             }

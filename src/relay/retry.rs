@@ -1,4 +1,5 @@
-//! Retry policy: exponential backoff with jitter.
+//! Retry policy: exponential backoff, with jitter for events and without for the relay's own
+//! waits. The one type for every backoff in the relay.
 
 use rand::Rng;
 use std::time::Duration;
@@ -18,14 +19,19 @@ impl Backoff {
     /// then "equal jitter" (a uniform draw from the upper half), so retries of many events that
     /// failed together spread out instead of returning as one wave.
     pub fn delay(&self, attempts: u32) -> Duration {
-        let exp = attempts.saturating_sub(1).min(32);
-        let base = self
-            .initial
-            .checked_mul(1u32 << exp.min(31))
-            .unwrap_or(self.max)
-            .min(self.max);
+        let base = self.step(attempts.saturating_sub(1));
         let half = base / 2;
         half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+    }
+
+    /// `initial * 2^n`, capped at `max`, without jitter: for one process's own waits (a claim
+    /// that failed, a lost LISTEN session, a start-up waiting for what it needs), where there
+    /// is no crowd of retries to spread out.
+    pub fn step(&self, n: u32) -> Duration {
+        self.initial
+            .checked_mul(1u32 << n.min(31))
+            .unwrap_or(self.max)
+            .min(self.max)
     }
 }
 
@@ -45,5 +51,19 @@ mod tests {
             assert!(d20 >= Duration::from_millis(500) && d20 <= Duration::from_secs(1));
             assert!(b.delay(u32::MAX) <= Duration::from_secs(1));
         }
+    }
+
+    #[test]
+    fn steps_double_without_jitter_up_to_the_cap() {
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let ms: Vec<u128> = (0..8).map(|n| b.step(n).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(b.step(u32::MAX), Duration::from_secs(5));
+        let huge = Backoff::new(Duration::from_secs(u64::MAX / 2), Duration::from_secs(30));
+        assert_eq!(
+            huge.step(3),
+            Duration::from_secs(30),
+            "an overflow is the cap"
+        );
     }
 }

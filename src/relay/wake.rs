@@ -11,6 +11,15 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::retry::Backoff;
+
+/// Waits before listening again: 0.2 s after a session that worked, doubling with each failure
+/// in a row, at most 5 s.
+const LISTEN_RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(200),
+    max: Duration::from_secs(5),
+};
+
 pub async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, stop: CancellationToken) {
     let mut failures: u32 = 0;
     loop {
@@ -50,7 +59,7 @@ pub async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, stop: Canc
                 }
             }
         }
-        let wait = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
+        let wait = LISTEN_RETRY.step(failures);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,
