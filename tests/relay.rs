@@ -1136,3 +1136,51 @@ async fn columns_of_other_types_decode_as_before_and_fail_only_their_row() {
     assert_eq!(claim.rows[0].event.topic, "orders.x");
     claim.tx.rollback().await.unwrap();
 }
+
+/// A column the claim reads changes its type under a running store: the session whose
+/// prepared claim went stale fails once ("cached plan must not change result type"), and
+/// the pool replaces the sessions opened before, so the next claim works: no restart.
+#[tokio::test]
+async fn a_column_changing_type_under_a_running_store_costs_one_failed_claim() {
+    let db = TestDb::new().await;
+    db.sql(
+        "INSERT INTO {t} (event_id, topic, aggregate_id, event_type, event_version, payload) \
+         VALUES ('00000000-0000-0000-0000-00000000abce', 'orders.y', 'a1', 'T', 1, 'x')",
+    )
+    .await;
+    db.sql("UPDATE {t}_partitions SET owner = 'nobody'").await;
+    let cfg = db.config();
+    let share = outbox_relay::store::Share {
+        owner: "nobody".into(),
+        parts: (0..outbox_relay::store::PARTITIONS).collect(),
+    };
+    let store =
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+            .await
+            .unwrap();
+    let claim = || store.claim_share(10, outbox_relay::store::Walk::ProbeAll(None), &share);
+    let c = claim().await.unwrap();
+    assert_eq!(c.rows.len(), 1);
+    c.tx.rollback().await.unwrap();
+
+    db.sql("ALTER TABLE {t} ALTER COLUMN topic TYPE varchar(200)")
+        .await;
+    // The pooled session prepared the claim before the change.
+    let stale = match claim().await {
+        Ok(_) => panic!("the session's prepared claim should have gone stale"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        stale.contains("cached plan must not change result type"),
+        "{stale}"
+    );
+    for round in 0..3 {
+        let c = claim()
+            .await
+            .unwrap_or_else(|e| panic!("claim {round} after the change: {e}"));
+        assert_eq!(c.rows.len(), 1);
+        assert_eq!(c.rows[0].event.topic, "orders.y");
+        assert_eq!(c.rows[0].invalid, None);
+        c.tx.rollback().await.unwrap();
+    }
+}

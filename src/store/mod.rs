@@ -509,6 +509,70 @@ pub struct Store {
     /// Sessions go without TLS: a loopback host, no TLS setting given, and the server took a
     /// plaintext session at start-up (see [`tls_left_to_us`]).
     plaintext_loopback: bool,
+    /// When a statement's cached plan went stale (see [`PlanReset`]).
+    plans: Arc<PlanReset>,
+}
+
+/// A column the claim reads changed its type under running sessions: Postgres then refuses
+/// every session's prepared claim ("cached plan must not change result type") until the
+/// statement is prepared again. The session that hits it records the moment here, and the
+/// pool (built by [`Store::connect`]) lets go of every session opened before it as it next
+/// hands one out, so new sessions prepare the statements afresh: one failed claim, not one
+/// per pooled session, and no restart.
+#[derive(Debug, Default)]
+pub struct PlanReset {
+    epoch: std::sync::OnceLock<std::time::Instant>,
+    /// Milliseconds after `epoch` of the last stale plan, plus one (0: never).
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl PlanReset {
+    fn now_ms(&self) -> u64 {
+        self.epoch
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+    }
+
+    /// Records a stale plan if `e` is one.
+    fn note(&self, e: &StoreError) {
+        if is_stale_plan(e) {
+            let at = self.now_ms() + 1;
+            self.at_ms.store(at, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                "a column the claim reads changed its type: the database sessions opened \
+                 before are replaced, and the claim is tried again"
+            );
+        }
+    }
+
+    /// Whether a session `age` old was opened before the last stale plan.
+    fn predates(&self, age: Duration) -> bool {
+        let at = self.at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if at == 0 {
+            return false;
+        }
+        let since = self.now_ms().saturating_sub(at - 1);
+        // A session at least as old as the time since then was opened before it.
+        age.as_millis() as u64 >= since
+    }
+}
+
+/// Postgres refused a prepared statement because the types of its result changed since it
+/// was prepared (SQLSTATE 0A000 with that message).
+fn is_stale_plan(e: &StoreError) -> bool {
+    match e {
+        StoreError::Sql {
+            cause: sqlx::Error::Database(db),
+            ..
+        } => {
+            db.code().as_deref() == Some("0A000")
+                && db
+                    .message()
+                    .contains("cached plan must not change result type")
+        }
+        _ => false,
+    }
 }
 
 /// Whether the TLS of the database's sessions is ours to choose: no TLS setting anywhere (the
@@ -670,11 +734,18 @@ impl Store {
             }
             opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
         }
+        let plans = Arc::new(PlanReset::default());
+        let stale = plans.clone();
         let pool = PgPoolOptions::new()
             .max_connections(db.max_connections)
             .acquire_timeout(db.connect_timeout.0)
+            .before_acquire(move |_, meta| {
+                let keep = !stale.predates(meta.age);
+                Box::pin(async move { Ok(keep) })
+            })
             .connect_lazy_with(opts);
         let mut store = Store::with_pool(pool, Names::new(db.schema.clone(), db.table.clone()));
+        store.plans = plans;
         // Past the server's own statement timeout (plus a connect), nothing will answer.
         store.client_timeout =
             db.statement_timeout.0 + db.connect_timeout.0 + Duration::from_secs(1);
@@ -694,6 +765,7 @@ impl Store {
             batch_max_bytes: 8 * 1024 * 1024,
             rows_that_fit: AtomicU32::new(u32::MAX),
             plaintext_loopback: false,
+            plans: Arc::default(),
         }
     }
 
@@ -718,9 +790,13 @@ impl Store {
         work: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let after = self.client_timeout;
-        tokio::time::timeout(after, work)
+        let res = tokio::time::timeout(after, work)
             .await
-            .unwrap_or(Err(StoreError::TimedOut { what, after }))
+            .unwrap_or(Err(StoreError::TimedOut { what, after }));
+        if let Err(e) = &res {
+            self.plans.note(e);
+        }
+        res
     }
 
     /// Keeps published rows (marked, with `published_at`) instead of deleting them; they are
