@@ -522,23 +522,23 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub struct PlanReset {
     epoch: std::sync::OnceLock<std::time::Instant>,
-    /// Milliseconds after `epoch` of the last stale plan, plus one (0: never).
-    at_ms: std::sync::atomic::AtomicU64,
+    /// Microseconds after `epoch` of the last stale plan, plus one (0: never).
+    at_us: std::sync::atomic::AtomicU64,
 }
 
 impl PlanReset {
-    fn now_ms(&self) -> u64 {
+    fn now_us(&self) -> u64 {
         self.epoch
             .get_or_init(std::time::Instant::now)
             .elapsed()
-            .as_millis() as u64
+            .as_micros() as u64
     }
 
     /// Records a stale plan if `e` is one.
     fn note(&self, e: &StoreError) {
         if is_stale_plan(e) {
-            let at = self.now_ms() + 1;
-            self.at_ms.store(at, std::sync::atomic::Ordering::Relaxed);
+            let at = self.now_us() + 1;
+            self.at_us.store(at, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 "a column the claim reads changed its type: the database sessions opened \
                  before are replaced, and the claim is tried again"
@@ -548,30 +548,36 @@ impl PlanReset {
 
     /// Whether a session `age` old was opened before the last stale plan.
     fn predates(&self, age: Duration) -> bool {
-        let at = self.at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let at = self.at_us.load(std::sync::atomic::Ordering::Relaxed);
         if at == 0 {
             return false;
         }
-        let since = self.now_ms().saturating_sub(at - 1);
+        let since = self.now_us().saturating_sub(at - 1);
         // A session at least as old as the time since then was opened before it.
-        age.as_millis() as u64 >= since
+        age.as_micros() as u64 >= since
     }
 }
 
 /// Postgres refused a prepared statement because the types of its result changed since it
-/// was prepared (SQLSTATE 0A000 with that message).
+/// was prepared: SQLSTATE 0A000 raised where a cached plan is checked again
+/// (`RevalidateCachedQuery`, which no translation of the message changes), or, where the
+/// server does not say where, with that message.
 fn is_stale_plan(e: &StoreError) -> bool {
-    match e {
-        StoreError::Sql {
-            cause: sqlx::Error::Database(db),
-            ..
-        } => {
-            db.code().as_deref() == Some("0A000")
-                && db
-                    .message()
-                    .contains("cached plan must not change result type")
-        }
-        _ => false,
+    let StoreError::Sql {
+        cause: sqlx::Error::Database(db),
+        ..
+    } = e
+    else {
+        return false;
+    };
+    if db.code().as_deref() != Some("0A000") {
+        return false;
+    }
+    match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        Some(pg) if pg.routine().is_some() => pg.routine() == Some("RevalidateCachedQuery"),
+        _ => db
+            .message()
+            .contains("cached plan must not change result type"),
     }
 }
 
@@ -753,6 +759,8 @@ impl Store {
         Ok(store)
     }
 
+    /// A store on a pool of the caller's. Only [`Store::connect`]'s pool replaces sessions
+    /// whose prepared claim went stale (see [`PlanReset`]).
     pub fn with_pool(pool: PgPool, names: Names) -> Store {
         let stmts = Statements::new(&names);
         Store {
