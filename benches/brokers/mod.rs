@@ -46,6 +46,15 @@ pub fn kafka_config() -> KafkaConfig {
     if let Ok(ms) = std::env::var("BENCH_KAFKA_LINGER") {
         c.properties.insert("linger.ms".into(), ms);
     }
+    // Any other librdkafka property: BENCH_KAFKA_PROPS="socket.nagle.disable=true,k=v".
+    if let Ok(props) = std::env::var("BENCH_KAFKA_PROPS") {
+        for kv in props.split(',').filter(|kv| !kv.trim().is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .unwrap_or_else(|| panic!("BENCH_KAFKA_PROPS: {kv:?} is not key=value"));
+            c.properties.insert(k.trim().into(), v.trim().into());
+        }
+    }
     c
 }
 
