@@ -90,7 +90,6 @@ pub async fn run(cfg: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The longest wait between start-up attempts.
 /// Waits between start-up attempts: 0.5 s, doubling, at most 30 s.
 const START_RETRY: Backoff = Backoff {
     initial: Duration::from_millis(250),

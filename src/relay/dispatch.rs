@@ -463,20 +463,22 @@ impl Dispatcher {
     /// The row in slot `seq` of `chain`, if it is still in memory.
     fn slot(&self, chain: u64, seq: u64) -> Option<i64> {
         let c = self.chains.get(&chain)?;
-        let id = *c.ids.get(usize::try_from(seq.checked_sub(c.base)?).ok()?)?;
-        Self::slot_row(&self.rows, c, chain, seq).map(|_| id)
+        Self::slot_row(&self.rows, c, chain, seq).map(|(id, _)| id)
     }
 
-    /// The row in slot `seq` of chain `c` (numbered `chain`), if it is still in memory: a
-    /// slot whose row left memory, or was claimed again into another chain, is a hole.
+    /// The row in slot `seq` of chain `c` (numbered `chain`), with its id, if it is still in
+    /// memory: a slot whose row left memory, or was claimed again into another chain, is a
+    /// hole.
     fn slot_row<'a>(
         rows: &'a HashMap<i64, RowState>,
         c: &Chain,
         chain: u64,
         seq: u64,
-    ) -> Option<&'a RowState> {
-        let id = c.ids.get(usize::try_from(seq.checked_sub(c.base)?).ok()?)?;
-        rows.get(id).filter(|r| r.chain == chain && r.seq == seq)
+    ) -> Option<(i64, &'a RowState)> {
+        let id = *c.ids.get(usize::try_from(seq.checked_sub(c.base)?).ok()?)?;
+        rows.get(&id)
+            .filter(|r| r.chain == chain && r.seq == seq)
+            .map(|r| (id, r))
     }
 
     /// The next waiting row of `chain`, moving its frontier past what is handed or decided.
@@ -487,9 +489,9 @@ impl Dispatcher {
         let end = c.base + c.ids.len() as u64;
         while c.frontier < end {
             let seq = c.frontier;
-            if let Some(r) = Self::slot_row(&self.rows, c, chain, seq) {
+            if let Some((id, r)) = Self::slot_row(&self.rows, c, chain, seq) {
                 if matches!(r.state, State::Waiting) {
-                    return Some(c.ids[(seq - c.base) as usize]);
+                    return Some(id);
                 }
             }
             c.frontier = seq + 1;
@@ -505,7 +507,7 @@ impl Dispatcher {
         };
         while c.zone < upto {
             let seq = c.zone;
-            if let Some(r) = Self::slot_row(&self.rows, c, chain, seq) {
+            if let Some((_, r)) = Self::slot_row(&self.rows, c, chain, seq) {
                 // A tainted row was sent behind a failure: nothing behind it goes, so it never
                 // counts as settled.
                 if r.tainted || !matches!(r.state, State::Done(Verdict::Published)) {

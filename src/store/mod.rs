@@ -29,7 +29,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use enqueue::{NewEvent, Outbox};
@@ -521,24 +521,15 @@ pub struct Store {
 /// per pooled session, and no restart.
 #[derive(Debug, Default)]
 pub struct PlanReset {
-    epoch: std::sync::OnceLock<std::time::Instant>,
-    /// Microseconds after `epoch` of the last stale plan, plus one (0: never).
-    at_us: std::sync::atomic::AtomicU64,
+    /// When the last stale plan was seen.
+    at: Mutex<Option<std::time::Instant>>,
 }
 
 impl PlanReset {
-    fn now_us(&self) -> u64 {
-        self.epoch
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_micros() as u64
-    }
-
     /// Records a stale plan if `e` is one.
     fn note(&self, e: &StoreError) {
         if is_stale_plan(e) {
-            let at = self.now_us() + 1;
-            self.at_us.store(at, std::sync::atomic::Ordering::Relaxed);
+            *self.at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
             tracing::warn!(
                 "a column the claim reads changed its type: the database sessions opened \
                  before are replaced, and the claim is tried again"
@@ -548,13 +539,11 @@ impl PlanReset {
 
     /// Whether a session `age` old was opened before the last stale plan.
     fn predates(&self, age: Duration) -> bool {
-        let at = self.at_us.load(std::sync::atomic::Ordering::Relaxed);
-        if at == 0 {
-            return false;
-        }
-        let since = self.now_us().saturating_sub(at - 1);
         // A session at least as old as the time since then was opened before it.
-        age.as_micros() as u64 >= since
+        self.at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| age >= at.elapsed())
     }
 }
 
