@@ -1,7 +1,111 @@
 //! Routes: which backend (and body format) a topic goes to. First matching pattern wins.
 
-use crate::config::RouteConfig;
-use crate::envelope::BodyFormat;
+use crate::config::value::{invalid, ConfigError};
+use crate::envelope::{cloudevents, BodyFormat, CeSource, CloudEventsFormat, CloudEventsMode};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RouteToml")]
+pub struct RouteConfig {
+    /// Glob over the topic: `*` any run of characters, `?` one character.
+    pub topic: String,
+    pub backend: String,
+    /// The body format, with a CloudEvents route's mode and source inside it.
+    pub format: BodyFormat,
+}
+
+/// A route as written in the file: `format` names the format, and a CloudEvents route adds
+/// `cloudevents_mode` and `cloudevents_source` beside it (flat keys, like every other
+/// section). [`validate_routes`] checks the source, naming the key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteToml {
+    topic: String,
+    backend: String,
+    #[serde(default)]
+    format: FormatName,
+    cloudevents_mode: Option<CloudEventsMode>,
+    cloudevents_source: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FormatName {
+    #[default]
+    Raw,
+    Envelope,
+    Cloudevents,
+}
+
+impl TryFrom<RouteToml> for RouteConfig {
+    type Error = String;
+
+    fn try_from(r: RouteToml) -> Result<Self, String> {
+        let format = match r.format {
+            FormatName::Cloudevents => BodyFormat::CloudEvents(CloudEventsFormat {
+                mode: r.cloudevents_mode.unwrap_or_default(),
+                // A missing source is reported by `validate` with the route's index.
+                source: CeSource::new(r.cloudevents_source.as_deref().unwrap_or_default()),
+            }),
+            other => {
+                // A CloudEvents key on another format is a mistake the route would ignore.
+                let stray = [
+                    ("cloudevents_mode", r.cloudevents_mode.is_some()),
+                    ("cloudevents_source", r.cloudevents_source.is_some()),
+                ];
+                if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "route {:?}: {key} applies only to format = \"cloudevents\", this \
+                         route's format is {:?}",
+                        r.topic,
+                        format!("{other:?}").to_ascii_lowercase()
+                    ));
+                }
+                match other {
+                    FormatName::Envelope => BodyFormat::Envelope,
+                    _ => BodyFormat::Raw,
+                }
+            }
+        };
+        Ok(RouteConfig {
+            topic: r.topic,
+            backend: r.backend,
+            format,
+        })
+    }
+}
+
+/// Every route names a configured backend (`backends`), has a usable topic pattern and, for
+/// CloudEvents, a valid source; the error names `routes[i].key`.
+pub fn validate_routes(routes: &[RouteConfig], backends: &[&str]) -> Result<(), ConfigError> {
+    for (i, route) in routes.iter().enumerate() {
+        if !backends.contains(&route.backend.as_str()) {
+            return Err(invalid(
+                format!("routes[{i}].backend"),
+                format!(
+                    "{:?} is not a configured backend; configured: {}",
+                    route.backend,
+                    backends.join(", ")
+                ),
+            ));
+        }
+        if route.topic.is_empty() || route.topic.contains(char::is_whitespace) {
+            return Err(invalid(
+                format!("routes[{i}].topic"),
+                format!(
+                    "{:?} is not a topic pattern: non-empty, no spaces",
+                    route.topic
+                ),
+            ));
+        }
+        if let BodyFormat::CloudEvents(ce) = route.format {
+            if let Some(problem) = cloudevents::source_problem(ce.source.as_str()) {
+                return Err(invalid(format!("routes[{i}].cloudevents_source"), problem));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Compiled routes over a list of backends (by index).
 #[derive(Debug, Clone)]

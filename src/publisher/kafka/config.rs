@@ -1,7 +1,7 @@
 //! Settings of a Kafka backend (`[backends.<name>]` with `type = "kafka"`), their validation,
 //! and the librdkafka properties they turn into.
 
-use crate::config::{invalid, ConfigError, Dur, Provisioning, Secret};
+use crate::config::value::{invalid, ConfigError, Dur, Provisioning, Secret};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,7 +25,7 @@ pub struct KafkaConfig {
     pub ssl_key_password: Option<Secret>,
     /// Any librdkafka producer property; wins over everything above. Values may be written as
     /// strings, numbers or booleans.
-    #[serde(deserialize_with = "crate::config::scalar_map")]
+    #[serde(deserialize_with = "crate::config::value::scalar_map")]
     pub properties: BTreeMap<String, String>,
     /// Lets `properties` and `idempotence` weaken delivery (acks other than all, idempotence
     /// off). Off: such settings stop the start, naming the key.
@@ -61,10 +61,10 @@ impl Default for KafkaConfig {
 }
 
 /// Property names whose values are secrets: masked wherever settings are printed. The rule is
-/// [`crate::config::is_secret_key`]'s: a name with "password", "secret", "token", "key" (and
+/// [`crate::config::secrets::is_secret_key`]'s: a name with "password", "secret", "token", "key" (and
 /// the like) unless it names a file location.
 pub fn is_secret_property(key: &str) -> bool {
-    crate::config::is_secret_key(key)
+    crate::config::secrets::is_secret_key(key)
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -417,11 +417,11 @@ impl KafkaConfig {
                     )
                 }
                 rdkafka::error::KafkaError::ClientConfig(_, why, prop, _) => {
-                    (prop.clone(), crate::config::redact_secrets(why))
+                    (prop.clone(), crate::config::secrets::redact_secrets(why))
                 }
                 other => (
                     String::new(),
-                    crate::config::redact_secrets(&other.to_string()),
+                    crate::config::secrets::redact_secrets(&other.to_string()),
                 ),
             };
             let k = if self.properties.contains_key(&prop) {

@@ -20,7 +20,7 @@ pub mod provision;
 pub use config::KafkaConfig;
 
 use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
-use crate::config::Dur;
+use crate::config::value::Dur;
 use crate::envelope::{BodyFormat, Event, InvalidEvent, Wire};
 use futures::future::BoxFuture;
 use futures::FutureExt;

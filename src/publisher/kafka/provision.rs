@@ -2,7 +2,7 @@
 //! named in the backend's `topics` table (patterns apply to existing topics that match).
 
 use super::config::{is_pattern, KafkaConfig, TopicSettings};
-use crate::config::{Dur, Provisioning};
+use crate::config::value::{Dur, Provisioning};
 use crate::publisher::ProvisionReport as Report;
 use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier,
@@ -26,7 +26,7 @@ fn perr(topic: &str, message: impl Into<String>) -> ProvisionError {
     ProvisionError {
         topic: topic.to_string(),
         // librdkafka's configuration errors quote values.
-        message: crate::config::redact_secrets(&message.into()),
+        message: crate::config::secrets::redact_secrets(&message.into()),
     }
 }
 

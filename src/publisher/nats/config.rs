@@ -1,6 +1,6 @@
 //! Settings of a NATS backend (`[backends.<name>]` with `type = "nats"`) and their validation.
 
-use crate::config::{invalid, ConfigError, Dur, Provisioning, Secret};
+use crate::config::value::{invalid, ConfigError, Dur, Provisioning, Secret};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -243,7 +243,7 @@ impl NatsConfig {
                     format!("{key}.servers[{i}]"),
                     format!(
                         "{:?} is not a server URL: {e}",
-                        crate::config::redact_url(s)
+                        crate::config::secrets::redact_url(s)
                     ),
                 )
             })?;

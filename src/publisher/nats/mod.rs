@@ -121,7 +121,7 @@ impl NatsPublisher {
         }
         if client.connection_state() != State::Connected {
             tracing::warn!(
-                servers = ?cfg.servers.iter().map(|s| crate::config::redact_url(s)).collect::<Vec<_>>(),
+                servers = ?cfg.servers.iter().map(|s| crate::config::secrets::redact_url(s)).collect::<Vec<_>>(),
                 "nats: no server reachable yet; connecting in the background"
             );
         }

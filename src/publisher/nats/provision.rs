@@ -4,7 +4,7 @@
 use super::config::{
     subject_matches, Discard, NatsConfig, Persistence, Retention, Storage, StreamSettings,
 };
-use crate::config::Provisioning;
+use crate::config::value::Provisioning;
 use crate::publisher::ProvisionReport;
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};

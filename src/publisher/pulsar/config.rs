@@ -1,7 +1,7 @@
 //! Settings of a Pulsar backend (`[backends.<name>]` with `type = "pulsar"`), their validation,
 //! and how an outbox topic becomes a Pulsar topic name.
 
-use crate::config::{invalid, ConfigError, Dur, Secret};
+use crate::config::value::{invalid, ConfigError, Dur, Secret};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -258,7 +258,7 @@ impl PulsarConfig {
                     "{:?} is not allowed: one pulsar://host:port or pulsar+ssl://host:port \
                      (pulsar-rs takes one URL; a cluster is reached through any of its \
                      brokers or a proxy)",
-                    crate::config::redact_url(url)
+                    crate::config::secrets::redact_url(url)
                 ),
             ));
         }

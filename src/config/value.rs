@@ -1,0 +1,212 @@
+//! The building blocks every section's settings are made of: the error that names a key,
+//! durations, secrets, and the checks shared by several sections.
+
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// A configuration problem, naming the key and what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("configuration key {key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("configuration file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A value that must never be printed (a URL with a password, a token).
+///
+/// It takes any scalar (a numeric password given as `RELAY__...=12345` arrives as a number),
+/// and its deserialization errors never carry the value: serde's "invalid type: found ..."
+/// messages would otherwise print it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor("a string (a secret; its value is not shown)"))
+            .map(Secret)
+    }
+}
+
+/// Any scalar as its text; anything else is an error that names only its kind.
+struct ScalarVisitor(&'static str);
+
+impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+    fn visit_char<E: serde::de::Error>(self, v: char) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+}
+
+/// A map of names to scalars, each kept as its text (librdkafka properties: `linger.ms = 5`
+/// and `linger.ms = "5"` alike). A value of the wrong kind is reported without the value.
+pub fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Scalar(#[serde(deserialize_with = "scalar")] String);
+    fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_any(ScalarVisitor("a string, number or boolean"))
+    }
+    let m: BTreeMap<String, Scalar> = BTreeMap::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
+}
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A duration written as `250ms`, `30s`, `5m`, `2h` or `1d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn ms(n: u64) -> Self {
+        Dur(Duration::from_millis(n))
+    }
+    pub const fn secs(n: u64) -> Self {
+        Dur(Duration::from_secs(n))
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("{s:?} has no unit; write it like 250ms, 30s, 5m, 2h or 1d"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m, 2h or 1d"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        other => {
+            return Err(format!(
+                "{s:?} has unit {other:?}; allowed units are ms, s, m, h, d"
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration string like 250ms, 30s, 5m, 2h or 1d")
+        })?;
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `v` within `lo..=hi`, else an error naming `key`, the value and the range.
+pub fn in_range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        Err(invalid(
+            key,
+            format!("{v} is not allowed, must be {lo} to {hi}"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Each duration more than zero, else an error naming its key.
+pub fn non_zero(durations: &[(&str, Dur)]) -> Result<(), ConfigError> {
+    match durations.iter().find(|(_, d)| d.0.is_zero()) {
+        Some((key, _)) => Err(invalid(*key, "must be more than 0")),
+        None => Ok(()),
+    }
+}
+
+/// A lowercase SQL identifier, so it never needs quoting and is safe to put into SQL text.
+pub fn validate_identifier(key: &str, value: &str, max: usize) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= max
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!(
+                "{value:?} is not allowed: a lowercase SQL identifier of 1 to {max} characters \
+                 (a-z, 0-9, _; not starting with a digit)"
+            ),
+        ))
+    }
+}
+
+/// What the relay does at start-up about the topics (Kafka) or streams (JetStream) it is
+/// configured with. Never per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Provisioning {
+    /// Assume they exist; no admin calls at all.
+    #[default]
+    Skip,
+    /// Create the missing ones; leave existing ones as they are.
+    CreateOnly,
+    /// Create the missing ones and bring existing ones to the configured settings.
+    CreateOrUpdate,
+    /// Change nothing; report every difference from the configured settings.
+    ValidateOnly,
+}
