@@ -44,7 +44,7 @@ impl TryFrom<RouteToml> for RouteConfig {
         let format = match r.format {
             FormatName::Cloudevents => BodyFormat::CloudEvents(CloudEventsFormat {
                 mode: r.cloudevents_mode.unwrap_or_default(),
-                // A missing source is reported by `validate` with the route's index.
+                // A missing source is reported by `validate_routes` with the route's index.
                 source: CeSource::new(r.cloudevents_source.as_deref().unwrap_or_default()),
             }),
             other => {
@@ -77,7 +77,10 @@ impl TryFrom<RouteToml> for RouteConfig {
 
 /// Every route names a configured backend (`backends`), has a usable topic pattern and, for
 /// CloudEvents, a valid source; the error names `routes[i].key`.
-pub fn validate_routes(routes: &[RouteConfig], backends: &[&str]) -> Result<(), ConfigError> {
+pub(crate) fn validate_routes(
+    routes: &[RouteConfig],
+    backends: &[&str],
+) -> Result<(), ConfigError> {
     for (i, route) in routes.iter().enumerate() {
         if !backends.contains(&route.backend.as_str()) {
             return Err(invalid(

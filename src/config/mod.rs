@@ -15,7 +15,7 @@ pub use backends::BackendConfig;
 pub use database::{connection_hint, DatabaseConfig, DatabaseTls};
 pub use observe::{HttpConfig, LogConfig, LogFormat, MonitorConfig, TracingConfig};
 pub use relay::{OrderingMode, RelayConfig};
-pub use secrets::{is_secret_key, redact_secrets, redact_url, register_secret};
+pub use secrets::{is_secret_key, redact_secrets, redact_url};
 pub use value::{parse_duration, validate_identifier, ConfigError, Dur, Provisioning, Secret};
 
 use crate::envelope::BodyFormat;
@@ -154,10 +154,18 @@ impl Config {
         }
     }
 
-    /// Every section's own checks, then the ones that tie sections together.
+    /// Every section's own checks (the backends' given `relay.publish_timeout`, the routes'
+    /// given the backends' names), then the pool size against `relay.pipeline_depth`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         self.relay.validate()?;
+        self.monitor.validate()?;
+        self.http.validate()?;
+        self.tracing.validate()?;
+        self.log.validate()?;
+        backends::validate(&self.backends, self.relay.publish_timeout)?;
+        let names: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+        crate::routing::validate_routes(&self.routes, &names)?;
         in_range(
             "database.max_connections",
             self.database.max_connections as u64,
@@ -170,14 +178,7 @@ impl Config {
                 message: format!("{message} (relay.pipeline_depth + 1 at least)"),
             },
             other => other,
-        })?;
-        self.monitor.validate()?;
-        self.http.validate()?;
-        self.tracing.validate()?;
-        self.log.validate()?;
-        backends::validate(&self.backends, self.relay.publish_timeout)?;
-        let names: Vec<&str> = self.backends.keys().map(String::as_str).collect();
-        crate::routing::validate_routes(&self.routes, &names)
+        })
     }
 
     /// The name this relay gives its database sessions (`application_name`).

@@ -1,3 +1,4 @@
+use super::secrets::register_secret;
 use super::*;
 use crate::envelope::{cloudevents, CloudEventsFormat, CloudEventsMode};
 use crate::publisher::kafka::KafkaConfig;

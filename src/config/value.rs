@@ -152,7 +152,7 @@ impl<'de> Deserialize<'de> for Dur {
 }
 
 /// `v` within `lo..=hi`, else an error naming `key`, the value and the range.
-pub fn in_range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+pub(crate) fn in_range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
     if v < lo || v > hi {
         Err(invalid(
             key,
@@ -164,7 +164,7 @@ pub fn in_range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> 
 }
 
 /// Each duration more than zero, else an error naming its key.
-pub fn non_zero(durations: &[(&str, Dur)]) -> Result<(), ConfigError> {
+pub(crate) fn non_zero(durations: &[(&str, Dur)]) -> Result<(), ConfigError> {
     match durations.iter().find(|(_, d)| d.0.is_zero()) {
         Some((key, _)) => Err(invalid(*key, "must be more than 0")),
         None => Ok(()),
