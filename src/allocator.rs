@@ -2,7 +2,7 @@
 //! `override` feature, for the C libraries linked in too. librdkafka allocates every Kafka
 //! message and each of its headers with `malloc` on the relay's thread and frees them on its
 //! delivery thread; under glibc's allocator that cost about 15% of the relay's CPU in a Kafka
-//! drain (see docs/ARCHITECTURE.md, Performance).
+//! drain (see docs/PERFORMANCE.md).
 
 use std::ffi::c_int;
 

@@ -11,8 +11,10 @@
 //! * [`routing`]: topic patterns to backends.
 //! * [`cli`]: the `outbox-relay` commands.
 //! * [`telemetry`]: logging setup.
+//! * [`wiring`]: the parts put together from the configuration (store session, backends,
+//!   tracer, relay), for `run` and `check`.
 //!
-//! docs/ARCHITECTURE.md has the data flow and the invariants.
+//! docs/ARCHITECTURE.md has the data flow and the invariants; docs/PERFORMANCE.md the figures.
 
 pub mod allocator;
 pub mod cli;
@@ -26,3 +28,4 @@ pub mod relay;
 pub mod routing;
 pub mod store;
 pub mod telemetry;
+pub mod wiring;

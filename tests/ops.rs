@@ -678,7 +678,7 @@ async fn replay_and_purge_racing_a_relay_never_strand_a_held_event() {
     let relay = db.relay(&cfg, Arc::new(mem.clone())).await;
     let (h, stop) = spawn(relay);
     let store =
-        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::wiring::session(&cfg))
             .await
             .unwrap();
     let aggregates: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();

@@ -613,7 +613,7 @@ async fn the_claim_runs_on_the_partial_indexes_even_with_stale_statistics() {
     .await;
     let cfg = db.config();
     let store =
-        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::wiring::session(&cfg))
             .await
             .unwrap();
     let nothing_but_indexes = |plan: &str| {
@@ -805,7 +805,7 @@ async fn claims_are_bounded_in_bytes_and_oversized_payloads_are_never_fetched() 
     // The store alone: 300 KB rows under a 1 MB budget come back four at a time (the fourth
     // starts under the budget), the rest of the batch stays locked until the claim ends.
     let store =
-        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::wiring::session(&cfg))
             .await
             .unwrap()
             .bounded_in_bytes(cfg.relay.max_payload_bytes, cfg.relay.batch_max_bytes);
@@ -901,7 +901,7 @@ async fn a_claim_past_its_byte_budget_ends_its_statement_and_asks_for_what_fits(
     let mut cfg = db.config();
     cfg.relay.batch_max_bytes = 1024 * 1024;
     let store = || async {
-        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::wiring::session(&cfg))
             .await
             .unwrap()
             .bounded_in_bytes(cfg.relay.max_payload_bytes, cfg.relay.batch_max_bytes)
@@ -1097,7 +1097,7 @@ async fn columns_of_other_types_decode_as_before_and_fail_only_their_row() {
     // A store of its own each time: a session's prepared claim does not survive the change
     // of its result's types.
     let claim_one = || async {
-        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::wiring::session(&cfg))
             .await
             .unwrap()
             .claim_share(10, outbox_relay::store::Walk::ProbeAll(None), &share)
@@ -1158,7 +1158,7 @@ async fn a_column_changing_type_under_a_running_store_costs_one_failed_claim() {
         parts: (0..outbox_relay::store::PARTITIONS).collect(),
     };
     let store =
-        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::relay::session(&cfg))
+        outbox_relay::store::Store::connect(&cfg.database, &outbox_relay::wiring::session(&cfg))
             .await
             .unwrap();
     let claim = || store.claim_share(10, outbox_relay::store::Walk::ProbeAll(None), &share);

@@ -4,8 +4,9 @@
 
 use outbox_relay::config::{Config, Dur, RouteConfig, Secret};
 use outbox_relay::publisher::Publisher;
-use outbox_relay::relay::{session, Backend, Relay};
+use outbox_relay::relay::{Backend, Relay};
 use outbox_relay::store::{migrate, Names, Store};
+use outbox_relay::wiring::session;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

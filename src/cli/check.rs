@@ -2,8 +2,8 @@ use crate::config::{connection_hint, redact_secrets, redact_url, Config};
 use crate::config::{BackendConfig, Provisioning};
 use crate::publisher::nats::config::Persistence;
 use crate::publisher::Health;
-use crate::relay::{open_backend, session};
 use crate::store::Store;
+use crate::wiring::{open_backend, session};
 use std::path::Path;
 use std::process::ExitCode;
 

@@ -1,6 +1,6 @@
 use crate::config::{redact_url, Config};
-use crate::relay::session;
 use crate::store::{migrate, Store};
+use crate::wiring::session;
 use anyhow::Context;
 use std::process::ExitCode;
 

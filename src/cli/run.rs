@@ -98,7 +98,7 @@ const START_RETRY: Backoff = Backoff {
 
 /// Connects, builds the backends, and checks that Postgres answers and the outbox is migrated.
 async fn start(cfg: &Config) -> anyhow::Result<Relay> {
-    let relay = Relay::from_config(cfg).await?;
+    let relay = crate::wiring::relay(cfg).await?;
     relay.store().probe().await?;
     relay
         .store()

@@ -105,7 +105,7 @@ impl TestDb {
         backends: Vec<(&str, Arc<dyn Publisher>)>,
         routes: &[RouteConfig],
     ) -> Relay {
-        let store = Store::connect(&cfg.database, &outbox_relay::relay::session(cfg))
+        let store = Store::connect(&cfg.database, &outbox_relay::wiring::session(cfg))
             .await
             .unwrap();
         let backends = backends
