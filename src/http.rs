@@ -11,8 +11,7 @@
 //! or a broker, so a scrape storm cannot load either.
 
 use crate::metrics::Metrics;
-use crate::relay::monitor::Observed;
-use crate::relay::Stats;
+use crate::snapshot::{Observed, Stats};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};

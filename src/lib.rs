@@ -8,6 +8,7 @@
 //! * [`relay`]: the pipeline: claim, dispatch (ordering), publish, ACK channel, mark, retry.
 //! * [`publisher`]: the backend seam and its backends (`memory`, `stdout`, `kafka`, `nats`).
 //! * [`metrics`]: the Prometheus metrics; [`http`]: /metrics, /livez, /readyz, /health.
+//! * [`snapshot`]: what a running relay shows of itself (totals, last probes and counts).
 //! * [`routing`]: topic patterns to backends.
 //! * [`cli`]: the `outbox-relay` commands.
 //! * [`telemetry`]: logging setup.
@@ -26,6 +27,7 @@ pub mod otel;
 pub mod publisher;
 pub mod relay;
 pub mod routing;
+pub mod snapshot;
 pub mod store;
 pub mod telemetry;
 pub mod wiring;

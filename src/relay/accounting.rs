@@ -1,37 +1,17 @@
-//! What the relay counts and shows: the running totals ([`Stats`], read by the heartbeat,
-//! `/health` and tests), the Prometheus metrics of each committed claim and each
-//! acknowledgement, and the periodic summary line.
+//! What the relay counts: each written claim added to the running totals ([`Stats`], kept in
+//! [`crate::snapshot`] for the heartbeat, `/health` and tests) and to the Prometheus metrics,
+//! each acknowledgement's latencies, and the periodic summary line.
 
 use super::dispatch::{Tally, TopicTally};
 use super::ownership::Assignment;
 use super::Relay;
 use crate::otel::Tracer;
 use crate::publisher::AckResult;
+use crate::snapshot::Stats;
 use crate::store::Store;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Running totals, readable while the relay runs.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub claims: AtomicU64,
-    pub claimed: AtomicU64,
-    pub published: AtomicU64,
-    pub failed: AtomicU64,
-    pub retried: AtomicU64,
-    pub deferred: AtomicU64,
-    pub released: AtomicU64,
-    pub lost_claims: AtomicU64,
-    /// Handed to a backend and not yet answered, now.
-    pub in_flight: AtomicU64,
-    /// Partitions this relay may claim from, now.
-    pub owned_partitions: AtomicU64,
-    /// Relays working on the outbox at the last look (this one included).
-    pub members: AtomicU64,
-    /// Changes of this relay's share of the partitions.
-    pub rebalances: AtomicU64,
-}
 
 impl Stats {
     pub(super) fn add(&self, t: &Tally) {
@@ -40,10 +20,6 @@ impl Stats {
         self.retried.fetch_add(t.retried, Ordering::Relaxed);
         self.deferred.fetch_add(t.deferred, Ordering::Relaxed);
         self.released.fetch_add(t.released, Ordering::Relaxed);
-    }
-
-    pub fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
     }
 }
 

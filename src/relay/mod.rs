@@ -12,7 +12,7 @@
 
 mod accounting;
 pub mod dispatch;
-pub mod monitor;
+mod housekeeping;
 pub mod ownership;
 mod pipeline;
 pub mod retry;
@@ -23,12 +23,13 @@ use crate::metrics::{BackendLabels, Metrics};
 use crate::otel::Tracer;
 use crate::publisher::{AckSender, AckTicket, Outgoing, Publisher};
 use crate::routing::Router;
+use crate::snapshot::Observed;
+pub use crate::snapshot::Stats;
 use crate::store::{ClaimTx, Store, StoreError};
-pub use accounting::Stats;
 use dispatch::{Completed, Dispatcher, Handoff, Tally, TopicTally};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use monitor::{Monitor, Observed};
+use housekeeping::Housekeeping;
 
 use opentelemetry_sdk::trace::Span;
 use prometheus_client::metrics::histogram::Histogram;
@@ -296,7 +297,7 @@ impl Relay {
         };
         let monitor_stop = CancellationToken::new();
         let monitor = tokio::spawn(
-            Monitor {
+            Housekeeping {
                 store: self.store.clone(),
                 backends: self
                     .backends
@@ -308,7 +309,7 @@ impl Relay {
                 observed: self.observed.clone(),
                 cfg: self.monitor.clone(),
                 relay: self.cfg.clone(),
-                heartbeat: monitor::heartbeat(self.instance.clone()),
+                heartbeat: housekeeping::heartbeat_row(self.instance.clone()),
             }
             .run(monitor_stop.clone()),
         );
