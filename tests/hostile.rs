@@ -541,3 +541,55 @@ async fn a_never_due_head_fails_and_holds_its_aggregate_until_replayed() {
     b.delete().await;
     db.drop_schema().await;
 }
+
+/// A table whose status CHECK was dropped, with an earlier row of an aggregate in a status the
+/// relay does not know: the row behind it fails naming the value (its order cannot be known),
+/// and another aggregate is published as usual.
+#[tokio::test]
+async fn a_predecessor_in_an_unknown_status_fails_the_row_behind_it_naming_the_value() {
+    let b = JetStream::new().await;
+    let db = TestDb::new().await;
+    let topic = format!("{}.orders", b.prefix);
+    let odd: Vec<NewEvent> = (0..2).map(|seq| numbered_on(&topic, "odd", seq)).collect();
+    let other = numbered_on(&topic, "other", 0);
+    db.enqueue(&odd).await;
+    db.enqueue(std::slice::from_ref(&other)).await;
+    db.sql(&format!(
+        "ALTER TABLE {{t}} DROP CONSTRAINT {}_status_check",
+        db.names.table
+    ))
+    .await;
+    db.sql(&format!(
+        "UPDATE {{t}} SET status = 'paused', next_attempt_at = now() WHERE event_id = '{}'",
+        odd[0].event_id
+    ))
+    .await;
+    let relay = db
+        .relay_with(
+            &db.config(),
+            vec![("nats", b.publisher.clone())],
+            &[common::route("*", "nats")],
+        )
+        .await;
+    let (h, stop) = spawn(relay);
+    wait_for(DEADLINE, "the row behind the odd one failed", || async {
+        db.count("status = 'failed'").await == 1 && db.row(other.event_id).await.is_none()
+    })
+    .await;
+    let (status, _, err) = db.row(odd[1].event_id).await.unwrap();
+    assert_eq!(status, "failed");
+    let err = err.unwrap();
+    assert!(
+        err.contains("field prev_status: \"paused\" is not pending, failed or published"),
+        "{err}"
+    );
+    let (status, _, _) = db.row(odd[0].event_id).await.unwrap();
+    assert_eq!(status, "paused", "the odd row itself is left as it is");
+    stop.cancel();
+    h.await.unwrap();
+    let got = n::read_stream(&b.js, &b.stream).await;
+    assert_eq!(got.len(), 1, "only the other aggregate's event");
+    assert_eq!(event_id(&got[0]), other.event_id);
+    b.delete().await;
+    db.drop_schema().await;
+}

@@ -23,7 +23,7 @@ use super::retry::Backoff;
 use crate::envelope::{BodyFormat, Event};
 use crate::publisher::{AckResult, ErrorKind};
 use crate::routing::Router;
-use crate::store::{status, Claimed, DeferUntil, Marks, Prev};
+use crate::store::{Claimed, DeferUntil, Marks, Prev, RowStatus};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -722,7 +722,7 @@ impl Dispatcher {
                 State::Done(Verdict::Failed { .. }) => {
                     Placement::Defer(DeferUntil::Predecessor(Prev {
                         id: tail,
-                        status: status::FAILED.into(),
+                        status: RowStatus::Failed,
                         next_attempt_at: p.next_attempt_at,
                     }))
                 }
@@ -732,7 +732,9 @@ impl Dispatcher {
         if self.recent.contains(&p.id) {
             return Placement::Ready;
         }
-        if p.status == status::FAILED || (p.status == status::PENDING && p.next_attempt_at > now) {
+        if p.status == RowStatus::Failed
+            || (p.status == RowStatus::Pending && p.next_attempt_at > now)
+        {
             Placement::Defer(DeferUntil::Predecessor(p.clone()))
         } else {
             Placement::Defer(DeferUntil::Soon)
@@ -790,7 +792,7 @@ impl Dispatcher {
                 let until = if failed {
                     DeferUntil::Predecessor(Prev {
                         id,
-                        status: status::FAILED.into(),
+                        status: RowStatus::Failed,
                         next_attempt_at: chrono::Utc::now(),
                     })
                 } else {
@@ -919,7 +921,7 @@ impl Dispatcher {
             State::Done(Verdict::Failed { .. }) => {
                 Some(Gate::Defer(DeferUntil::Predecessor(Prev {
                     id,
-                    status: status::FAILED.into(),
+                    status: RowStatus::Failed,
                     next_attempt_at: chrono::Utc::now(),
                 })))
             }
@@ -1233,7 +1235,7 @@ impl Dispatcher {
 fn tracked_prev(id: i64, now: chrono::DateTime<chrono::Utc>) -> Prev {
     Prev {
         id,
-        status: status::PENDING.into(),
+        status: RowStatus::Pending,
         next_attempt_at: now,
     }
 }
@@ -1282,7 +1284,7 @@ mod tests {
             invalid: None,
             prev: prev.map(|p| Prev {
                 id: p,
-                status: status::PENDING.into(),
+                status: RowStatus::Pending,
                 next_attempt_at: Utc::now() - chrono::Duration::seconds(1),
             }),
         }
@@ -1561,7 +1563,7 @@ mod tests {
         let m = &done[0].marks;
         assert_eq!(m.failed[0].0, 1);
         assert!(
-            matches!(&m.deferred[0], (2, DeferUntil::Predecessor(p)) if p.id == 1 && p.status == "failed")
+            matches!(&m.deferred[0], (2, DeferUntil::Predecessor(p)) if p.id == 1 && p.status == RowStatus::Failed)
         );
     }
 
@@ -1746,7 +1748,7 @@ mod tests {
         let mut second = on_topic(3, "a", "orders.x");
         second.prev = Some(Prev {
             id: 2,
-            status: status::PENDING.into(),
+            status: RowStatus::Pending,
             next_attempt_at: Utc::now() - chrono::Duration::seconds(1),
         });
         let (out, done) = d.add_batch(2, 2, vec![on_topic(2, "a", "orders.x"), second]);
@@ -1813,7 +1815,7 @@ mod tests {
         assert!(out.is_empty());
         assert!(matches!(done[0].marks.deferred[0].1, DeferUntil::Soon));
         let mut failed = row(6, "b", Some(5));
-        failed.prev.as_mut().unwrap().status = status::FAILED.into();
+        failed.prev.as_mut().unwrap().status = RowStatus::Failed;
         let (_, done) = d.add_batch(2, 2, vec![failed]);
         assert!(matches!(
             done[0].marks.deferred[0].1,

@@ -9,7 +9,7 @@
 //! the schema's own types ([`FromWire`]); a column an operator gave another type goes through
 //! sqlx, with the same result or error as ever.
 
-use super::{Claimed, Cursor, Prev};
+use super::{Claimed, Cursor, Prev, RowStatus};
 use crate::envelope::{parse_headers, Event};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgRow, PgValueFormat, PgValueRef};
@@ -50,9 +50,12 @@ pub(super) fn decode_prev(row: &PgRow) -> Result<(i64, Result<Prev, String>), sq
         let prev_id: i64 = row
             .try_get(1)
             .map_err(|e| format!("field prev_id: {}", undecodable(e)))?;
-        let status: String = row
+        let text: String = row
             .try_get(2)
             .map_err(|e| format!("field prev_status: {}", undecodable(e)))?;
+        let status = RowStatus::parse(&text).ok_or_else(|| {
+            format!("field prev_status: {text:?} is not pending, failed or published")
+        })?;
         Ok(Prev {
             id: prev_id,
             status,

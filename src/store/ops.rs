@@ -668,6 +668,19 @@ fn status_relays_sql(t: &str) -> String {
     )
 }
 
+impl Store {
+    /// Puts failed events back to pending (attempts reset) and releases the events of their
+    /// aggregates that were held behind them; returns how many events were replayed. The
+    /// by-id case of [`Store::replay`].
+    pub async fn replay_failed(&self, event_ids: &[uuid::Uuid]) -> Result<u64, StoreError> {
+        let filter = Filter {
+            event_ids: event_ids.to_vec(),
+            ..Default::default()
+        };
+        Ok(self.replay(Target::Failed, &filter).await?.events)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
