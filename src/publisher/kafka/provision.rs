@@ -40,6 +40,40 @@ pub async fn provision(
     if strategy == Provisioning::Skip || cfg.topics.is_empty() {
         return Ok(report);
     }
+    let timeout = cfg.health_timeout.0.max(Duration::from_secs(5));
+    let admin = Admin {
+        client: admin_client(cfg, publish_timeout)?,
+        opts: AdminOptions::new().request_timeout(Some(timeout)),
+        strategy,
+    };
+    // What exists now, with partition counts.
+    let existing = existing_topics(&admin.client, timeout).await?;
+    let wanted = wanted_topics(cfg, &existing);
+    admin
+        .create_missing(&wanted, &existing, &mut report)
+        .await?;
+    // Existing topics: compare partitions and configs.
+    for (name, s) in &wanted {
+        let Some(&partitions) = existing.get(name) else {
+            continue;
+        };
+        let mut diffs = Vec::new();
+        admin
+            .partitions(name, partitions, s, &mut diffs, &mut report)
+            .await?;
+        admin.configs(name, s, &mut diffs, &mut report).await?;
+        if !diffs.is_empty() && strategy == Provisioning::ValidateOnly {
+            report.drift.push(format!("{name}: {}", diffs.join("; ")));
+        }
+    }
+    Ok(report)
+}
+
+/// An admin client from the producer's connection settings.
+fn admin_client(
+    cfg: &KafkaConfig,
+    publish_timeout: Dur,
+) -> Result<Arc<AdminClient<DefaultClientContext>>, ProvisionError> {
     let mut conf = ClientConfig::new();
     for (k, v) in cfg.client_properties(publish_timeout) {
         // Producer-only properties make the admin client log warnings; leave them out.
@@ -55,15 +89,16 @@ pub async fn provision(
             conf.set(k, v);
         }
     }
-    let admin: Arc<AdminClient<DefaultClientContext>> =
-        Arc::new(conf.create().map_err(|e| perr("*", e.to_string()))?);
-    let timeout = cfg.health_timeout.0.max(Duration::from_secs(5));
-    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    Ok(Arc::new(
+        conf.create().map_err(|e| perr("*", e.to_string()))?,
+    ))
+}
 
-    // What exists now, with partition counts.
-    let existing = existing_topics(&admin, timeout).await?;
-
-    // The concrete topics: named ones, and existing ones a pattern matches.
+/// The concrete topics: named ones, and existing ones a pattern matches.
+fn wanted_topics(
+    cfg: &KafkaConfig,
+    existing: &BTreeMap<String, i32>,
+) -> BTreeMap<String, TopicSettings> {
     let mut wanted: BTreeMap<String, TopicSettings> = BTreeMap::new();
     for (name, s) in &cfg.topics {
         if !is_pattern(name) {
@@ -77,64 +112,92 @@ pub async fn provision(
             }
         }
     }
+    wanted
+}
 
-    let missing: Vec<(&String, &TopicSettings)> = wanted
-        .iter()
-        .filter(|(n, _)| !existing.contains_key(*n))
-        .collect();
-    if !missing.is_empty() {
-        if strategy == Provisioning::ValidateOnly {
-            for (n, _) in &missing {
-                report.drift.push(format!("{n}: does not exist"));
-            }
-        } else {
-            let configs: Vec<Vec<(&'static str, String)>> =
-                missing.iter().map(|(_, s)| s.configs()).collect();
-            let new: Vec<NewTopic> = missing
-                .iter()
-                .zip(&configs)
-                .map(|((n, s), cs)| {
-                    // Unset: -1, the broker's defaults (partitions, replication factor).
-                    let mut t = NewTopic::new(
-                        n,
-                        s.partitions(),
-                        TopicReplication::Fixed(s.replication_factor()),
-                    );
-                    for (k, v) in cs {
-                        t = t.set(k, v);
-                    }
-                    t
-                })
-                .collect();
-            let results = admin
-                .create_topics(new.iter(), &opts)
-                .await
-                .map_err(|e| perr("*", e.to_string()))?;
-            for r in results {
-                match r {
-                    Ok(t) => report.created.push(t),
-                    // Another relay created it in the meantime: fine, validated below.
-                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((t, code)) => {
-                        return Err(perr(&t, format!("the broker refused to create it: {code}")))
+/// The admin client, its request options and what it may change.
+struct Admin {
+    client: Arc<AdminClient<DefaultClientContext>>,
+    opts: AdminOptions,
+    strategy: Provisioning,
+}
+
+impl Admin {
+    /// Creates the wanted topics that do not exist (or reports them, validating only).
+    async fn create_missing(
+        &self,
+        wanted: &BTreeMap<String, TopicSettings>,
+        existing: &BTreeMap<String, i32>,
+        report: &mut Report,
+    ) -> Result<(), ProvisionError> {
+        let missing: Vec<(&String, &TopicSettings)> = wanted
+            .iter()
+            .filter(|(n, _)| !existing.contains_key(*n))
+            .collect();
+        if !missing.is_empty() {
+            if self.strategy == Provisioning::ValidateOnly {
+                for (n, _) in &missing {
+                    report.drift.push(format!("{n}: does not exist"));
+                }
+            } else {
+                let configs: Vec<Vec<(&'static str, String)>> =
+                    missing.iter().map(|(_, s)| s.configs()).collect();
+                let new: Vec<NewTopic> = missing
+                    .iter()
+                    .zip(&configs)
+                    .map(|((n, s), cs)| {
+                        // Unset: -1, the broker's defaults (partitions, replication factor).
+                        let mut t = NewTopic::new(
+                            n,
+                            s.partitions(),
+                            TopicReplication::Fixed(s.replication_factor()),
+                        );
+                        for (k, v) in cs {
+                            t = t.set(k, v);
+                        }
+                        t
+                    })
+                    .collect();
+                let results = self
+                    .client
+                    .create_topics(new.iter(), &self.opts)
+                    .await
+                    .map_err(|e| perr("*", e.to_string()))?;
+                for r in results {
+                    match r {
+                        Ok(t) => report.created.push(t),
+                        // Another relay created it in the meantime: fine, validated below.
+                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((t, code)) => {
+                            return Err(perr(
+                                &t,
+                                format!("the broker refused to create it: {code}"),
+                            ))
+                        }
                     }
                 }
             }
         }
+        Ok(())
     }
 
-    // Existing topics: compare partitions and configs.
-    for (name, s) in &wanted {
-        let Some(&partitions) = existing.get(name) else {
-            continue;
-        };
-        let mut diffs = Vec::new();
+    /// Adds partitions up to the configured count (or reports the difference); Kafka cannot
+    /// take partitions away, so more than configured is reported only.
+    async fn partitions(
+        &self,
+        name: &str,
+        partitions: i32,
+        s: &TopicSettings,
+        diffs: &mut Vec<String>,
+        report: &mut Report,
+    ) -> Result<(), ProvisionError> {
         if let Some(want) = s.partitions {
             if partitions < want {
-                if strategy == Provisioning::CreateOrUpdate {
+                if self.strategy == Provisioning::CreateOrUpdate {
                     let np = NewPartitions::new(name, want as usize);
-                    let res = admin
-                        .create_partitions([&np], &opts)
+                    let res = self
+                        .client
+                        .create_partitions([&np], &self.opts)
                         .await
                         .map_err(|e| perr(name, e.to_string()))?;
                     for r in res {
@@ -158,9 +221,20 @@ pub async fn provision(
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Brings the topic's configs to the configured ones (or reports the differences).
+    async fn configs(
+        &self,
+        name: &str,
+        s: &TopicSettings,
+        diffs: &mut Vec<String>,
+        report: &mut Report,
+    ) -> Result<(), ProvisionError> {
         let wanted_configs = s.configs();
         if !wanted_configs.is_empty() {
-            let (current, own) = describe(&admin, name, &opts).await?;
+            let (current, own) = describe(&self.client, name, &self.opts).await?;
             let changed: Vec<String> = wanted_configs
                 .iter()
                 .filter(|(k, v)| current.get(*k).map(|c| c.as_str()) != Some(v.as_str()))
@@ -172,7 +246,7 @@ pub async fn provision(
                 })
                 .collect();
             if !changed.is_empty() {
-                if strategy == Provisioning::CreateOrUpdate {
+                if self.strategy == Provisioning::CreateOrUpdate {
                     // AlterConfigs replaces the topic's whole set of dynamic configs: keep
                     // what was set before and change only ours.
                     let mut entries = own;
@@ -183,8 +257,9 @@ pub async fn provision(
                     for (k, v) in &entries {
                         alter = alter.set(k, v);
                     }
-                    let res = admin
-                        .alter_configs([&alter], &opts)
+                    let res = self
+                        .client
+                        .alter_configs([&alter], &self.opts)
                         .await
                         .map_err(|e| perr(name, e.to_string()))?;
                     for r in res {
@@ -200,11 +275,8 @@ pub async fn provision(
                 }
             }
         }
-        if !diffs.is_empty() && strategy == Provisioning::ValidateOnly {
-            report.drift.push(format!("{name}: {}", diffs.join("; ")));
-        }
+        Ok(())
     }
-    Ok(report)
 }
 
 /// Topic -> partition count, from the cluster's metadata.

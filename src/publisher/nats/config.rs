@@ -231,6 +231,16 @@ impl NatsConfig {
 
     /// Checks every key; `key` is this backend's prefix (`backends.<name>`).
     pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        self.validate_connection(key)?;
+        self.validate_limits(key)?;
+        for (name, s) in &self.streams {
+            validate_stream(&format!("{key}.streams.{name}"), name, s)?;
+        }
+        Ok(())
+    }
+
+    /// Server URLs, the client name, one way to authenticate, TLS files in pairs.
+    fn validate_connection(&self, key: &str) -> Result<(), ConfigError> {
         if self.servers.is_empty() {
             return Err(invalid(
                 format!("{key}.servers"),
@@ -278,6 +288,11 @@ impl NatsConfig {
                 "tls_cert_file and tls_key_file go together; set both or neither",
             ));
         }
+        Ok(())
+    }
+
+    /// Timeouts, the window of unacknowledged publishes, topic subjects.
+    fn validate_limits(&self, key: &str) -> Result<(), ConfigError> {
         for (k, d) in [
             ("connect_timeout", self.connect_timeout),
             ("ack_timeout", self.ack_timeout),
@@ -299,72 +314,74 @@ impl NatsConfig {
                     .map_err(|m| invalid(format!("{key}.topics.{topic:?}"), m))?;
             }
         }
-        for (name, s) in &self.streams {
-            let skey = format!("{key}.streams.{name}");
-            if name.is_empty()
-                || name.len() > 255
-                || name
-                    .chars()
-                    .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c))
-            {
-                return Err(invalid(
-                    &skey,
-                    format!(
-                        "{name:?} is not a stream name: printable, no spaces, '.', '*', '>', \
-                         '/' or '\\'"
-                    ),
-                ));
-            }
-            if s.subjects.is_empty() {
-                return Err(invalid(
-                    format!("{skey}.subjects"),
-                    "is empty; give the subjects the stream stores, like [\"orders.>\"]",
-                ));
-            }
-            for (i, f) in s.subjects.iter().enumerate() {
-                validate_filter(f).map_err(|m| invalid(format!("{skey}.subjects[{i}]"), m))?;
-            }
-            for (k, v) in [("max_bytes", s.max_bytes), ("max_messages", s.max_messages)] {
-                if v < -1 || v == 0 {
-                    return Err(invalid(
-                        format!("{skey}.{k}"),
-                        format!("{v} is not allowed: -1 (no limit) or more than 0"),
-                    ));
-                }
-            }
-            if s.max_message_size < -1 || s.max_message_size == 0 {
-                return Err(invalid(
-                    format!("{skey}.max_message_size"),
-                    format!(
-                        "{} is not allowed: -1 (no limit) or more than 0",
-                        s.max_message_size
-                    ),
-                ));
-            }
-            if !(1..=5).contains(&s.replicas) {
-                return Err(invalid(
-                    format!("{skey}.replicas"),
-                    format!("{} is not allowed, must be 1 to 5", s.replicas),
-                ));
-            }
-            if s.duplicate_window.0.is_zero() {
-                return Err(invalid(
-                    format!("{skey}.duplicate_window"),
-                    "must be more than 0: it is what drops a re-published event",
-                ));
-            }
-            if !s.max_age.0.is_zero() && s.duplicate_window > s.max_age {
-                return Err(invalid(
-                    format!("{skey}.duplicate_window"),
-                    format!(
-                        "{:?} is longer than max_age ({:?})",
-                        s.duplicate_window.0, s.max_age.0
-                    ),
-                ));
-            }
-        }
         Ok(())
     }
+}
+
+/// One stream's name, subjects, limits and de-duplication window, named under `skey`.
+fn validate_stream(skey: &str, name: &str, s: &StreamSettings) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 255
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c))
+    {
+        return Err(invalid(
+            skey,
+            format!(
+                "{name:?} is not a stream name: printable, no spaces, '.', '*', '>', \
+                 '/' or '\\'"
+            ),
+        ));
+    }
+    if s.subjects.is_empty() {
+        return Err(invalid(
+            format!("{skey}.subjects"),
+            "is empty; give the subjects the stream stores, like [\"orders.>\"]",
+        ));
+    }
+    for (i, f) in s.subjects.iter().enumerate() {
+        validate_filter(f).map_err(|m| invalid(format!("{skey}.subjects[{i}]"), m))?;
+    }
+    for (k, v) in [("max_bytes", s.max_bytes), ("max_messages", s.max_messages)] {
+        if v < -1 || v == 0 {
+            return Err(invalid(
+                format!("{skey}.{k}"),
+                format!("{v} is not allowed: -1 (no limit) or more than 0"),
+            ));
+        }
+    }
+    if s.max_message_size < -1 || s.max_message_size == 0 {
+        return Err(invalid(
+            format!("{skey}.max_message_size"),
+            format!(
+                "{} is not allowed: -1 (no limit) or more than 0",
+                s.max_message_size
+            ),
+        ));
+    }
+    if !(1..=5).contains(&s.replicas) {
+        return Err(invalid(
+            format!("{skey}.replicas"),
+            format!("{} is not allowed, must be 1 to 5", s.replicas),
+        ));
+    }
+    if s.duplicate_window.0.is_zero() {
+        return Err(invalid(
+            format!("{skey}.duplicate_window"),
+            "must be more than 0: it is what drops a re-published event",
+        ));
+    }
+    if !s.max_age.0.is_zero() && s.duplicate_window > s.max_age {
+        return Err(invalid(
+            format!("{skey}.duplicate_window"),
+            format!(
+                "{:?} is longer than max_age ({:?})",
+                s.duplicate_window.0, s.max_age.0
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -130,60 +130,83 @@ pub async fn provision(
         return Ok(report);
     }
     for (name, settings) in &cfg.streams {
-        let want = stream_config(name, settings);
-        match js.get_stream(name).await {
-            Ok(mut existing) => {
-                let have = existing
-                    .info()
-                    .await
-                    .map_err(|e| serr(name, e))?
-                    .config
-                    .clone();
-                let diffs = differences(&have, &want);
-                if diffs.is_empty() {
-                    continue;
-                }
-                match strategy {
-                    Provisioning::CreateOrUpdate => {
-                        // Keep what we do not manage (description, sources, ...).
-                        let merged = stream::Config {
-                            subjects: want.subjects.clone(),
-                            storage: want.storage,
-                            retention: want.retention,
-                            max_age: want.max_age,
-                            max_bytes: want.max_bytes,
-                            max_messages: want.max_messages,
-                            max_message_size: want.max_message_size,
-                            num_replicas: want.num_replicas,
-                            discard: want.discard,
-                            duplicate_window: want.duplicate_window,
-                            ..have
-                        };
-                        js.update_stream(merged).await.map_err(|e| serr(name, e))?;
-                        report.updated.push(format!("{name}: {}", diffs.join("; ")));
-                    }
-                    _ => report.drift.push(format!("{name}: {}", diffs.join("; "))),
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    GetStreamErrorKind::JetStream(api)
-                        if api.error_code() == ErrorCode::STREAM_NOT_FOUND
-                ) =>
-            {
-                if strategy == Provisioning::ValidateOnly {
-                    report.drift.push(format!("{name}: does not exist"));
-                } else {
-                    js.create_stream(want).await.map_err(|e| serr(name, e))?;
-                    report.created.push(name.clone());
-                }
-            }
-            Err(e) => return Err(serr(name, e)),
-        }
+        provision_stream(
+            js,
+            name,
+            stream_config(name, settings),
+            strategy,
+            &mut report,
+        )
+        .await?;
     }
+    every_topic_has_a_stream(js, cfg).await?;
+    Ok(report)
+}
 
-    // Every persistent topic the config names must land in some stream.
+/// Creates the stream, brings it to the configured settings, or reports how it differs, as
+/// `strategy` says.
+async fn provision_stream(
+    js: &Context,
+    name: &String,
+    want: stream::Config,
+    strategy: Provisioning,
+    report: &mut ProvisionReport,
+) -> Result<(), ProvisionError> {
+    match js.get_stream(name).await {
+        Ok(mut existing) => {
+            let have = existing
+                .info()
+                .await
+                .map_err(|e| serr(name, e))?
+                .config
+                .clone();
+            let diffs = differences(&have, &want);
+            if diffs.is_empty() {
+                return Ok(());
+            }
+            match strategy {
+                Provisioning::CreateOrUpdate => {
+                    // Keep what we do not manage (description, sources, ...).
+                    let merged = stream::Config {
+                        subjects: want.subjects.clone(),
+                        storage: want.storage,
+                        retention: want.retention,
+                        max_age: want.max_age,
+                        max_bytes: want.max_bytes,
+                        max_messages: want.max_messages,
+                        max_message_size: want.max_message_size,
+                        num_replicas: want.num_replicas,
+                        discard: want.discard,
+                        duplicate_window: want.duplicate_window,
+                        ..have
+                    };
+                    js.update_stream(merged).await.map_err(|e| serr(name, e))?;
+                    report.updated.push(format!("{name}: {}", diffs.join("; ")));
+                }
+                _ => report.drift.push(format!("{name}: {}", diffs.join("; "))),
+            }
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                GetStreamErrorKind::JetStream(api)
+                    if api.error_code() == ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            if strategy == Provisioning::ValidateOnly {
+                report.drift.push(format!("{name}: does not exist"));
+            } else {
+                js.create_stream(want).await.map_err(|e| serr(name, e))?;
+                report.created.push(name.clone());
+            }
+        }
+        Err(e) => return Err(serr(name, e)),
+    }
+    Ok(())
+}
+
+/// Every persistent topic the config names must land in some stream.
+async fn every_topic_has_a_stream(js: &Context, cfg: &NatsConfig) -> Result<(), ProvisionError> {
     let named: Vec<&String> = cfg
         .topics
         .keys()
@@ -230,5 +253,5 @@ pub async fn provision(
             }
         }
     }
-    Ok(report)
+    Ok(())
 }

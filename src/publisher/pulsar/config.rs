@@ -243,6 +243,15 @@ impl PulsarConfig {
     /// Checks every key; `key` is this backend's prefix (`backends.<name>`);
     /// `publish_timeout` is `relay.publish_timeout`.
     pub fn validate(&self, key: &str, publish_timeout: Dur) -> Result<(), ConfigError> {
+        self.validate_url(key)?;
+        self.validate_names(key)?;
+        self.validate_limits(key, publish_timeout)?;
+        self.validate_auth(key)?;
+        self.validate_tls(key)
+    }
+
+    /// One `pulsar://` or `pulsar+ssl://` host and port.
+    fn validate_url(&self, key: &str) -> Result<(), ConfigError> {
         let url = self.service_url.as_str();
         let rest = url
             .strip_prefix("pulsar://")
@@ -262,6 +271,11 @@ impl PulsarConfig {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Tenants, namespaces and topic names Pulsar accepts.
+    fn validate_names(&self, key: &str) -> Result<(), ConfigError> {
         for (k, v) in [("tenant", &self.tenant), ("namespace", &self.namespace)] {
             if let Some(problem) = name_problem(v) {
                 return Err(invalid(format!("{key}.{k}"), problem));
@@ -280,6 +294,11 @@ impl PulsarConfig {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Timeouts and the send queue, then the batches.
+    fn validate_limits(&self, key: &str, publish_timeout: Dur) -> Result<(), ConfigError> {
         for (k, d) in [
             ("operation_timeout", self.operation_timeout),
             ("send_timeout", self.send_timeout),
@@ -310,6 +329,11 @@ impl PulsarConfig {
                 ),
             ));
         }
+        self.validate_batching(key)
+    }
+
+    /// Batch sizes, and the message size they leave room for.
+    fn validate_batching(&self, key: &str) -> Result<(), ConfigError> {
         // pulsar-rs sets aside a slot per message of a batch, per producer.
         if !(1..=10_000).contains(&self.batching_max_messages) {
             return Err(invalid(
@@ -362,6 +386,11 @@ impl PulsarConfig {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The credentials `auth` needs, and none it would ignore.
+    fn validate_auth(&self, key: &str) -> Result<(), ConfigError> {
         match self.auth {
             AuthMethod::None => {
                 if self.token.is_some() || self.oauth2_credentials_url.is_some() {
@@ -417,6 +446,11 @@ impl PulsarConfig {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Server verification only: client certificates are refused, a CA file must be there.
+    fn validate_tls(&self, key: &str) -> Result<(), ConfigError> {
         if self.tls_cert_file.is_some() || self.tls_key_file.is_some() {
             let k = if self.tls_cert_file.is_some() {
                 "tls_cert_file"
