@@ -7,7 +7,7 @@
 //! * `GET /health`: JSON: each component's state, the last successful publish, the backlog
 //!   figures and threshold states, this relay's counters. 200 when ready, 503 otherwise.
 //!
-//! Handlers read what the monitor last saw ([`Observed`]); a request never touches the database
+//! Handlers read what the relay's housekeeping last saw ([`Observed`]); a request never touches the database
 //! or a broker, so a scrape storm cannot load either.
 
 use crate::metrics::Metrics;

@@ -2,8 +2,8 @@
 //!
 //! Counters are per topic and backend, added once per committed batch (what was written, not
 //! what was attempted); latencies are observed per acknowledgement on the relay loop, a few
-//! atomic adds each. Gauges about the backlog and the connections come from the monitor (see
-//! [`crate::relay::monitor`]), never from a query per scrape: a scrape costs no database work.
+//! atomic adds each. Gauges about the backlog and the connections come from the relay's housekeeping
+//! services (`relay/housekeeping/`), never from a query per scrape: a scrape costs no database work.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

@@ -61,6 +61,7 @@ impl Marks {
             && self.deferred.is_empty()
     }
 }
+
 /// The claim: it walks the due index in (next_attempt_at, id) order and stops after $1 rows it
 /// could lock; with a cursor (the last key the previous claim took) it starts past the keys
 /// already taken, so it never re-walks rows in flight nor the dead entries that deletes leave
@@ -97,7 +98,7 @@ pub(super) fn claim_sql(t: &str, cursor: bool) -> String {
 /// Past the key (`$at`, `$id`) the previous claim took last. A fresh row's key is `-infinity`,
 /// which comes back as Postgres' earliest finite time; any time before year 1 stands for it
 /// again (so the walk never skips fresh rows; at worst it re-walks a few keys).
-pub(super) fn cursor_after(at: u8, id: u8) -> String {
+fn cursor_after(at: u8, id: u8) -> String {
     format!(
         "AND (next_attempt_at, id) > (CASE WHEN ${at} < '0001-01-01 00:00:00+00' \
               THEN '-infinity'::timestamptz ELSE ${at} END, ${id}) "
@@ -135,7 +136,7 @@ pub(super) fn claim_share_sql(t: &str, cursor: bool) -> String {
 /// The claim's select list, by position: the envelope's columns (0-14, see
 /// `decode::decode_claimed`), then 15 the payload's size, 16 the headers' size, 17 the
 /// writing transaction (a 32-bit xid) and 18 whether any row waits (see `claim_sql`).
-pub(super) fn claim_sql_where(t: &str, and: &str) -> String {
+fn claim_sql_where(t: &str, and: &str) -> String {
     format!(
         "SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, event_version, \
                 CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
@@ -188,6 +189,7 @@ pub(crate) fn written_during_walk(written_by: i64, young: i64) -> bool {
     let (w, y) = (written_by as u32, young as u32);
     w >= 3 && (w.wrapping_sub(y) as i32) >= 0
 }
+
 /// The partitions a relay's claim may take rows from, and the relay's name they must still
 /// carry in `<table>_partitions`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +213,7 @@ pub enum Walk {
     /// Every row gets its probe (rows locked by another claim may come back unchanged).
     ProbeAll(Option<Cursor>),
 }
+
 /// What a claim brought back.
 pub struct Claim {
     pub tx: ClaimTx,
@@ -224,6 +227,7 @@ pub struct Claim {
     /// xid), for the claims that continue it.
     pub walk_xmin: Option<i64>,
 }
+
 /// An open claim: the transaction holding the row locks.
 pub type ClaimTx = Transaction<'static, Postgres>;
 /// A claim's rows as taken: the last key among them (the next claim's cursor) and whether the
@@ -588,44 +592,6 @@ impl Store {
                 .map_err(StoreError::sql("defer blocked rows"))?;
         }
         tx.commit().await.map_err(StoreError::sql("commit"))
-    }
-
-    /// Releases events held behind a failed predecessor in the given aggregates.
-    ///
-    /// In passes until one releases nothing. A relay may be holding a row behind a *held*
-    /// predecessor at this very moment: its hold checked the predecessor (still held, under a
-    /// share lock) before this transaction reached it, so a pass waits for that hold to commit
-    /// and then releases the predecessor, but the pass's snapshot, taken before the hold
-    /// committed, does not see the newly held row. The next pass does. Holds checked after a
-    /// pass locked their predecessor see the lock and defer briefly instead of holding, so the
-    /// passes end.
-    pub(crate) async fn release_held(
-        &self,
-        tx: &mut ClaimTx,
-        aggregates: &[String],
-    ) -> Result<u64, StoreError> {
-        let mut aggs = aggregates.to_vec();
-        aggs.sort();
-        aggs.dedup();
-        let sql = format!(
-            "UPDATE {} SET next_attempt_at = now() \
-             WHERE aggregate_id = ANY($1) AND status = 'pending' AND next_attempt_at = $2",
-            self.names.qualified()
-        );
-        let mut total = 0;
-        loop {
-            let n = sqlx::query(&sql)
-                .bind(&aggs)
-                .bind(held_until())
-                .execute(&mut **tx)
-                .await
-                .map_err(StoreError::sql("release held events"))?
-                .rows_affected();
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n;
-        }
     }
 }
 

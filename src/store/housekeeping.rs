@@ -1,5 +1,6 @@
 //! The statements of the relay's housekeeping: backlog counts, the heartbeat row, settling rows
-//! that would never come due, pruning kept published rows.
+//! that would never come due, pruning kept published rows; and the pending count of the
+//! relay's summary line.
 
 use super::names::held_until;
 use super::{Store, StoreError};
@@ -21,7 +22,7 @@ pub struct Heartbeat {
     pub partitions: i32,
 }
 
-/// The backlog in figures, as the monitor samples it.
+/// The backlog in figures, as the housekeeping samples it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Backlog {
     pub pending: i64,

@@ -32,10 +32,10 @@ use std::time::Duration;
 pub use claim::{Claim, ClaimTx, Claimed, Cursor, DeferUntil, Marks, Prev, Share, Walk};
 pub use enqueue::{NewEvent, Outbox};
 pub use housekeeping::{Backlog, Heartbeat};
-pub use names::{
-    held_until, Names, RowStatus, HELD_UNTIL, LOCK_FENCE, LOCK_MEMBER, LOCK_PARTITION, PARTITIONS,
-};
-pub use session::{PlanReset, Session};
+use names::{held_until, LOCK_FENCE, LOCK_MEMBER, LOCK_PARTITION};
+pub use names::{Names, RowStatus, HELD_UNTIL, PARTITIONS};
+use session::PlanReset;
+pub use session::Session;
 
 /// A database failure, classified.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,7 @@ impl StoreError {
         }
     }
 }
+
 struct Statements {
     claim: String,
     claim_after: String,
@@ -219,7 +220,7 @@ pub struct Store {
     /// claim's row sizes (see `claim_sql`).
     rows_that_fit: AtomicU32,
     /// Sessions go without TLS: a loopback host, no TLS setting given, and the server took a
-    /// plaintext session at start-up (see [`tls_left_to_us`]).
+    /// plaintext session at start-up (see `session::tls_left_to_us`).
     plaintext_loopback: bool,
     /// When a statement's cached plan went stale (see [`PlanReset`]).
     plans: Arc<PlanReset>,

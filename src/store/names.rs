@@ -75,7 +75,7 @@ impl RowStatus {
     }
 
     /// The column's text; None for anything else (a table whose CHECK was dropped).
-    pub fn parse(s: &str) -> Option<RowStatus> {
+    pub(crate) fn parse(s: &str) -> Option<RowStatus> {
         [RowStatus::Pending, RowStatus::Failed, RowStatus::Published]
             .into_iter()
             .find(|v| v.as_str() == s)
@@ -91,6 +91,7 @@ pub fn held_until() -> DateTime<Utc> {
         .expect("constant is a valid timestamp")
         .with_timezone(&Utc)
 }
+
 /// How many partitions the aggregates are hashed into (`part` in the outbox table).
 pub const PARTITIONS: i16 = 256;
 
@@ -119,5 +120,15 @@ mod tests {
     fn render_replaces_every_placeholder() {
         let n = Names::new("a", "b");
         assert_eq!(n.render("{{schema}}.{{table}} {{channel}}"), "a.b a.b");
+    }
+
+    #[test]
+    fn statuses_read_back_as_the_column_holds_them() {
+        for st in [RowStatus::Pending, RowStatus::Failed, RowStatus::Published] {
+            assert_eq!(RowStatus::parse(st.as_str()), Some(st));
+        }
+        assert_eq!(RowStatus::Failed.as_str(), "failed");
+        assert_eq!(RowStatus::parse("Pending"), None);
+        assert_eq!(RowStatus::parse("paused"), None);
     }
 }

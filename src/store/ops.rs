@@ -6,7 +6,7 @@
 //! rows from the published index. Replay and purge work in chunks of [`CHUNK`] rows, each its own
 //! transaction, so a replay of millions never holds one giant transaction or its locks.
 
-use super::{held_until, Store, StoreError};
+use super::{held_until, ClaimTx, Store, StoreError};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Postgres, QueryBuilder, Row};
@@ -669,6 +669,44 @@ fn status_relays_sql(t: &str) -> String {
 }
 
 impl Store {
+    /// Releases events held behind a failed predecessor in the given aggregates.
+    ///
+    /// In passes until one releases nothing. A relay may be holding a row behind a *held*
+    /// predecessor at this very moment: its hold checked the predecessor (still held, under a
+    /// share lock) before this transaction reached it, so a pass waits for that hold to commit
+    /// and then releases the predecessor, but the pass's snapshot, taken before the hold
+    /// committed, does not see the newly held row. The next pass does. Holds checked after a
+    /// pass locked their predecessor see the lock and defer briefly instead of holding, so the
+    /// passes end.
+    pub(crate) async fn release_held(
+        &self,
+        tx: &mut ClaimTx,
+        aggregates: &[String],
+    ) -> Result<u64, StoreError> {
+        let mut aggs = aggregates.to_vec();
+        aggs.sort();
+        aggs.dedup();
+        let sql = format!(
+            "UPDATE {} SET next_attempt_at = now() \
+             WHERE aggregate_id = ANY($1) AND status = 'pending' AND next_attempt_at = $2",
+            self.names.qualified()
+        );
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(&sql)
+                .bind(&aggs)
+                .bind(held_until())
+                .execute(&mut **tx)
+                .await
+                .map_err(StoreError::sql("release held events"))?
+                .rows_affected();
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
     /// Puts failed events back to pending (attempts reset) and releases the events of their
     /// aggregates that were held behind them; returns how many events were replayed. The
     /// by-id case of [`Store::replay`].

@@ -18,6 +18,7 @@ pub struct Session {
     /// sorting a few failed rows for a listing is allowed.
     pub operator: bool,
 }
+
 /// A column the claim reads changed its type under running sessions: Postgres then refuses
 /// every session's prepared claim ("cached plan must not change result type") until the
 /// statement is prepared again. The session that hits it records the moment here, and the

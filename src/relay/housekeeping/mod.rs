@@ -6,7 +6,8 @@
 //! - [`heartbeat`]: this relay's row in the heartbeat table (`outbox-relay status`);
 //! - [`pruning`]: published rows kept for `relay.published_retention`, deleted past it.
 //!
-//! Everything here runs on tasks of its own and only reads what the loop publishes through
+//! Everything here runs on a task of its own (the probes and the chores as two loops joined on
+//! it) and only reads what the loop publishes through
 //! atomics, so neither a slow probe nor a slow count ever holds up claims. The probes have a
 //! loop of their own: the counts, the heartbeat and pruning query a database that may be away,
 //! each waiting up to the pool's acquire timeout, and readiness must turn within a probe
