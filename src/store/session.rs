@@ -212,6 +212,17 @@ impl Store {
         Ok(store)
     }
 
+    /// The server's version, and whether this session is encrypted and with what, as the
+    /// server sees it (`pg_stat_ssl`), for `check`.
+    pub async fn session_tls(&self) -> Result<(String, bool, Option<String>), sqlx::Error> {
+        sqlx::query_as(
+            "SELECT current_setting('server_version'), s.ssl, s.version \
+             FROM pg_stat_ssl s WHERE s.pid = pg_backend_pid()",
+        )
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// Sessions go in plaintext because the host is a loopback one and no TLS setting was
     /// given (see [`tls_left_to_us`]).
     pub fn plaintext_loopback(&self) -> bool {
