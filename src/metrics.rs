@@ -100,107 +100,127 @@ impl Metrics {
             topics: Mutex::new(HashSet::new()),
             registry: Registry::default(),
         };
+        m.register_events(&mut registry);
+        m.register_backlog(&mut registry);
+        m.register_connections(&mut registry);
+        m.register_states(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// Per event: what was published, failed or retried, how long it took, claim sizes.
+    fn register_events(&self, registry: &mut Registry) {
         registry.register(
             "events_published",
             "Events published and recorded, per topic and backend",
-            m.published.clone(),
+            self.published.clone(),
         );
         registry.register(
             "events_failed",
             "Events marked failed (permanent error, invalid, or out of attempts)",
-            m.failed.clone(),
+            self.failed.clone(),
         );
         registry.register(
             "events_retried",
             "Publish attempts that failed and were scheduled again",
-            m.retried.clone(),
+            self.retried.clone(),
         );
         registry.register(
             "publish_latency_seconds",
             "Hand-off to the backend until its acknowledgement",
-            m.publish_latency.clone(),
+            self.publish_latency.clone(),
         );
         registry.register(
             "end_to_end_latency_seconds",
             "The row's occurred_at until the backend's acknowledgement",
-            m.end_to_end_latency.clone(),
+            self.end_to_end_latency.clone(),
         );
         registry.register(
             "claim_batch_size",
             "Rows per claim that found any",
-            m.claim_batch_size.clone(),
+            self.claim_batch_size.clone(),
         );
+    }
+
+    /// The backlog as last counted.
+    fn register_backlog(&self, registry: &mut Registry) {
         registry.register(
             "pending_events",
             "Pending rows (due, waiting for a retry, or held behind a failed event)",
-            m.pending.clone(),
+            self.pending.clone(),
         );
         registry.register(
             "pending_due_events",
             "Pending rows due now",
-            m.pending_due.clone(),
+            self.pending_due.clone(),
         );
         registry.register(
             "failed_events",
             "Rows marked failed, waiting for replay or purge",
-            m.failed_events.clone(),
+            self.failed_events.clone(),
         );
         registry.register(
             "oldest_pending_age_seconds",
             "Age of the oldest pending event (0 when none)",
-            m.oldest_pending_age.clone(),
+            self.oldest_pending_age.clone(),
         );
+    }
+
+    /// What is in flight, and whether Postgres and each backend answer.
+    fn register_connections(&self, registry: &mut Registry) {
         registry.register(
             "in_flight_events",
             "Events handed to a backend and not yet acknowledged, by this relay",
-            m.in_flight.clone(),
+            self.in_flight.clone(),
         );
         registry.register(
             "database_up",
             "1 when the last probe of Postgres succeeded",
-            m.database_up.clone(),
+            self.database_up.clone(),
         );
         registry.register(
             "backend_up",
             "1 when the last probe of the backend's broker succeeded",
-            m.backend_up.clone(),
+            self.backend_up.clone(),
         );
         registry.register(
             "backend_reconnects",
             "Reconnections (NATS) or producer replacements (Kafka) since start",
-            m.backend_reconnects.clone(),
+            self.backend_reconnects.clone(),
         );
+    }
+
+    /// Threshold states, pruning, lost claims, and the share of partitions among relays.
+    fn register_states(&self, registry: &mut Registry) {
         registry.register(
             "backlog_state",
             "Backlog thresholds: 0 ok, 1 warning, 2 critical, per kind (pending, age)",
-            m.backlog_state.clone(),
+            self.backlog_state.clone(),
         );
         registry.register(
             "pruned_events",
             "Kept published rows deleted after their retention",
-            m.pruned.clone(),
+            self.pruned.clone(),
         );
         registry.register(
             "lost_claims",
             "Batches whose results could not be recorded (their rows are published again)",
-            m.lost_claims.clone(),
+            self.lost_claims.clone(),
         );
         registry.register(
             "owned_partitions",
             "Partitions (of 256) this relay claims from now",
-            m.owned_partitions.clone(),
+            self.owned_partitions.clone(),
         );
         registry.register(
             "relays",
             "Relays working on the outbox at this relay's last look, itself included",
-            m.relays.clone(),
+            self.relays.clone(),
         );
         registry.register(
             "rebalances",
             "Changes of this relay's share of the partitions",
-            m.rebalances.clone(),
+            self.rebalances.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// The label set for a topic, folding topics past [`MAX_TOPICS`] into "other".
