@@ -239,6 +239,65 @@ struct Taken {
     cut: bool,
 }
 
+/// The claim's half of the fence: a shared transaction lock per partition, which a
+/// relay taking a partition over waits out (exclusively) before its first claim
+/// there, so it never claims beside a claim of the previous owner still open.
+/// `try`, so a partition being taken over is left out instead of waited for.
+/// Also the oldest transaction running now, as a 32-bit xid: a front claim's start
+/// of the walk (see the claim's probe condition).
+pub(super) const FENCE_SQL: &str = "SELECT coalesce(array_agg(p ORDER BY p), '{}'), \
+                          (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::numeric \
+                                   % 4294967296)::bigint) \
+                        FROM unnest($2::int2[]) p \
+                        WHERE pg_try_advisory_xact_lock_shared($1, p::int)";
+
+/// With a retention: the row stays, out of the claim and ordering indexes (both are
+/// partial on unfinished rows) and into the published index, which pruning walks.
+pub(super) fn keep_published_sql(t: &str) -> String {
+    format!("UPDATE {t} SET status = 'published', published_at = now() WHERE id = ANY($1)")
+}
+
+/// Fails rows, each with its reason; `inc` counts the publish attempt or not.
+pub(super) fn fail_sql(t: &str) -> String {
+    format!(
+        "UPDATE {t} SET status = 'failed', attempts = attempts + d.inc, \
+           last_error = d.err, next_attempt_at = now() \
+         FROM unnest($1::bigint[], $2::int[], $3::text[]) AS d(id, inc, err) \
+         WHERE {t}.id = d.id"
+    )
+}
+
+/// Schedules rows again after their delay, with the reason.
+pub(super) fn retry_sql(t: &str) -> String {
+    format!(
+        "UPDATE {t} SET attempts = attempts + d.inc, last_error = d.err, \
+           next_attempt_at = now() + d.delay * interval '1 second' \
+         FROM unnest($1::bigint[], $2::float8[], $3::text[], $4::int[]) \
+              AS d(id, delay, err, inc) \
+         WHERE {t}.id = d.id"
+    )
+}
+
+/// A deferral to the predecessor's time is applied only while the predecessor is
+/// still as the claim saw it, checked under a share lock (SKIP LOCKED: never wait on
+/// another relay). Replay and purge change the predecessor before releasing held
+/// rows, in passes until one releases nothing (see `release_held`), so a hold either
+/// sees their change (and defers briefly instead) or commits first and is released
+/// by a later pass; a row is never held behind a predecessor that is already gone.
+pub(super) fn defer_sql(t: &str) -> String {
+    format!(
+        "UPDATE {t} SET next_attempt_at = CASE WHEN ok.held \
+             THEN d.until ELSE now() + $5 * interval '1 second' END \
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[]) \
+              AS d(id, prev, prev_status, until) \
+         CROSS JOIN LATERAL (SELECT EXISTS ( \
+             SELECT 1 FROM {t} p WHERE p.id = d.prev AND p.status = d.prev_status \
+               AND (p.status = 'failed' OR p.next_attempt_at = d.until) \
+             FOR SHARE SKIP LOCKED) AS held) ok \
+         WHERE {t}.id = d.id"
+    )
+}
+
 impl Store {
     /// The claim statement's text (`$1` = batch size), for EXPLAIN in tests and benchmarks.
     pub fn claim_statement(&self) -> &str {

@@ -23,7 +23,11 @@ pub mod ops;
 pub mod partitions;
 mod session;
 
-use claim::{claim_share_sql, claim_sql, probe_sql};
+use claim::{
+    claim_share_sql, claim_sql, defer_sql, fail_sql, keep_published_sql, probe_sql, retry_sql,
+    FENCE_SQL,
+};
+use housekeeping::{never_due_sql, prune_sql};
 use sqlx::PgPool;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
@@ -124,81 +128,14 @@ impl Statements {
             claim_share: claim_share_sql(&t, false),
             claim_share_after: claim_share_sql(&t, true),
             probe: probe_sql(&t),
-            // The claim's half of the fence: a shared transaction lock per partition, which a
-            // relay taking a partition over waits out (exclusively) before its first claim
-            // there, so it never claims beside a claim of the previous owner still open.
-            // `try`, so a partition being taken over is left out instead of waited for.
-            // Also the oldest transaction running now, as a 32-bit xid: a front claim's start
-            // of the walk (see the claim's probe condition).
-            fence: "SELECT coalesce(array_agg(p ORDER BY p), '{}'), \
-                      (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::numeric \
-                               % 4294967296)::bigint) \
-                    FROM unnest($2::int2[]) p \
-                    WHERE pg_try_advisory_xact_lock_shared($1, p::int)"
-                .to_string(),
+            fence: FENCE_SQL.to_string(),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
-            // With a retention: the row stays, out of the claim and ordering indexes (both are
-            // partial on unfinished rows) and into the published index, which pruning walks.
-            keep_published: format!(
-                "UPDATE {t} SET status = 'published', published_at = now() WHERE id = ANY($1)"
-            ),
-            // Oldest first on the published index, a batch at a time; SKIP LOCKED so relays
-            // pruning at once split the work instead of queueing on each other.
-            prune: format!(
-                "DELETE FROM {t} WHERE id IN ( \
-                   SELECT id FROM {t} WHERE status = 'published' AND published_at < $1 \
-                   ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
-            ),
-            // Rows no time ever reaches (`infinity`, or past the relay's hold marker: only a
-            // producer writes those): a row that heads its aggregate fails naming the value;
-            // one behind an unfinished earlier row is made due, so the relay orders it (and
-            // holds it behind its failed predecessor). On the claim index, at its far end.
-            never_due: format!(
-                "WITH c AS ( \
-                   SELECT o.id, EXISTS ( \
-                       SELECT 1 FROM {t} p WHERE p.aggregate_id = o.aggregate_id \
-                         AND p.id < o.id AND p.status <> 'published') AS behind \
-                   FROM {t} o WHERE o.status = 'pending' AND o.next_attempt_at > $1 \
-                   ORDER BY o.next_attempt_at, o.id LIMIT $2 FOR UPDATE OF o SKIP LOCKED) \
-                 UPDATE {t} SET \
-                   status = CASE WHEN c.behind THEN 'pending' ELSE 'failed' END, \
-                   last_error = CASE WHEN c.behind THEN {t}.last_error ELSE \
-                     'field next_attempt_at: ' || {t}.next_attempt_at::text || \
-                     ' is never due; allowed: a time before ' || $1::text || \
-                     ' (leave it to its default to publish at once)' END, \
-                   next_attempt_at = now() \
-                 FROM c WHERE {t}.id = c.id RETURNING c.behind"
-            ),
-            fail: format!(
-                "UPDATE {t} SET status = 'failed', attempts = attempts + d.inc, \
-                   last_error = d.err, next_attempt_at = now() \
-                 FROM unnest($1::bigint[], $2::int[], $3::text[]) AS d(id, inc, err) \
-                 WHERE {t}.id = d.id"
-            ),
-            retry: format!(
-                "UPDATE {t} SET attempts = attempts + d.inc, last_error = d.err, \
-                   next_attempt_at = now() + d.delay * interval '1 second' \
-                 FROM unnest($1::bigint[], $2::float8[], $3::text[], $4::int[]) \
-                      AS d(id, delay, err, inc) \
-                 WHERE {t}.id = d.id"
-            ),
-            // A deferral to the predecessor's time is applied only while the predecessor is
-            // still as the claim saw it, checked under a share lock (SKIP LOCKED: never wait on
-            // another relay). Replay and purge change the predecessor before releasing held
-            // rows, in passes until one releases nothing (see `release_held`), so a hold either
-            // sees their change (and defers briefly instead) or commits first and is released
-            // by a later pass; a row is never held behind a predecessor that is already gone.
-            defer: format!(
-                "UPDATE {t} SET next_attempt_at = CASE WHEN ok.held \
-                     THEN d.until ELSE now() + $5 * interval '1 second' END \
-                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[]) \
-                      AS d(id, prev, prev_status, until) \
-                 CROSS JOIN LATERAL (SELECT EXISTS ( \
-                     SELECT 1 FROM {t} p WHERE p.id = d.prev AND p.status = d.prev_status \
-                       AND (p.status = 'failed' OR p.next_attempt_at = d.until) \
-                     FOR SHARE SKIP LOCKED) AS held) ok \
-                 WHERE {t}.id = d.id"
-            ),
+            keep_published: keep_published_sql(&t),
+            prune: prune_sql(&t),
+            never_due: never_due_sql(&t),
+            fail: fail_sql(&t),
+            retry: retry_sql(&t),
+            defer: defer_sql(&t),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! asks for TLS), and replacing sessions whose prepared claim went stale.
 
 use super::{Names, Store, StoreError};
-use crate::config::{redact_url, DatabaseConfig};
+use crate::config::{redact_url, DatabaseConfig, DatabaseTls};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -123,76 +123,9 @@ async fn plaintext_accepted(opts: &PgConnectOptions, within: Duration) -> bool {
 impl Store {
     /// Connects a pool. The URL's password is never logged.
     pub async fn connect(db: &DatabaseConfig, session: &Session) -> Result<Store, StoreError> {
-        let url = db.url.expose();
-        let mut opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url {
-            url: redact_url(url),
-            message: crate::config::redact_secrets(&e.to_string()),
-        })?;
-        let tls = db.tls();
-        if let Some(mode) = &tls.mode {
-            opts = opts.ssl_mode(mode.parse().map_err(|e: sqlx::Error| StoreError::Url {
-                url: redact_url(url),
-                message: e.to_string(),
-            })?);
-        }
-        if !db.ssl_root_cert.is_empty() {
-            opts = opts.ssl_root_cert(db.ssl_root_cert.as_str());
-        }
-        // As libpq: with a CA file, require verifies the chain too (the driver alone would
-        // accept any certificate).
-        if tls.root_cert.is_some()
-            && matches!(opts.get_ssl_mode(), sqlx::postgres::PgSslMode::Require)
-        {
-            opts = opts.ssl_mode(sqlx::postgres::PgSslMode::VerifyCa);
-        }
-        opts = opts.application_name(&session.application_name);
-        let mut params: Vec<(&str, String)> = vec![
-            (
-                "statement_timeout",
-                format!("{}", db.statement_timeout.0.as_millis()),
-            ),
-            // Migrations' "already exists, skipping" notices are not news.
-            ("client_min_messages", "warning".to_string()),
-        ];
-        // Every statement of the relay is meant to walk an index in its order and stop early.
-        // With statistics from a near-empty table (the steady state) the planner prefers a
-        // bitmap scan and a sort for the claim, which is cheap then and ruinous on a backlog
-        // that built up before the next analyze. Plans must not depend on that.
-        let knobs: &[&str] = if session.operator {
-            &["enable_seqscan"]
-        } else {
-            &["enable_seqscan", "enable_bitmapscan", "enable_sort"]
-        };
-        for knob in knobs {
-            params.push((knob, "off".to_string()));
-        }
-        if let Some(t) = session.idle_in_transaction_timeout {
-            params.push((
-                "idle_in_transaction_session_timeout",
-                format!("{}", t.as_millis()),
-            ));
-        }
-        opts = opts.options(params);
-        // A Unix socket never carries TLS, whatever the host says.
-        let plaintext_loopback =
-            if opts.get_socket().is_none() && tls_left_to_us(&tls, opts.get_host()) {
-                plaintext_accepted(&opts, db.connect_timeout.0).await
-            } else {
-                false
-            };
-        if plaintext_loopback {
-            let why = "database: a loopback host and no TLS setting: sessions go without TLS \
-                       (set database.ssl_mode to prefer or stricter to encrypt them, e.g. \
-                       through a local forwarder to another host)";
-            // Said once where the relay starts; an operator's command would repeat it each
-            // time (`check` prints it instead).
-            if session.operator {
-                tracing::debug!(host = opts.get_host(), "{why}");
-            } else {
-                tracing::info!(host = opts.get_host(), "{why}");
-            }
-            opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
-        }
+        let (opts, tls) = connect_options(db)?;
+        let opts = session_options(opts, db, session);
+        let (opts, plaintext_loopback) = plaintext_on_loopback(opts, &tls, db, session).await;
         let plans = Arc::new(PlanReset::default());
         let stale = plans.clone();
         let pool = PgPoolOptions::new()
@@ -228,6 +161,101 @@ impl Store {
     pub fn plaintext_loopback(&self) -> bool {
         self.plaintext_loopback
     }
+}
+
+/// The URL's options with the TLS settings applied, and the TLS settings themselves.
+fn connect_options(db: &DatabaseConfig) -> Result<(PgConnectOptions, DatabaseTls), StoreError> {
+    let url = db.url.expose();
+    let mut opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url {
+        url: redact_url(url),
+        message: crate::config::redact_secrets(&e.to_string()),
+    })?;
+    let tls = db.tls();
+    if let Some(mode) = &tls.mode {
+        opts = opts.ssl_mode(mode.parse().map_err(|e: sqlx::Error| StoreError::Url {
+            url: redact_url(url),
+            message: e.to_string(),
+        })?);
+    }
+    if !db.ssl_root_cert.is_empty() {
+        opts = opts.ssl_root_cert(db.ssl_root_cert.as_str());
+    }
+    // As libpq: with a CA file, require verifies the chain too (the driver alone would
+    // accept any certificate).
+    if tls.root_cert.is_some() && matches!(opts.get_ssl_mode(), sqlx::postgres::PgSslMode::Require)
+    {
+        opts = opts.ssl_mode(sqlx::postgres::PgSslMode::VerifyCa);
+    }
+    Ok((opts, tls))
+}
+
+/// The session's name and settings: the statement timeout, the planner knobs that keep every
+/// statement on its index, the idle-in-transaction bound.
+fn session_options(
+    mut opts: PgConnectOptions,
+    db: &DatabaseConfig,
+    session: &Session,
+) -> PgConnectOptions {
+    opts = opts.application_name(&session.application_name);
+    let mut params: Vec<(&str, String)> = vec![
+        (
+            "statement_timeout",
+            format!("{}", db.statement_timeout.0.as_millis()),
+        ),
+        // Migrations' "already exists, skipping" notices are not news.
+        ("client_min_messages", "warning".to_string()),
+    ];
+    // Every statement of the relay is meant to walk an index in its order and stop early.
+    // With statistics from a near-empty table (the steady state) the planner prefers a
+    // bitmap scan and a sort for the claim, which is cheap then and ruinous on a backlog
+    // that built up before the next analyze. Plans must not depend on that.
+    let knobs: &[&str] = if session.operator {
+        &["enable_seqscan"]
+    } else {
+        &["enable_seqscan", "enable_bitmapscan", "enable_sort"]
+    };
+    for knob in knobs {
+        params.push((knob, "off".to_string()));
+    }
+    if let Some(t) = session.idle_in_transaction_timeout {
+        params.push((
+            "idle_in_transaction_session_timeout",
+            format!("{}", t.as_millis()),
+        ));
+    }
+    opts = opts.options(params);
+    opts
+}
+
+/// Plaintext when the host is a loopback one, no TLS setting was given and the server takes a
+/// plaintext session (see [`tls_left_to_us`]); said once in the log.
+async fn plaintext_on_loopback(
+    mut opts: PgConnectOptions,
+    tls: &DatabaseTls,
+    db: &DatabaseConfig,
+    session: &Session,
+) -> (PgConnectOptions, bool) {
+    // A Unix socket never carries TLS, whatever the host says.
+    let plaintext_loopback = if opts.get_socket().is_none() && tls_left_to_us(tls, opts.get_host())
+    {
+        plaintext_accepted(&opts, db.connect_timeout.0).await
+    } else {
+        false
+    };
+    if plaintext_loopback {
+        let why = "database: a loopback host and no TLS setting: sessions go without TLS \
+                       (set database.ssl_mode to prefer or stricter to encrypt them, e.g. \
+                       through a local forwarder to another host)";
+        // Said once where the relay starts; an operator's command would repeat it each
+        // time (`check` prints it instead).
+        if session.operator {
+            tracing::debug!(host = opts.get_host(), "{why}");
+        } else {
+            tracing::info!(host = opts.get_host(), "{why}");
+        }
+        opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    }
+    (opts, plaintext_loopback)
 }
 
 #[cfg(test)]
