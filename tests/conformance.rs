@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::conformance::{self, BackendUnderTest, Received};
+use common::conformance::{BackendUnderTest, Received};
 use outbox_relay::publisher::memory::{MemoryPublisher, RecordKind};
 use outbox_relay::publisher::stdout::StdoutPublisher;
 use outbox_relay::publisher::Publisher;
@@ -95,36 +95,6 @@ impl BackendUnderTest for Stdout {
     }
 }
 
-#[tokio::test]
-async fn memory_delivers_every_event_in_order_with_key_and_headers() {
-    conformance::delivers_every_event_in_order_with_key_and_headers(
-        &Memory(MemoryPublisher::new()),
-    )
-    .await;
-}
+crate::conformance_suite!(memory, Memory(MemoryPublisher::new()));
 
-#[tokio::test]
-async fn memory_envelope_body_decodes_to_the_original_payload() {
-    conformance::envelope_body_decodes_to_the_original_payload(&Memory(MemoryPublisher::new()))
-        .await;
-}
-
-#[tokio::test]
-async fn memory_gives_one_result_per_message() {
-    conformance::one_result_per_message(&Memory(MemoryPublisher::new())).await;
-}
-
-#[tokio::test]
-async fn stdout_delivers_every_event_in_order_with_key_and_headers() {
-    conformance::delivers_every_event_in_order_with_key_and_headers(&Stdout::new()).await;
-}
-
-#[tokio::test]
-async fn stdout_envelope_body_decodes_to_the_original_payload() {
-    conformance::envelope_body_decodes_to_the_original_payload(&Stdout::new()).await;
-}
-
-#[tokio::test]
-async fn stdout_gives_one_result_per_message() {
-    conformance::one_result_per_message(&Stdout::new()).await;
-}
+crate::conformance_suite!(stdout, Stdout::new(), pipelined);

@@ -12,78 +12,15 @@ use outbox_relay::publisher::kafka::config::{CleanupPolicy, Compression, TopicSe
 use outbox_relay::publisher::kafka::{provision, KafkaPublisher};
 use outbox_relay::store::NewEvent;
 use outbox_relay::wiring::open_backend;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
+crate::conformance_suite!(suite, KafkaUnderTest::new().await, pipelined);
+
 fn routes() -> Vec<RouteConfig> {
     vec![common::route("*", "kafka")]
-}
-
-#[tokio::test]
-async fn kafka_delivers_every_event_in_order_with_key_and_headers() {
-    conformance::delivers_every_event_in_order_with_key_and_headers(&KafkaUnderTest::new().await)
-        .await;
-}
-
-#[tokio::test]
-async fn kafka_envelope_body_decodes_to_the_original_payload() {
-    conformance::envelope_body_decodes_to_the_original_payload(&KafkaUnderTest::new().await).await;
-}
-
-#[tokio::test]
-async fn kafka_gives_one_result_per_message() {
-    conformance::one_result_per_message(&KafkaUnderTest::new().await).await;
-}
-
-#[tokio::test]
-async fn ten_thousand_events_arrive_once_keyed_in_order_and_end_published() {
-    let b = KafkaUnderTest::new().await;
-    let db = TestDb::new().await;
-    let events: Vec<NewEvent> = (0..50)
-        .flat_map(|seq| (0..200).map(move |a| (a, seq)))
-        .map(|(a, seq)| numbered_on(&b.topic, &format!("a{a}"), seq))
-        .collect();
-    for chunk in events.chunks(1000) {
-        db.enqueue(chunk).await;
-    }
-    let relay = db
-        .relay_with(
-            &db.config(),
-            vec![("kafka", b.publisher.clone())],
-            &routes(),
-        )
-        .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "every row published", || async {
-        db.total().await == 0
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    wait_for(
-        DEADLINE,
-        "the consumer group to read all 10 000",
-        || async { b.reader.received().len() >= events.len() },
-    )
-    .await;
-    let got = b.reader.received();
-    assert_eq!(got.len(), events.len(), "each event once");
-    let ids: HashSet<&str> = got
-        .iter()
-        .map(|r| r.headers["X-Event-ID"].as_str())
-        .collect();
-    assert_eq!(ids.len(), events.len());
-    for r in &got {
-        assert_eq!(r.key, r.headers["X-Aggregate-ID"]);
-        assert_eq!(r.headers["X-Event-Type"], "OrderCreated");
-        assert_eq!(r.headers["X-Event-Version"], "1");
-        assert_eq!(r.topic, b.topic);
-    }
-    conformance::assert_in_order(&got);
-    db.drop_schema().await;
 }
 
 #[tokio::test]

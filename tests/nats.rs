@@ -14,74 +14,15 @@ use outbox_relay::publisher::nats::{provision, NatsPublisher};
 use outbox_relay::publisher::{AckTicket, Outgoing, Publisher};
 use outbox_relay::store::NewEvent;
 use outbox_relay::wiring::open_backend;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
+crate::conformance_suite!(suite, JetStream::new().await, pipelined);
+
 fn routes() -> Vec<RouteConfig> {
     vec![common::route("*", "nats")]
-}
-
-#[tokio::test]
-async fn jetstream_delivers_every_event_in_order_with_key_and_headers() {
-    let b = JetStream::new().await;
-    conformance::delivers_every_event_in_order_with_key_and_headers(&b).await;
-    b.delete().await;
-}
-
-#[tokio::test]
-async fn jetstream_envelope_body_decodes_to_the_original_payload() {
-    let b = JetStream::new().await;
-    conformance::envelope_body_decodes_to_the_original_payload(&b).await;
-    b.delete().await;
-}
-
-#[tokio::test]
-async fn jetstream_gives_one_result_per_message() {
-    let b = JetStream::new().await;
-    conformance::one_result_per_message(&b).await;
-    b.delete().await;
-}
-
-#[tokio::test]
-async fn ten_thousand_events_arrive_once_in_order_and_end_published() {
-    let b = JetStream::new().await;
-    let db = TestDb::new().await;
-    let topic = format!("{}.orders", b.prefix);
-    let events: Vec<NewEvent> = (0..50)
-        .flat_map(|seq| (0..200).map(move |a| (a, seq)))
-        .map(|(a, seq)| numbered_on(&topic, &format!("a{a}"), seq))
-        .collect();
-    for chunk in events.chunks(1000) {
-        db.enqueue(chunk).await;
-    }
-    let relay = db
-        .relay_with(&db.config(), vec![("nats", b.publisher.clone())], &routes())
-        .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "every row published", || async {
-        db.total().await == 0
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    let got = n::read_stream(&b.js, &b.stream).await;
-    assert_eq!(got.len(), events.len(), "each event once in the stream");
-    let ids: HashSet<&str> = got
-        .iter()
-        .map(|r| r.headers["X-Event-ID"].as_str())
-        .collect();
-    assert_eq!(ids.len(), events.len());
-    for r in &got {
-        assert_eq!(r.headers["Nats-Msg-Id"], r.headers["X-Event-ID"]);
-        assert_eq!(r.headers["X-Event-Type"], "OrderCreated");
-        assert_eq!(r.topic, topic);
-    }
-    conformance::assert_in_order(&got);
-    db.drop_schema().await;
-    b.delete().await;
 }
 
 /// As after a crash between publish and mark: the events went out once already, the rows are

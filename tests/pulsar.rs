@@ -19,87 +19,10 @@ use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
+crate::conformance_suite!(suite, PulsarUnderTest::new().await, pipelined);
+
 fn routes() -> Vec<RouteConfig> {
     vec![common::route("*", "pulsar")]
-}
-
-#[tokio::test]
-async fn pulsar_delivers_every_event_in_order_with_key_and_headers() {
-    conformance::delivers_every_event_in_order_with_key_and_headers(&PulsarUnderTest::new().await)
-        .await;
-}
-
-#[tokio::test]
-async fn pulsar_envelope_body_decodes_to_the_original_payload() {
-    conformance::envelope_body_decodes_to_the_original_payload(&PulsarUnderTest::new().await).await;
-}
-
-#[tokio::test]
-async fn pulsar_gives_one_result_per_message() {
-    conformance::one_result_per_message(&PulsarUnderTest::new().await).await;
-}
-
-/// 10 000 events over 200 aggregates, in the given ordering mode: each arrives (strict: once),
-/// keyed by its aggregate, with the relay's properties, in order per aggregate; every row ends
-/// published.
-async fn ten_thousand_events(ordering: OrderingMode) {
-    let b = PulsarUnderTest::new().await;
-    let db = TestDb::new().await;
-    let events: Vec<NewEvent> = (0..50)
-        .flat_map(|seq| (0..200).map(move |a| (a, seq)))
-        .map(|(a, seq)| numbered_on(&b.topic, &format!("a{a}"), seq))
-        .collect();
-    for chunk in events.chunks(1000) {
-        db.enqueue(chunk).await;
-    }
-    let mut cfg = db.config();
-    cfg.relay.ordering = ordering;
-    let relay = db
-        .relay_with(&cfg, vec![("pulsar", b.publisher.clone())], &routes())
-        .await;
-    let stats = relay.stats();
-    run_until_empty(&db, relay, DEADLINE).await;
-    wait_for(DEADLINE, "the subscription to read all 10 000", || async {
-        b.reader.received().len() >= events.len()
-    })
-    .await;
-    let got = b.reader.received();
-    for r in &got {
-        assert_eq!(r.key, r.headers["X-Aggregate-ID"]);
-        assert_eq!(r.headers["X-Event-Type"], "OrderCreated");
-        assert_eq!(r.headers["X-Event-Version"], "1");
-        assert_eq!(r.topic, b.topic);
-    }
-    conformance::assert_every_event_arrived(&got, &events);
-    if ordering == OrderingMode::Strict {
-        let ids: HashSet<&str> = got
-            .iter()
-            .map(|r| r.headers["X-Event-ID"].as_str())
-            .collect();
-        assert_eq!(
-            got.len(),
-            events.len(),
-            "each event once ({} distinct; relay stats: {stats:?})",
-            ids.len()
-        );
-        conformance::assert_in_order(&got);
-    } else {
-        // Pipelined, hundreds of an aggregate's events in flight: on a loaded machine a
-        // hand-off can go unanswered in time and go again, so an event may arrive twice
-        // (same id); the first deliveries stay in order.
-        conformance::assert_first_deliveries_in_order(&got);
-    }
-    db.drop_schema().await;
-}
-
-#[tokio::test]
-async fn ten_thousand_events_arrive_once_keyed_in_order_and_end_published() {
-    ten_thousand_events(OrderingMode::Strict).await;
-}
-
-#[tokio::test]
-async fn ten_thousand_events_in_pipelined_mode_keep_each_aggregates_order() {
-    ten_thousand_events(OrderingMode::Pipelined).await;
 }
 
 /// A message over the backend's limit (`max_message_bytes` less a batch's bytes and framing)

@@ -135,6 +135,12 @@ impl BackendUnderTest for JetStream {
     async fn received(&self) -> Vec<Received> {
         read_stream(&self.js, &self.stream).await
     }
+    fn check_message(&self, r: &Received) {
+        assert_eq!(r.headers["Nats-Msg-Id"], r.headers["X-Event-ID"]);
+    }
+    async fn clean_up(&self) {
+        let _ = self.js.delete_stream(&self.stream).await;
+    }
 }
 
 /// Collects what a core NATS subscription receives.
