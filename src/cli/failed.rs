@@ -13,7 +13,7 @@
 
 use super::filter::{cut, operator_store, table, when, FilterArgs};
 use crate::config::Config;
-use crate::store::ops::Target;
+use crate::store::ops::{FullRow, Target};
 use base64::Engine;
 use std::process::ExitCode;
 
@@ -111,19 +111,32 @@ pub async fn inspect(cfg: &Config, args: InspectArgs) -> anyhow::Result<ExitCode
     };
     let json: Option<serde_json::Value> = serde_json::from_slice(&row.payload).ok();
     if args.json {
-        let mut v = serde_json::to_value(&row)?;
-        v["payload_bytes"] = row.payload.len().into();
-        match json {
-            Some(j) => v["payload_json"] = j,
-            None => {
-                v["payload_base64"] = base64::engine::general_purpose::STANDARD
-                    .encode(&row.payload)
-                    .into()
-            }
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
+        print_json(&row, json)?;
+    } else {
+        print_fields(&row);
+        print_payload(&row, json)?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The row as one JSON document, the payload inline when it is JSON, else in base64.
+fn print_json(row: &FullRow, json: Option<serde_json::Value>) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(row)?;
+    v["payload_bytes"] = row.payload.len().into();
+    match json {
+        Some(j) => v["payload_json"] = j,
+        None => {
+            v["payload_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(&row.payload)
+                .into()
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+/// Every column but the payload, one per line.
+fn print_fields(row: &FullRow) {
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     let fields = [
         ("id", row.id.to_string()),
@@ -158,6 +171,10 @@ pub async fn inspect(cfg: &Config, args: InspectArgs) -> anyhow::Result<ExitCode
     for (k, v) in fields {
         println!("{k:<16} {v}");
     }
+}
+
+/// The payload: pretty JSON, or a hex preview and the whole in base64.
+fn print_payload(row: &FullRow, json: Option<serde_json::Value>) -> anyhow::Result<()> {
     println!("payload          {} bytes", row.payload.len());
     match json {
         Some(j) => println!("{}", serde_json::to_string_pretty(&j)?),
@@ -186,5 +203,5 @@ pub async fn inspect(cfg: &Config, args: InspectArgs) -> anyhow::Result<ExitCode
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

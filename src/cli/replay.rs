@@ -11,7 +11,8 @@
 
 use super::filter::{operator_store, table, when, FilterArgs};
 use crate::config::Config;
-use crate::store::ops::Target;
+use crate::store::ops::{Filter, Target};
+use crate::store::Store;
 use std::process::ExitCode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -101,34 +102,7 @@ async fn run(
         return Ok(ExitCode::from(2));
     }
     if dry_run {
-        let events = store.list(target, &f, 100).await?;
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({
-                    "dry_run": true, "matched": matched, "events": events
-                }))?
-            );
-        } else {
-            let rows: Vec<Vec<String>> = events
-                .iter()
-                .map(|e| {
-                    vec![
-                        e.event_id.to_string(),
-                        e.topic.clone(),
-                        e.aggregate_id.clone(),
-                        when(e.occurred_at),
-                    ]
-                })
-                .collect();
-            if !rows.is_empty() {
-                print!(
-                    "{}",
-                    table(&["EVENT ID", "TOPIC", "AGGREGATE", "OCCURRED AT"], &rows)
-                );
-            }
-            println!("dry run: {verb} would touch {matched} {what} events; nothing changed");
-        }
+        dry_run_report(&store, verb, target, &f, matched, json).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let done = match verb {
@@ -154,4 +128,48 @@ async fn run(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a run would touch: the count and the first 100 events, changing nothing.
+async fn dry_run_report(
+    store: &Store,
+    verb: &str,
+    target: Target,
+    f: &Filter,
+    matched: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let what = match target {
+        Target::Failed => "failed",
+        Target::Published => "published",
+    };
+    let events = store.list(target, f, 100).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dry_run": true, "matched": matched, "events": events
+            }))?
+        );
+    } else {
+        let rows: Vec<Vec<String>> = events
+            .iter()
+            .map(|e| {
+                vec![
+                    e.event_id.to_string(),
+                    e.topic.clone(),
+                    e.aggregate_id.clone(),
+                    when(e.occurred_at),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            print!(
+                "{}",
+                table(&["EVENT ID", "TOPIC", "AGGREGATE", "OCCURRED AT"], &rows)
+            );
+        }
+        println!("dry run: {verb} would touch {matched} {what} events; nothing changed");
+    }
+    Ok(())
 }

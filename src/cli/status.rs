@@ -113,6 +113,14 @@ fn render(s: &Status) -> String {
         "aggregates held by a failed event: {}\n\n",
         s.aggregates_held
     ));
+    topics_table(s, &mut out);
+    out.push('\n');
+    relays_table(s, &mut out);
+    out
+}
+
+/// Per topic: due, scheduled, held, failed and kept published rows.
+fn topics_table(s: &Status, out: &mut String) {
     if s.topics.is_empty() {
         out.push_str("no events\n");
     } else {
@@ -135,7 +143,10 @@ fn render(s: &Status) -> String {
             &rows,
         ));
     }
-    out.push('\n');
+}
+
+/// The relays seen lately, and the partitions nobody owns.
+fn relays_table(s: &Status, out: &mut String) {
     if s.relays.is_empty() {
         out.push_str("relays: none running\n");
     } else {
@@ -179,5 +190,4 @@ fn render(s: &Status) -> String {
             ));
         }
     }
-    out
 }

@@ -251,71 +251,12 @@ impl Store {
     /// The backlog by topic, its oldest event, held aggregates and the running relays.
     pub async fn status(&self) -> Result<Status, StoreError> {
         let t = self.sql_t();
-        let mut topics: BTreeMap<String, TopicStatus> = BTreeMap::new();
-        let mut oldest: Option<DateTime<Utc>> = None;
-        let rows = sqlx::query(&status_pending_sql(&t))
-            .bind(held_until())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::sql("status: pending"))?;
-        for r in rows {
-            let topic: String = r.get(0);
-            let e = topics.entry(topic.clone()).or_insert_with(|| TopicStatus {
-                topic,
-                ..Default::default()
-            });
-            e.due = r.get(1);
-            e.scheduled = r.get(2);
-            e.held = r.get(3);
-            let o: Option<DateTime<Utc>> = r.get(4);
-            oldest = match (oldest, o) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        for (sql, published) in [
-            (status_count_sql(&t, Target::Failed), false),
-            (status_count_sql(&t, Target::Published), true),
-        ] {
-            let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(StoreError::sql("status: counts"))?;
-            for (topic, n) in rows {
-                let e = topics.entry(topic.clone()).or_insert_with(|| TopicStatus {
-                    topic,
-                    ..Default::default()
-                });
-                if published {
-                    e.published = n;
-                } else {
-                    e.failed = n;
-                }
-            }
-        }
+        let (topics, oldest) = self.status_by_topic(&t).await?;
         let aggregates_held: i64 = sqlx::query_scalar(&status_held_sql(&t))
             .fetch_one(&self.pool)
             .await
             .map_err(StoreError::sql("status: held aggregates"))?;
-        let relays = sqlx::query(&status_relays_sql(&t))
-            .bind(RELAY_SEEN_WITHIN.as_secs_f64())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::sql("status: relays"))?
-            .into_iter()
-            .map(|r| RelayInstance {
-                instance: r.get(0),
-                host: r.get(1),
-                pid: r.get(2),
-                version: r.get(3),
-                started_at: r.get(4),
-                seen_at: r.get(5),
-                in_flight: r.get(6),
-                published: r.get(7),
-                failed: r.get(8),
-                partitions: r.get(9),
-            })
-            .collect::<Vec<_>>();
+        let relays = self.status_relays(&t).await?;
         let topics: Vec<TopicStatus> = topics.into_values().collect();
         let sum = |f: fn(&TopicStatus) -> i64| topics.iter().map(f).sum::<i64>();
         let (due, scheduled, held) = (sum(|t| t.due), sum(|t| t.scheduled), sum(|t| t.held));
@@ -341,6 +282,81 @@ impl Store {
             topics,
             relays,
         })
+    }
+
+    /// Pending (due, scheduled, held), failed and kept published rows per topic, and the
+    /// oldest pending row's time.
+    async fn status_by_topic(
+        &self,
+        t: &str,
+    ) -> Result<(BTreeMap<String, TopicStatus>, Option<DateTime<Utc>>), StoreError> {
+        let mut topics: BTreeMap<String, TopicStatus> = BTreeMap::new();
+        let mut oldest: Option<DateTime<Utc>> = None;
+        let rows = sqlx::query(&status_pending_sql(t))
+            .bind(held_until())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::sql("status: pending"))?;
+        for r in rows {
+            let topic: String = r.get(0);
+            let e = topics.entry(topic.clone()).or_insert_with(|| TopicStatus {
+                topic,
+                ..Default::default()
+            });
+            e.due = r.get(1);
+            e.scheduled = r.get(2);
+            e.held = r.get(3);
+            let o: Option<DateTime<Utc>> = r.get(4);
+            oldest = match (oldest, o) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        for (sql, published) in [
+            (status_count_sql(t, Target::Failed), false),
+            (status_count_sql(t, Target::Published), true),
+        ] {
+            let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::sql("status: counts"))?;
+            for (topic, n) in rows {
+                let e = topics.entry(topic.clone()).or_insert_with(|| TopicStatus {
+                    topic,
+                    ..Default::default()
+                });
+                if published {
+                    e.published = n;
+                } else {
+                    e.failed = n;
+                }
+            }
+        }
+        Ok((topics, oldest))
+    }
+
+    /// The relays seen lately, from their heartbeat rows.
+    async fn status_relays(&self, t: &str) -> Result<Vec<RelayInstance>, StoreError> {
+        let relays = sqlx::query(&status_relays_sql(t))
+            .bind(RELAY_SEEN_WITHIN.as_secs_f64())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::sql("status: relays"))?
+            .into_iter()
+            .map(|r| RelayInstance {
+                instance: r.get(0),
+                host: r.get(1),
+                pid: r.get(2),
+                version: r.get(3),
+                started_at: r.get(4),
+                seen_at: r.get(5),
+                in_flight: r.get(6),
+                published: r.get(7),
+                failed: r.get(8),
+                partitions: r.get(9),
+            })
+            .collect::<Vec<_>>();
+        Ok(relays)
     }
 
     /// Failed (or kept published) rows matching `filter`, in id order, at most `limit`.
