@@ -54,54 +54,7 @@ impl NatsPublisher {
     /// starts and its publishes time out until a server is back).
     pub async fn connect(cfg: &NatsConfig) -> Result<Self, ConnectError> {
         let reconnects = Arc::new(AtomicU64::new(0));
-        let counter = reconnects.clone();
-        let max_delay = cfg.reconnect_delay_max.0;
-        let mut opts = ConnectOptions::new()
-            .name(&cfg.name)
-            .connection_timeout(cfg.connect_timeout.0)
-            .request_timeout(Some(cfg.ack_timeout.0))
-            // PubAcks arrive on one subscription; its buffer holds every one that can be due,
-            // so none is dropped as a slow consumer's.
-            .subscription_capacity((cfg.max_in_flight as usize * 2).max(64 * 1024))
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .reconnect_delay_callback(move |attempts| {
-                let exp = Duration::from_millis(100) * 2u32.saturating_pow(attempts.min(16) as u32);
-                exp.min(max_delay)
-            })
-            .event_callback(move |event| {
-                let counter = counter.clone();
-                async move {
-                    // async-nats logs every connection event itself; we count the losses.
-                    if matches!(event, async_nats::Event::Disconnected) {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-        if let Some(t) = &cfg.token {
-            opts = opts.token(t.expose().to_string());
-        }
-        if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
-            opts = opts.user_and_password(u.clone(), p.expose().to_string());
-        }
-        if let Some(seed) = &cfg.nkey_seed {
-            opts = opts.nkey(seed.expose().to_string());
-        }
-        if let Some(path) = &cfg.creds_file {
-            opts = opts
-                .credentials_file(path)
-                .await
-                .map_err(|e| ConnectError(format!("reading creds_file {path:?}: {e}")))?;
-        }
-        if cfg.tls_required {
-            opts = opts.require_tls(true);
-        }
-        if let Some(ca) = &cfg.tls_ca_file {
-            opts = opts.add_root_certificates(ca.into());
-        }
-        if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
-            opts = opts.add_client_certificate(cert.into(), key.into());
-        }
+        let opts = with_credentials(client_options(cfg, reconnects.clone()), cfg).await?;
         let servers: Vec<async_nats::ServerAddr> = cfg
             .servers
             .iter()
@@ -111,20 +64,7 @@ impl NatsPublisher {
         let client = async_nats::connect_with_options(servers, opts)
             .await
             .map_err(|e| ConnectError(e.to_string()))?;
-        // The client connects in the background (so a server that is down now is no start-up
-        // error); give it the connect timeout to come up before the first publish.
-        let deadline = tokio::time::Instant::now() + cfg.connect_timeout.0;
-        while client.connection_state() != State::Connected
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if client.connection_state() != State::Connected {
-            tracing::warn!(
-                servers = ?cfg.servers.iter().map(|s| crate::config::secrets::redact_url(s)).collect::<Vec<_>>(),
-                "nats: no server reachable yet; connecting in the background"
-            );
-        }
+        wait_for_first_connection(&client, cfg).await;
         // For the JetStream API (stream lookups, health, provisioning); publishes go through
         // the ack path.
         let js = async_nats::jetstream::ContextBuilder::new()
@@ -375,6 +315,81 @@ impl NoResponders {
             k.insert(subject.clone(), (std::time::Instant::now(), seen.clone()));
         }
         seen
+    }
+}
+
+/// The client's options: its name, timeouts, the PubAck subscription's capacity, reconnects
+/// forever with a capped backoff, counted in `reconnects`.
+fn client_options(cfg: &NatsConfig, counter: Arc<AtomicU64>) -> ConnectOptions {
+    let max_delay = cfg.reconnect_delay_max.0;
+    ConnectOptions::new()
+        .name(&cfg.name)
+        .connection_timeout(cfg.connect_timeout.0)
+        .request_timeout(Some(cfg.ack_timeout.0))
+        // PubAcks arrive on one subscription; its buffer holds every one that can be due,
+        // so none is dropped as a slow consumer's.
+        .subscription_capacity((cfg.max_in_flight as usize * 2).max(64 * 1024))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(move |attempts| {
+            let exp = Duration::from_millis(100) * 2u32.saturating_pow(attempts.min(16) as u32);
+            exp.min(max_delay)
+        })
+        .event_callback(move |event| {
+            let counter = counter.clone();
+            async move {
+                // async-nats logs every connection event itself; we count the losses.
+                if matches!(event, async_nats::Event::Disconnected) {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+}
+
+/// Adds the configured credentials and TLS to `opts`.
+async fn with_credentials(
+    mut opts: ConnectOptions,
+    cfg: &NatsConfig,
+) -> Result<ConnectOptions, ConnectError> {
+    if let Some(t) = &cfg.token {
+        opts = opts.token(t.expose().to_string());
+    }
+    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(u.clone(), p.expose().to_string());
+    }
+    if let Some(seed) = &cfg.nkey_seed {
+        opts = opts.nkey(seed.expose().to_string());
+    }
+    if let Some(path) = &cfg.creds_file {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|e| ConnectError(format!("reading creds_file {path:?}: {e}")))?;
+    }
+    if cfg.tls_required {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.into());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        opts = opts.add_client_certificate(cert.into(), key.into());
+    }
+    Ok(opts)
+}
+
+/// The client connects in the background (so a server that is down now is no start-up error);
+/// it gets the connect timeout to come up before the first publish.
+async fn wait_for_first_connection(client: &async_nats::Client, cfg: &NatsConfig) {
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout.0;
+    while client.connection_state() != State::Connected && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if client.connection_state() != State::Connected {
+        tracing::warn!(
+            servers = ?cfg.servers.iter().map(|s| crate::config::secrets::redact_url(s)).collect::<Vec<_>>(),
+            "nats: no server reachable yet; connecting in the background"
+        );
     }
 }
 
