@@ -393,6 +393,55 @@ async fn wait_for_first_connection(client: &async_nats::Client, cfg: &NatsConfig
     }
 }
 
+/// Why a core NATS publish failed, and whether the connection (not the message) is at fault.
+struct CoreFailure {
+    reason: String,
+    connection: bool,
+}
+
+impl NatsPublisher {
+    /// A core NATS publish (ephemeral topics): written to the connection, no acknowledgement.
+    async fn publish_core(
+        &self,
+        subject: &str,
+        to: Subject,
+        headers: async_nats::HeaderMap,
+        body: Bytes,
+    ) -> Result<(), CoreFailure> {
+        self.client
+            .publish_with_headers(to, headers, body)
+            .await
+            .map_err(|e| {
+                use async_nats::client::PublishErrorKind as Core;
+                CoreFailure {
+                    reason: format!("nats: publishing to {subject:?}: {e}"),
+                    // About this message only (the publisher's checks make them unlikely):
+                    // the connection is fine.
+                    connection: !matches!(
+                        e.kind(),
+                        Core::MaxPayloadExceeded | Core::InvalidSubject
+                    ),
+                }
+            })
+    }
+}
+
+/// Core NATS has no acknowledgement; a flushed write is as far as it goes. The flush waits for
+/// a reconnect while disconnected, so it runs off the relay's loop; the publish timeout bounds
+/// it.
+fn ack_once_flushed(client: async_nats::Client, flushed: Vec<AckTicket>) {
+    tokio::spawn(async move {
+        match client.flush().await {
+            Ok(()) => flushed.into_iter().for_each(AckTicket::ack),
+            Err(e) => {
+                for t in flushed {
+                    t.nack(PublishError::unavailable(format!("nats: flush: {e}")));
+                }
+            }
+        }
+    });
+}
+
 impl Publisher for NatsPublisher {
     fn reconnects(&self) -> u64 {
         Self::reconnects(self)
@@ -452,22 +501,16 @@ impl Publisher for NatsPublisher {
                 };
                 match persistence {
                     Persistence::Ephemeral => {
-                        match self.client.publish_with_headers(to, headers, body).await {
+                        let sent = self.publish_core(&subject, to, headers, body).await;
+                        match sent {
                             Ok(()) => flushed.push(o.ticket),
-                            Err(e) => {
-                                use async_nats::client::PublishErrorKind as Core;
-                                let reason = format!("nats: publishing to {subject:?}: {e}");
-                                match e.kind() {
-                                    // About this message only (the checks above make them
-                                    // unlikely): the connection is fine.
-                                    Core::MaxPayloadExceeded | Core::InvalidSubject => {
-                                        o.ticket.nack(PublishError::permanent(reason))
-                                    }
-                                    Core::Send => {
-                                        away = true;
-                                        o.ticket.nack(PublishError::unavailable(reason))
-                                    }
-                                }
+                            Err(CoreFailure { reason, connection }) => {
+                                away |= connection;
+                                o.ticket.nack(if connection {
+                                    PublishError::unavailable(reason)
+                                } else {
+                                    PublishError::permanent(reason)
+                                })
                             }
                         }
                     }
@@ -482,20 +525,7 @@ impl Publisher for NatsPublisher {
                 }
             }
             if !flushed.is_empty() {
-                // Core NATS has no acknowledgement; a flushed write is as far as it goes. The
-                // flush waits for a reconnect while disconnected, so it runs off the relay's
-                // loop; the publish timeout bounds it.
-                let client = self.client.clone();
-                tokio::spawn(async move {
-                    match client.flush().await {
-                        Ok(()) => flushed.into_iter().for_each(AckTicket::ack),
-                        Err(e) => {
-                            for t in flushed {
-                                t.nack(PublishError::unavailable(format!("nats: flush: {e}")));
-                            }
-                        }
-                    }
-                });
+                ack_once_flushed(self.client.clone(), flushed);
             }
         }
         .boxed()
