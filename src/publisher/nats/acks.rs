@@ -51,6 +51,22 @@ struct Shared {
 }
 
 impl Shared {
+    /// Registers a publish about to go, under the next number (its reply subject's).
+    fn wait_for(&self, ticket: AckTicket, subject: Arc<str>) -> u64 {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let n = p.next;
+        p.next += 1;
+        p.by_n.insert(
+            n,
+            Waiting {
+                ticket,
+                subject,
+                sent_at: Instant::now(),
+            },
+        );
+        n
+    }
+
     fn take(&self, n: u64) -> Option<Waiting> {
         let mut taken = Vec::with_capacity(1);
         self.take_all([n], &mut taken);
@@ -160,46 +176,11 @@ impl AckPath {
         body: bytes::Bytes,
         ticket: AckTicket,
     ) -> bool {
-        let room = match self.shared.room.try_acquire() {
-            Ok(permit) => Ok(Ok(permit)),
-            // A full window: wait for room, as long as a PubAck may take.
-            Err(_) => tokio::time::timeout(self.shared.timeout, self.shared.room.acquire()).await,
-        };
-        match room {
-            Ok(Ok(permit)) => permit.forget(),
-            Ok(Err(_)) => {
-                ticket.nack(PublishError::unavailable(
-                    "nats: the PubAck reader has stopped (the client was closed)",
-                ));
-                return true;
-            }
-            Err(_) => {
-                ticket.nack(PublishError::unavailable(format!(
-                    "nats: subject {subject:?}: no room among the publishes awaiting a PubAck \
-                     within {:?}",
-                    self.shared.timeout
-                )));
-                return true;
-            }
+        if let Err(why) = self.room(&subject).await {
+            ticket.nack(why);
+            return true;
         }
-        let n = {
-            let mut p = self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let n = p.next;
-            p.next += 1;
-            p.by_n.insert(
-                n,
-                Waiting {
-                    ticket,
-                    subject: subject.clone(),
-                    sent_at: Instant::now(),
-                },
-            );
-            n
-        };
+        let n = self.shared.wait_for(ticket, subject.clone());
         let reply = Subject::from(reply_subject(&self.prefix, n));
         // The queue's send is cancel-safe: on a timeout the message was never queued.
         let sent = tokio::time::timeout(
@@ -234,6 +215,30 @@ impl AckPath {
             w.ticket.nack(why);
         }
         away
+    }
+
+    /// A place in the window of publishes awaiting a PubAck: at once, or once one frees within
+    /// a PubAck's time.
+    async fn room(&self, subject: &str) -> Result<(), PublishError> {
+        let room = match self.shared.room.try_acquire() {
+            Ok(permit) => Ok(Ok(permit)),
+            // A full window: wait for room, as long as a PubAck may take.
+            Err(_) => tokio::time::timeout(self.shared.timeout, self.shared.room.acquire()).await,
+        };
+        match room {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                Ok(())
+            }
+            Ok(Err(_)) => Err(PublishError::unavailable(
+                "nats: the PubAck reader has stopped (the client was closed)",
+            )),
+            Err(_) => Err(PublishError::unavailable(format!(
+                "nats: subject {subject:?}: no room among the publishes awaiting a PubAck \
+                 within {:?}",
+                self.shared.timeout
+            ))),
+        }
     }
 
     /// Waits at most `timeout` for every PubAck still due; the ones that do not come are
