@@ -617,40 +617,52 @@ impl Store {
                 .map_err(StoreError::sql("schedule retry"))?;
         }
         if !marks.deferred.is_empty() {
-            let mut ids = Vec::with_capacity(marks.deferred.len());
-            let mut prev = Vec::with_capacity(marks.deferred.len());
-            let mut prev_status = Vec::with_capacity(marks.deferred.len());
-            let mut until = Vec::with_capacity(marks.deferred.len());
-            for (id, d) in &marks.deferred {
-                ids.push(*id);
-                match d {
-                    DeferUntil::Soon => {
-                        prev.push(0i64);
-                        prev_status.push("none");
-                        until.push(Utc::now());
-                    }
-                    DeferUntil::Predecessor(p) => {
-                        prev.push(p.id);
-                        prev_status.push(p.status.as_str());
-                        until.push(if p.status == RowStatus::Failed {
-                            held_until()
-                        } else {
-                            p.next_attempt_at
-                        });
-                    }
-                }
-            }
-            sqlx::query(&self.stmts.defer)
-                .bind(&ids)
-                .bind(&prev)
-                .bind(&prev_status)
-                .bind(&until)
-                .bind(blocked_retry.as_secs_f64())
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::sql("defer blocked rows"))?;
+            self.defer(&mut tx, &marks.deferred, blocked_retry).await?;
         }
         tx.commit().await.map_err(StoreError::sql("commit"))
+    }
+
+    /// Defers rows: behind their predecessor as the claim saw it (until its retry time, or
+    /// held while it is failed), or for `blocked_retry` when it is in flight elsewhere.
+    async fn defer(
+        &self,
+        tx: &mut ClaimTx,
+        deferred: &[(i64, DeferUntil)],
+        blocked_retry: Duration,
+    ) -> Result<(), StoreError> {
+        let mut ids = Vec::with_capacity(deferred.len());
+        let mut prev = Vec::with_capacity(deferred.len());
+        let mut prev_status = Vec::with_capacity(deferred.len());
+        let mut until = Vec::with_capacity(deferred.len());
+        for (id, d) in deferred {
+            ids.push(*id);
+            match d {
+                DeferUntil::Soon => {
+                    prev.push(0i64);
+                    prev_status.push("none");
+                    until.push(Utc::now());
+                }
+                DeferUntil::Predecessor(p) => {
+                    prev.push(p.id);
+                    prev_status.push(p.status.as_str());
+                    until.push(if p.status == RowStatus::Failed {
+                        held_until()
+                    } else {
+                        p.next_attempt_at
+                    });
+                }
+            }
+        }
+        sqlx::query(&self.stmts.defer)
+            .bind(&ids)
+            .bind(&prev)
+            .bind(&prev_status)
+            .bind(&until)
+            .bind(blocked_retry.as_secs_f64())
+            .execute(&mut **tx)
+            .await
+            .map_err(StoreError::sql("defer blocked rows"))?;
+        Ok(())
     }
 }
 
