@@ -1040,6 +1040,17 @@ impl Event {
             correlationid: optional(&self.correlation_id),
             eventversion: self.event_version,
         };
+        self.check_cloudevent(&attributes, ce.mode)?;
+        Ok(attributes)
+    }
+
+    /// What CloudEvents cannot carry: a string attribute with a forbidden character, in
+    /// binary mode a structured content type, a row header named like an attribute.
+    fn check_cloudevent(
+        &self,
+        attributes: &CloudEventAttributes<'_>,
+        mode: CloudEventsMode,
+    ) -> Result<(), InvalidEvent> {
         let strings = [
             ("event_type", "type", Some(attributes.ty)),
             ("aggregate_id", "subject", Some(attributes.subject)),
@@ -1063,7 +1074,7 @@ impl Event {
                 });
             }
         }
-        if ce.mode == CloudEventsMode::Binary {
+        if mode == CloudEventsMode::Binary {
             if let Some(ct) = attributes
                 .datacontenttype
                 .filter(|ct| cloudevents::is_structured_media_type(ct))
@@ -1086,7 +1097,7 @@ impl Event {
                 });
             }
         }
-        Ok(attributes)
+        Ok(())
     }
 
     /// `occurred_at` as a CloudEvents `time`: RFC 3339 in UTC with microseconds (what Postgres
