@@ -32,39 +32,6 @@ pub struct Backlog {
     pub oldest_pending: Option<DateTime<Utc>>,
 }
 
-/// Oldest first on the published index, a batch at a time; SKIP LOCKED so relays
-/// pruning at once split the work instead of queueing on each other.
-pub(super) fn prune_sql(t: &str) -> String {
-    format!(
-        "DELETE FROM {t} WHERE id IN ( \
-           SELECT id FROM {t} WHERE status = 'published' AND published_at < $1 \
-           ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
-    )
-}
-
-/// Rows no time ever reaches (`infinity`, or past the relay's hold marker: only a
-/// producer writes those): a row that heads its aggregate fails naming the value;
-/// one behind an unfinished earlier row is made due, so the relay orders it (and
-/// holds it behind its failed predecessor). On the claim index, at its far end.
-pub(super) fn never_due_sql(t: &str) -> String {
-    format!(
-        "WITH c AS ( \
-           SELECT o.id, EXISTS ( \
-               SELECT 1 FROM {t} p WHERE p.aggregate_id = o.aggregate_id \
-                 AND p.id < o.id AND p.status <> 'published') AS behind \
-           FROM {t} o WHERE o.status = 'pending' AND o.next_attempt_at > $1 \
-           ORDER BY o.next_attempt_at, o.id LIMIT $2 FOR UPDATE OF o SKIP LOCKED) \
-         UPDATE {t} SET \
-           status = CASE WHEN c.behind THEN 'pending' ELSE 'failed' END, \
-           last_error = CASE WHEN c.behind THEN {t}.last_error ELSE \
-             'field next_attempt_at: ' || {t}.next_attempt_at::text || \
-             ' is never due; allowed: a time before ' || $1::text || \
-             ' (leave it to its default to publish at once)' END, \
-           next_attempt_at = now() \
-         FROM c WHERE {t}.id = c.id RETURNING c.behind"
-    )
-}
-
 impl Store {
     /// Settles pending rows that would never come due (a producer set `next_attempt_at` to
     /// `infinity` or past the hold marker), `batch` at a time until none is left: (failed,

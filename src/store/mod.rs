@@ -22,13 +22,10 @@ mod names;
 pub mod ops;
 pub mod partitions;
 mod session;
+mod statements;
 
-use claim::{
-    claim_share_sql, claim_sql, defer_sql, fail_sql, keep_published_sql, probe_sql, retry_sql,
-    FENCE_SQL,
-};
-use housekeeping::{never_due_sql, prune_sql};
 use sqlx::PgPool;
+use statements::Statements;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,47 +92,6 @@ impl StoreError {
             },
             StoreError::TimedOut { .. } => true,
             StoreError::Url { .. } | StoreError::Schema(_) | StoreError::Task(_) => false,
-        }
-    }
-}
-
-struct Statements {
-    claim: String,
-    claim_after: String,
-    claim_share: String,
-    claim_share_after: String,
-    probe: String,
-    fence: String,
-    delete: String,
-    keep_published: String,
-    prune: String,
-    fail: String,
-    retry: String,
-    defer: String,
-    never_due: String,
-}
-
-impl Statements {
-    fn new(n: &Names) -> Self {
-        let t = n.qualified();
-        Statements {
-            // The claim walks the due index in (next_attempt_at, id) order and stops after
-            // $1 rows it could lock: its cost is the batch plus rows other claims hold,
-            // whatever the table's size. The probe finds, for the rows that need it, the
-            // nearest unfinished predecessor on the aggregate index (see `claim_sql`).
-            claim: claim_sql(&t, false),
-            claim_after: claim_sql(&t, true),
-            claim_share: claim_share_sql(&t, false),
-            claim_share_after: claim_share_sql(&t, true),
-            probe: probe_sql(&t),
-            fence: FENCE_SQL.to_string(),
-            delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
-            keep_published: keep_published_sql(&t),
-            prune: prune_sql(&t),
-            never_due: never_due_sql(&t),
-            fail: fail_sql(&t),
-            retry: retry_sql(&t),
-            defer: defer_sql(&t),
         }
     }
 }
