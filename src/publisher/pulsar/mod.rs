@@ -18,20 +18,22 @@
 //!   cannot drop a re-publish after a crash; consumers deduplicate by `X-Event-ID`.
 
 pub mod config;
+mod connection;
 pub mod error;
+mod message;
 
 pub use config::PulsarConfig;
 
 use super::ErrorKind;
 use super::{AckTicket, Health, Outgoing, PublishError, Publisher};
-use crate::envelope::{BodyFormat, Event, InvalidEvent, Wire};
-use config::{AuthMethod, Compression};
+use crate::envelope::InvalidEvent;
+use config::Compression;
 use futures::future::{BoxFuture, Shared};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use pulsar::producer::{Message, SendFuture};
 use pulsar::routing_policy::RoutingPolicy;
-use pulsar::{Producer, ProducerOptions, Pulsar, TokioExecutor};
+use pulsar::{Producer, ProducerOptions, TokioExecutor};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -39,52 +41,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-type Client = Pulsar<TokioExecutor>;
+use connection::{connector, Client, Conn};
+pub(crate) use message::FRAMING;
+pub use message::{message_limit, pulsar_message};
 /// The messages of one Pulsar topic in a burst: (Pulsar topic, the first outbox topic that
 /// maps to it, the messages).
 type Run = (String, String, Vec<(Message, AckTicket)>);
 type SharedProducer = Arc<Mutex<Producer<TokioExecutor>>>;
-
-/// Builds the Pulsar message of an event without a broker, or says why the row cannot be
-/// sent: a row the route's format cannot carry, or a message larger than `limit` (see
-/// [`message_limit`]). Properties are protobuf strings, so any header the row holds (a
-/// JSON string) fits; CloudEvents in binary mode use the Kafka binding's `ce_*` names. Never
-/// panics, whatever the row holds.
-pub fn pulsar_message(
-    event: &Event,
-    format: BodyFormat,
-    limit: usize,
-) -> Result<Message, InvalidEvent> {
-    let (wire, body) = event.message(format, Wire::Kafka)?;
-    let mut properties = HashMap::with_capacity(wire.len());
-    let mut overhead = 2 * event.aggregate_id.len();
-    for (k, v) in wire {
-        overhead = overhead.saturating_add(k.len() + v.len());
-        properties.insert(k.to_string(), v.into_owned());
-    }
-    let size = overhead.saturating_add(body.len());
-    if size > limit {
-        return Err(InvalidEvent::MessageTooLarge {
-            backend: "Pulsar",
-            size,
-            payload: body.len(),
-            overhead,
-            limit_name: "backend's limit (max_message_bytes less batching_max_bytes when \
-                         batching, less 16 KiB of framing)",
-            limit,
-        });
-    }
-    let millis = event.occurred_at.timestamp_millis();
-    Ok(Message {
-        payload: body.into_owned(),
-        properties,
-        partition_key: Some(event.aggregate_id.clone()),
-        ordering_key: Some(event.aggregate_id.as_bytes().to_vec()),
-        // 0 means "not set" to Pulsar, so the epoch itself is left unset too.
-        event_time: (millis > 0).then_some(millis as u64),
-        ..Default::default()
-    })
-}
 
 /// A receipt on its way, with the ticket it answers and the window slot it holds.
 struct Pending {
@@ -117,14 +80,6 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Pending>, abandon: Cancellation
     while waiting.next().await.is_some() {}
 }
 
-/// The client as the background connector left it.
-#[derive(Clone)]
-enum Conn {
-    Connecting,
-    Up(Client),
-    Down(String),
-}
-
 type Building = Shared<BoxFuture<'static, Result<SharedProducer, PublishError>>>;
 
 /// A topic's producer, or its creation under way.
@@ -150,107 +105,6 @@ pub struct PulsarPublisher {
     made: AtomicU64,
     /// What a message above it is refused for, before it is sent: see [`message_limit`].
     limit: usize,
-}
-
-/// Between connection attempts while the broker cannot be reached.
-const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
-
-/// The largest message the relay hands to pulsar-rs. The broker closes the whole connection
-/// on a frame over its `maxMessageSize` (pulsar-rs would then resend the same frame until it
-/// expires), and a batch goes out only once it holds `batching_max_bytes`, so with batching a
-/// message may ride in a frame beside that many bytes of others; 16 KiB more cover the
-/// metadata and framing.
-pub fn message_limit(cfg: &PulsarConfig) -> usize {
-    let batch = if cfg.batching {
-        cfg.batching_max_bytes as usize
-    } else {
-        0
-    };
-    (cfg.max_message_bytes as usize).saturating_sub(batch + FRAMING)
-}
-
-pub(crate) const FRAMING: usize = 16 * 1024;
-
-/// Connects in the background until it succeeds; pulsar-rs then reconnects by itself. Nothing
-/// here is ever cancelled half-way but at shutdown: a pulsar-rs connect dropped midway can
-/// leave its connection manager waiting forever on the half-made connection.
-async fn connector(cfg: PulsarConfig, tx: watch::Sender<Conn>, stop: CancellationToken) {
-    loop {
-        let attempt = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = build_client(&cfg) => r,
-        };
-        match attempt {
-            Ok(c) => {
-                tx.send_replace(Conn::Up(c));
-                return;
-            }
-            Err(why) => {
-                tx.send_replace(Conn::Down(why));
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
-                }
-            }
-        }
-    }
-}
-
-async fn build_client(cfg: &PulsarConfig) -> Result<Client, String> {
-    let mut b = Pulsar::builder(cfg.service_url.clone(), TokioExecutor)
-        .with_connection_retry_options(pulsar::ConnectionRetryOptions {
-            connection_timeout: cfg.connection_timeout.0,
-            // The connector tries again; the client need not try for minutes.
-            max_retries: 2,
-            max_backoff: Duration::from_secs(1),
-            ..Default::default()
-        })
-        .with_operation_retry_options(pulsar::OperationRetryOptions {
-            // pulsar-rs gives each message this long for its receipt, resends included, and
-            // each lookup and producer creation as long for an answer.
-            operation_timeout: cfg.send_timeout.0,
-            retry_delay: Duration::from_millis(500),
-            max_retries: Some(3),
-        })
-        .with_outbound_channel_size(cfg.max_pending_messages as usize);
-    match cfg.auth {
-        AuthMethod::None => {}
-        AuthMethod::Token => {
-            let token = cfg.token.as_ref().map(|t| t.expose()).unwrap_or_default();
-            b = b.with_auth(pulsar::Authentication {
-                name: "token".into(),
-                data: token.as_bytes().to_vec(),
-            });
-        }
-        AuthMethod::Oauth2 => {
-            let params = pulsar::authentication::oauth2::OAuth2Params {
-                issuer_url: cfg.oauth2_issuer_url.clone().unwrap_or_default(),
-                credentials_url: cfg
-                    .oauth2_credentials_url
-                    .as_ref()
-                    .map(|s| s.expose().to_string())
-                    .unwrap_or_default(),
-                audience: cfg.oauth2_audience.clone(),
-                scope: cfg.oauth2_scope.clone(),
-            };
-            b = b.with_auth_provider(
-                pulsar::authentication::oauth2::OAuth2Authentication::client_credentials(params),
-            );
-        }
-    }
-    if let Some(ca) = &cfg.tls_ca_file {
-        b = b
-            .with_certificate_chain_file(ca)
-            .map_err(|e| format!("tls_ca_file {ca:?}: {e}"))?;
-    }
-    if cfg.service_url.starts_with("pulsar+ssl://") {
-        b = b
-            .with_tls_hostname_verification_enabled(cfg.tls_hostname_verification)
-            .with_allow_insecure_connection(cfg.tls_allow_insecure);
-    }
-    b.build()
-        .await
-        .map_err(|e| format!("pulsar: cannot connect: {e}"))
 }
 
 /// The producer settings of a backend: batching, compression, waiting for room in the
@@ -612,55 +466,5 @@ impl Publisher for PulsarPublisher {
             .await;
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
-
-    fn event(payload: Vec<u8>) -> Event {
-        let mut e = crate::envelope::sample_event(1, "order-1");
-        e.payload = payload;
-        e.event_version = 3;
-        e.occurred_at = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
-        e
-    }
-
-    #[test]
-    fn a_message_carries_key_properties_and_event_time() {
-        let e = event(b"{}".to_vec());
-        let m = pulsar_message(&e, BodyFormat::Raw, 5_242_880).unwrap();
-        assert_eq!(m.payload, b"{}");
-        assert_eq!(m.partition_key.as_deref(), Some("order-1"));
-        assert_eq!(m.ordering_key.as_deref(), Some(&b"order-1"[..]));
-        assert_eq!(m.properties["X-Event-ID"], e.event_id.to_string());
-        assert_eq!(m.properties["X-Event-Version"], "3");
-        assert_eq!(m.properties["tenant"], "acme");
-        assert_eq!(m.event_time, Some(e.occurred_at.timestamp_millis() as u64));
-    }
-
-    #[test]
-    fn an_event_before_1970_has_no_event_time_but_keeps_its_header() {
-        let mut e = event(b"{}".to_vec());
-        e.occurred_at = chrono::Utc.with_ymd_and_hms(1900, 1, 1, 0, 0, 0).unwrap();
-        let m = pulsar_message(&e, BodyFormat::Raw, 5_242_880).unwrap();
-        assert_eq!(m.event_time, None);
-        assert!(m.properties["X-Occurred-At"].starts_with("1900-01-01"));
-    }
-
-    #[test]
-    fn an_oversized_message_names_the_limit() {
-        let e = event(vec![b'x'; 2_000]);
-        let err = pulsar_message(&e, BodyFormat::Raw, 1_024)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("field payload")
-                && err.contains("max_message_bytes")
-                && err.contains("of 1024 bytes"),
-            "{err}"
-        );
     }
 }

@@ -1,0 +1,103 @@
+//! The connection to the broker: made in the background until it succeeds (pulsar-rs then
+//! reconnects by itself), with the configured authentication and TLS.
+
+use super::config::{AuthMethod, PulsarConfig};
+use pulsar::{Pulsar, TokioExecutor};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub(super) type Client = Pulsar<TokioExecutor>;
+
+/// The client as the background connector left it.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Connecting,
+    Up(Client),
+    Down(String),
+}
+
+/// Between connection attempts while the broker cannot be reached.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Connects in the background until it succeeds; pulsar-rs then reconnects by itself. Nothing
+/// here is ever cancelled half-way but at shutdown: a pulsar-rs connect dropped midway can
+/// leave its connection manager waiting forever on the half-made connection.
+pub(super) async fn connector(cfg: PulsarConfig, tx: watch::Sender<Conn>, stop: CancellationToken) {
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = build_client(&cfg) => r,
+        };
+        match attempt {
+            Ok(c) => {
+                tx.send_replace(Conn::Up(c));
+                return;
+            }
+            Err(why) => {
+                tx.send_replace(Conn::Down(why));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn build_client(cfg: &PulsarConfig) -> Result<Client, String> {
+    let mut b = Pulsar::builder(cfg.service_url.clone(), TokioExecutor)
+        .with_connection_retry_options(pulsar::ConnectionRetryOptions {
+            connection_timeout: cfg.connection_timeout.0,
+            // The connector tries again; the client need not try for minutes.
+            max_retries: 2,
+            max_backoff: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            // pulsar-rs gives each message this long for its receipt, resends included, and
+            // each lookup and producer creation as long for an answer.
+            operation_timeout: cfg.send_timeout.0,
+            retry_delay: Duration::from_millis(500),
+            max_retries: Some(3),
+        })
+        .with_outbound_channel_size(cfg.max_pending_messages as usize);
+    match cfg.auth {
+        AuthMethod::None => {}
+        AuthMethod::Token => {
+            let token = cfg.token.as_ref().map(|t| t.expose()).unwrap_or_default();
+            b = b.with_auth(pulsar::Authentication {
+                name: "token".into(),
+                data: token.as_bytes().to_vec(),
+            });
+        }
+        AuthMethod::Oauth2 => {
+            let params = pulsar::authentication::oauth2::OAuth2Params {
+                issuer_url: cfg.oauth2_issuer_url.clone().unwrap_or_default(),
+                credentials_url: cfg
+                    .oauth2_credentials_url
+                    .as_ref()
+                    .map(|s| s.expose().to_string())
+                    .unwrap_or_default(),
+                audience: cfg.oauth2_audience.clone(),
+                scope: cfg.oauth2_scope.clone(),
+            };
+            b = b.with_auth_provider(
+                pulsar::authentication::oauth2::OAuth2Authentication::client_credentials(params),
+            );
+        }
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        b = b
+            .with_certificate_chain_file(ca)
+            .map_err(|e| format!("tls_ca_file {ca:?}: {e}"))?;
+    }
+    if cfg.service_url.starts_with("pulsar+ssl://") {
+        b = b
+            .with_tls_hostname_verification_enabled(cfg.tls_hostname_verification)
+            .with_allow_insecure_connection(cfg.tls_allow_insecure);
+    }
+    b.build()
+        .await
+        .map_err(|e| format!("pulsar: cannot connect: {e}"))
+}
