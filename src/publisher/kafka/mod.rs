@@ -16,6 +16,7 @@
 pub mod config;
 pub mod error;
 pub mod provision;
+mod topics;
 
 pub use config::KafkaConfig;
 
