@@ -147,7 +147,7 @@ impl Store {
 
     /// The server's version, and whether this session is encrypted and with what, as the
     /// server sees it (`pg_stat_ssl`), for `check`.
-    pub async fn session_tls(&self) -> Result<(String, bool, Option<String>), sqlx::Error> {
+    pub(crate) async fn session_tls(&self) -> Result<(String, bool, Option<String>), sqlx::Error> {
         sqlx::query_as(
             "SELECT current_setting('server_version'), s.ssl, s.version \
              FROM pg_stat_ssl s WHERE s.pid = pg_backend_pid()",

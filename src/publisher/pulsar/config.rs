@@ -332,7 +332,7 @@ impl PulsarConfig {
         self.validate_batching(key)
     }
 
-    /// Batch sizes, and the message size they leave room for.
+    /// Batch sizes, the message size they leave room for, and the producer name prefix.
     fn validate_batching(&self, key: &str) -> Result<(), ConfigError> {
         // pulsar-rs sets aside a slot per message of a batch, per producer.
         if !(1..=10_000).contains(&self.batching_max_messages) {
