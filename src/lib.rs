@@ -1,12 +1,25 @@
-//! outbox-relay: publishes events that services write into a Postgres outbox table to Kafka
-//! and NATS, at least once, in order per aggregate.
+//! outbox-relay: publishes events that services write into a Postgres outbox table to Kafka,
+//! NATS and Pulsar, at least once, in order per aggregate.
+//!
+//! # The public API
+//! What a program built on this library may rely on:
+//! * the producer API: [`store::Outbox`] and [`store::NewEvent`] write events inside the
+//!   caller's own transaction (any other language writes the row with plain SQL);
+//! * the publisher seam: [`publisher::Publisher`], [`publisher::Outgoing`],
+//!   [`publisher::AckTicket`] and [`publisher::PublishError`], the contract in their docs;
+//! * the configuration: [`config::Config`] and its sections, loaded and checked by
+//!   [`config::Config::load`], and [`wiring::relay`], which builds a relay from it.
+//!
+//! The other modules are public so that the project's own tests and benchmarks can reach the
+//! parts they measure; they are the binary's internals and change without notice.
 //!
 //! # Layout
 //! * [`config`]: settings in layers (relay.toml, `RELAY__` environment, flags), validated.
 //! * [`envelope`]: the event envelope, its validation and wire encodings.
 //! * [`store`]: every SQL statement: migrations, claim, mark, enqueue, counts.
 //! * [`relay`]: the pipeline: claim, dispatch (ordering), publish, ACK channel, mark, retry.
-//! * [`publisher`]: the backend seam and its backends (`memory`, `stdout`, `kafka`, `nats`).
+//! * [`publisher`]: the backend seam and its backends (`memory`, `stdout`, `kafka`, `nats`,
+//!   `pulsar`).
 //! * [`metrics`]: the Prometheus metrics; [`http`]: /metrics, /livez, /readyz, /health.
 //! * [`snapshot`]: what a running relay shows of itself (totals, last probes and counts).
 //! * [`routing`]: topic patterns to backends.

@@ -188,7 +188,7 @@ pub fn source_problem(source: &str) -> Option<String> {
     None
 }
 
-/// The attributes of one event as a CloudEvent, checked; see [`cloudevents`].
+/// The attributes of one event as a CloudEvent, checked; see the module's table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CloudEventAttributes<'a> {
     pub specversion: &'static str,
@@ -252,7 +252,7 @@ struct StructuredCloudEvent<'a> {
 }
 
 impl Event {
-    /// The event as a CloudEvent's attributes (see [`cloudevents`] for the mapping), or why it
+    /// The event as a CloudEvent's attributes (see this module for the mapping), or why it
     /// cannot be one: a field with a character CloudEvents strings forbid (naming the field
     /// and the attribute), an `occurred_at` outside years 1-9999 (RFC 3339 writes four
     /// digits), a row header under a `ce_`/`ce-` prefix, in binary mode a content type that

@@ -121,7 +121,7 @@ pub struct Store {
 
 impl Store {
     /// A store on a pool of the caller's. Only [`Store::connect`]'s pool replaces sessions
-    /// whose prepared claim went stale (see [`PlanReset`]).
+    /// whose prepared claim went stale (see `PlanReset`).
     pub fn with_pool(pool: PgPool, names: Names) -> Store {
         let stmts = Statements::new(&names);
         Store {

@@ -157,7 +157,7 @@ impl Store {
     }
 
     /// Sessions go in plaintext because the host is a loopback one and no TLS setting was
-    /// given (see [`tls_left_to_us`]).
+    /// given (see `tls_left_to_us`).
     pub fn plaintext_loopback(&self) -> bool {
         self.plaintext_loopback
     }
