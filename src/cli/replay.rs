@@ -102,7 +102,7 @@ async fn run(
         return Ok(ExitCode::from(2));
     }
     if dry_run {
-        dry_run_report(&store, verb, target, &f, matched, json).await?;
+        dry_run_report(&store, verb, target, what, &f, matched, json).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let done = match verb {
@@ -130,19 +130,17 @@ async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-/// What a run would touch: the count and the first 100 events, changing nothing.
+/// What a run would touch (`what`: the target's name): the count and the first 100 events,
+/// changing nothing.
 async fn dry_run_report(
     store: &Store,
     verb: &str,
     target: Target,
+    what: &str,
     f: &Filter,
     matched: i64,
     json: bool,
 ) -> anyhow::Result<()> {
-    let what = match target {
-        Target::Failed => "failed",
-        Target::Published => "published",
-    };
     let events = store.list(target, f, 100).await?;
     if json {
         println!(

@@ -71,33 +71,33 @@ impl Housekeeping {
         };
         tokio::join!(
             probes.run(&stop),
-            chores(&stop, &mut backlog, &mut heartbeat, &pruning, &self)
+            self.chores(&stop, &mut backlog, &mut heartbeat, &pruning)
         );
         heartbeat.leave().await;
     }
-}
 
-/// The backlog counts, the heartbeat row and pruning, one at a time on one task.
-async fn chores(
-    stop: &CancellationToken,
-    backlog: &mut backlog::BacklogWatch<'_>,
-    heartbeat: &mut heartbeat::HeartbeatRow<'_>,
-    pruning: &pruning::Pruning<'_>,
-    hk: &Housekeeping,
-) {
-    let mut count = tokio::time::interval(hk.cfg.backlog_interval.0);
-    let mut beat = tokio::time::interval(heartbeat::EVERY);
-    let mut prune = tokio::time::interval(hk.relay.prune_interval.0);
-    for t in [&mut count, &mut beat, &mut prune] {
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
-    let keep = pruning.on();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = count.tick() => backlog.count_and_settle().await,
-            _ = beat.tick() => heartbeat.beat().await,
-            _ = prune.tick(), if keep => pruning.prune().await,
+    /// The backlog counts, the heartbeat row and pruning, one at a time on one task.
+    async fn chores(
+        &self,
+        stop: &CancellationToken,
+        backlog: &mut backlog::BacklogWatch<'_>,
+        heartbeat: &mut heartbeat::HeartbeatRow<'_>,
+        pruning: &pruning::Pruning<'_>,
+    ) {
+        let mut count = tokio::time::interval(self.cfg.backlog_interval.0);
+        let mut beat = tokio::time::interval(heartbeat::EVERY);
+        let mut prune = tokio::time::interval(self.relay.prune_interval.0);
+        for t in [&mut count, &mut beat, &mut prune] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let keep = pruning.on();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = count.tick() => backlog.count_and_settle().await,
+                _ = beat.tick() => heartbeat.beat().await,
+                _ = prune.tick(), if keep => pruning.prune().await,
+            }
         }
     }
 }
