@@ -17,11 +17,14 @@
 
 use crate::config::TracingConfig;
 use crate::envelope::Event;
+use crate::envelope::headers::TRACEPARENT;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{
-    Link, Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
-    TraceState, Tracer as _, TracerProvider as _,
+    Link, Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, Span};
 use opentelemetry_sdk::Resource;
@@ -161,35 +164,44 @@ impl Drop for Tracer {
     }
 }
 
-/// A W3C traceparent (`00-<trace id>-<span id>-<flags>`) as a remote span context; `None` when
-/// malformed (rows are validated before publishing, so this is belt and braces).
-pub fn parse_traceparent(s: &str) -> Option<SpanContext> {
-    let mut parts = s.trim().split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" {
-        return None;
+/// One `traceparent` value as the carrier the W3C propagator reads from and writes to.
+#[derive(Default)]
+struct OneHeader(Option<String>);
+
+impl Extractor for OneHeader {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == TRACEPARENT).then_some(self.0.as_deref()).flatten()
     }
-    let trace = TraceId::from_hex(trace).ok()?;
-    let span = SpanId::from_hex(span).ok()?;
-    let flags = u8::from_str_radix(flags, 16).ok()?;
-    let sc = SpanContext::new(
-        trace,
-        span,
-        TraceFlags::new(flags),
-        true,
-        TraceState::default(),
-    );
+    fn keys(&self) -> Vec<&str> {
+        vec![TRACEPARENT]
+    }
+}
+
+impl Injector for OneHeader {
+    fn set(&mut self, key: &str, value: String) {
+        if key == TRACEPARENT {
+            self.0 = Some(value);
+        }
+    }
+}
+
+/// A W3C traceparent (`00-<trace id>-<span id>-<flags>`) as a remote span context, read by
+/// OpenTelemetry's own propagator; `None` when malformed (rows are validated before
+/// publishing, so this is belt and braces). Upper-case hex is read as lower case, as row
+/// validation accepts it.
+pub fn parse_traceparent(s: &str) -> Option<SpanContext> {
+    let carrier = OneHeader(Some(s.trim().to_ascii_lowercase()));
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    let sc = cx.span().span_context().clone();
     sc.is_valid().then_some(sc)
 }
 
+/// The `traceparent` of a span context, written by OpenTelemetry's propagator.
 pub fn format_traceparent(sc: &SpanContext) -> String {
-    format!(
-        "00-{}-{}-{:02x}",
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags().to_u8()
-    )
+    let mut carrier = OneHeader::default();
+    let cx = Context::new().with_remote_span_context(sc.clone());
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.0.unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -201,6 +213,8 @@ mod tests {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let sc = parse_traceparent(tp).unwrap();
         assert_eq!(format_traceparent(&sc), tp);
+        let upper = parse_traceparent(&tp.to_ascii_uppercase()).unwrap();
+        assert_eq!(format_traceparent(&upper), tp);
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",

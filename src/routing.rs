@@ -113,7 +113,7 @@ pub(crate) fn validate_routes(
 /// Compiled routes over a list of backends (by index).
 #[derive(Debug, Clone)]
 pub struct Router {
-    routes: Vec<(String, usize, BodyFormat)>,
+    routes: Vec<(String, Pattern, usize, BodyFormat)>,
     backends: Vec<String>,
 }
 
@@ -125,7 +125,7 @@ impl Router {
             .iter()
             .filter_map(|r| {
                 let idx = backends.iter().position(|b| *b == r.backend)?;
-                Some((r.topic.clone(), idx, r.format))
+                Some((r.topic.clone(), Pattern::new(&r.topic), idx, r.format))
             })
             .collect();
         Router {
@@ -137,8 +137,8 @@ impl Router {
     pub fn route(&self, topic: &str) -> Option<(usize, BodyFormat)> {
         self.routes
             .iter()
-            .find(|(pattern, _, _)| glob_match(pattern.as_bytes(), topic.as_bytes()))
-            .map(|(_, b, f)| (*b, *f))
+            .find(|(_, pattern, _, _)| pattern.matches(topic))
+            .map(|(_, _, b, f)| (*b, *f))
     }
 
     /// How many backends routes may name (held by index).
@@ -152,7 +152,7 @@ impl Router {
 
     /// The text a row without a route is failed with.
     pub fn no_route_reason(&self, topic: &str) -> String {
-        let patterns: Vec<&str> = self.routes.iter().map(|(p, _, _)| p.as_str()).collect();
+        let patterns: Vec<&str> = self.routes.iter().map(|(p, _, _, _)| p.as_str()).collect();
         format!(
             "no route for topic {topic:?}: it matches none of the configured route patterns [{}]",
             patterns.join(", ")
@@ -170,43 +170,59 @@ pub fn setting_for<'a, T>(
         settings
             .iter()
             .find(|(pat, _)| {
-                pat.contains(['*', '?']) && glob_match(pat.as_bytes(), topic.as_bytes())
+                pat.contains(['*', '?']) && glob_match(pat, topic)
             })
             .map(|(_, s)| s)
     })
 }
 
-/// `*` matches any run of characters (dots included), `?` exactly one.
-pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while let Some(&c) = text.get(t) {
-        match pattern.get(p) {
-            // A star first: taken as a literal it would match a '*' in the topic and lose
-            // its place to backtrack to ("*" did not match "*x").
-            Some(b'*') => {
-                star = Some(p);
-                mark = t;
-                p += 1;
+/// A route or topic-setting pattern, compiled: `*` matches any run of characters (dots
+/// included), `?` exactly one, and every other character only itself. The pattern language is
+/// kept to these two so a topic or subject with `[`, `{` or `\` in it (NATS allows them) means
+/// what it says; globset does the matching.
+#[derive(Debug, Clone)]
+pub struct Pattern(Option<globset::GlobMatcher>);
+
+impl Pattern {
+    pub fn new(pattern: &str) -> Self {
+        let mut glob = String::with_capacity(pattern.len() + 8);
+        let mut buf = [0u8; 4];
+        for c in pattern.chars() {
+            match c {
+                '*' | '?' => glob.push(c),
+                _ => glob.push_str(&globset::escape(c.encode_utf8(&mut buf))),
             }
-            Some(&pc) if pc == b'?' || pc == c => {
-                p += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some(s) => {
-                    p = s + 1;
-                    mark += 1;
-                    t = mark;
-                }
-                None => return false,
-            },
         }
+        // Every character is now a wildcard or a literal, so the build cannot fail; were it to,
+        // the pattern would match nothing rather than everything.
+        let built = globset::GlobBuilder::new(&glob)
+            .literal_separator(false)
+            .backslash_escape(false)
+            .build();
+        Pattern(built.ok().map(|g| g.compile_matcher()))
     }
-    while pattern.get(p) == Some(&b'*') {
-        p += 1;
+
+    pub fn matches(&self, topic: &str) -> bool {
+        self.0.as_ref().is_some_and(|m| m.is_match(topic))
     }
-    p == pattern.len()
+}
+
+/// Whether `pattern` (a route's or a topic setting's) matches `topic`. Patterns come from the
+/// configuration, so each is compiled once per thread and kept.
+pub fn glob_match(pattern: &str, topic: &str) -> bool {
+    thread_local! {
+        static COMPILED: std::cell::RefCell<rustc_hash::FxHashMap<String, Pattern>> =
+            Default::default();
+    }
+    COMPILED.with_borrow_mut(|compiled| {
+        if let Some(p) = compiled.get(pattern) {
+            return p.matches(topic);
+        }
+        let p = Pattern::new(pattern);
+        let hit = p.matches(topic);
+        compiled.insert(pattern.to_string(), p);
+        hit
+    })
 }
 
 #[cfg(test)]
@@ -215,7 +231,7 @@ mod tests {
 
     #[test]
     fn globs_match_like_shell_patterns() {
-        let m = |p: &str, t: &str| glob_match(p.as_bytes(), t.as_bytes());
+        let m = |p: &str, t: &str| glob_match(p, t);
         assert!(m("*", "anything.at.all"));
         assert!(m("orders.*", "orders.created"));
         assert!(!m("orders.*", "billing.created"));
@@ -227,6 +243,13 @@ mod tests {
         assert!(m("*", "*x"));
         assert!(m("orders.*", "orders.*x"));
         assert!(m("orders.cr\u{e9}\u{e9}d", "orders.cr\u{e9}\u{e9}d"));
+        // Only `*` and `?` are wildcards: brackets, braces and backslashes are themselves.
+        assert!(m("a[b]*", "a[b]c"));
+        assert!(!m("a[b]*", "abc"));
+        assert!(m("{x,y}.*", "{x,y}.z"));
+        assert!(!m("{x,y}.*", "x.z"));
+        assert!(m("a\\*", "a\\b"));
+        assert!(m("a/*", "a/b/c"));
     }
 
     #[test]

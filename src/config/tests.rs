@@ -445,6 +445,8 @@ fn the_documented_cloudevents_route_parses() {
 fn durations_parse_with_units() {
     assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
     assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    let long = parse_duration("99999999999999999999d").unwrap_err();
+    assert!(long.contains("99999999999999999999d") && long.contains("too long"), "{long}");
     assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
     assert!(parse_duration("5").is_err());
     assert!(parse_duration("5y").unwrap_err().contains("\"y\""));

@@ -116,6 +116,8 @@ impl Dur {
     }
 }
 
+/// Hand-written rather than humantime: humantime refuses fractions (`1.5s`), which every
+/// duration key accepts today, and its errors would not list the units allowed here.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -137,7 +139,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    Ok(Duration::from_secs_f64(secs))
+    // `from_secs_f64` panics past u64::MAX seconds; a typo like `99999999999999999999d` is an
+    // error naming the value, not a crash.
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{s:?} is too long; durations go up to {} s", u64::MAX))
 }
 
 impl<'de> Deserialize<'de> for Dur {
