@@ -1,7 +1,7 @@
 //! Claiming and finishing: the relay's hot path. A claim locks due rows and returns them
 //! decoded; finishing writes every verdict of a claim in one transaction and commits.
 
-use super::decode::{self, decode_claimed};
+use super::decode::{self, decode_claimed, ClaimColumns, ProbeColumns};
 use super::names::{held_until, RowStatus, LOCK_FENCE};
 use super::{Store, StoreError};
 use crate::envelope::Event;
@@ -266,13 +266,20 @@ impl Store {
         let mut bytes = 0i64;
         let mut probe: Vec<(usize, bool)> = Vec::new();
         let mut waiting = false;
+        let mut columns: Option<ClaimColumns> = None;
         {
             let mut rows = claim.fetch(&mut **tx);
             while let Some(row) = rows.try_next().await.map_err(StoreError::sql("claim"))? {
                 if taken.cut {
                     continue;
                 }
-                let meta = decode::claim_meta(&row, self.payload_cap);
+                let at = match columns {
+                    Some(at) => at,
+                    None => *columns.insert(
+                        ClaimColumns::of(&row).map_err(StoreError::sql("decode claimed row"))?,
+                    ),
+                };
+                let meta = decode::claim_meta(&row, &at, self.payload_cap);
                 if !taken.rows.is_empty() && bytes >= self.batch_max_bytes {
                     // Locked past the budget: released unchanged at commit. The rest is read
                     // to its end and dropped, not left unread: a statement still sending
@@ -283,7 +290,7 @@ impl Store {
                     continue;
                 }
                 bytes = bytes.saturating_add(meta.size);
-                let (c, key) = decode_claimed(&row, self.payload_cap)
+                let (c, key) = decode_claimed(&row, &at, self.payload_cap)
                     .map_err(StoreError::sql("decode claimed row"))?;
                 if taken.last.is_none_or(|l| key > l) {
                     taken.last = Some(key);
@@ -349,9 +356,13 @@ impl Store {
             .await
             .map_err(StoreError::sql("probe predecessors"))?;
         let at: HashMap<i64, usize> = which.iter().map(|&(i, _)| (rows[i].event.id, i)).collect();
+        let columns = match found.first() {
+            Some(row) => ProbeColumns::of(row).map_err(StoreError::sql("probe predecessors"))?,
+            None => return Ok(()),
+        };
         for row in &found {
-            let (id, prev) =
-                decode::decode_prev(row).map_err(StoreError::sql("decode predecessor"))?;
+            let (id, prev) = decode::decode_prev(row, &columns)
+                .map_err(StoreError::sql("decode predecessor"))?;
             let Some(&i) = at.get(&id) else { continue };
             match prev {
                 Ok(p) => rows[i].prev = Some(p),

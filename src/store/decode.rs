@@ -13,9 +13,63 @@ use super::{Claimed, Cursor, Prev, RowStatus};
 use crate::envelope::{parse_headers, Event};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgRow, PgValueFormat, PgValueRef};
-use sqlx::{Row, ValueRef};
+use sqlx::{Column, Row, ValueRef};
 
-/// What the claim says of a row besides its envelope (columns 15-18, see `claim_sql_where`).
+/// Where each column the claim's decoder reads sits in the result, found by name once per
+/// claim (on its first row), so each row is then read by position at no extra cost and the
+/// select list (`statements::claim_sql_where`) may put them in any order.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ClaimColumns {
+    id: usize,
+    event_id: usize,
+    topic: usize,
+    aggregate_id: usize,
+    aggregate_type: usize,
+    event_type: usize,
+    event_version: usize,
+    payload: usize,
+    headers: usize,
+    content_type: usize,
+    traceparent: usize,
+    correlation_id: usize,
+    occurred_at: usize,
+    attempts: usize,
+    next_attempt_at: usize,
+    payload_size: usize,
+    headers_size: usize,
+    written_by: usize,
+    waiting: usize,
+}
+
+impl ClaimColumns {
+    /// The positions in `row`'s result; an error names a column the statement does not select.
+    pub(super) fn of(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let at = |name: &str| row.try_column(name).map(|c| c.ordinal());
+        Ok(ClaimColumns {
+            id: at("id")?,
+            event_id: at("event_id")?,
+            topic: at("topic")?,
+            aggregate_id: at("aggregate_id")?,
+            aggregate_type: at("aggregate_type")?,
+            event_type: at("event_type")?,
+            event_version: at("event_version")?,
+            payload: at("payload")?,
+            headers: at("headers")?,
+            content_type: at("content_type")?,
+            traceparent: at("traceparent")?,
+            correlation_id: at("correlation_id")?,
+            occurred_at: at("occurred_at")?,
+            attempts: at("attempts")?,
+            next_attempt_at: at("next_attempt_at")?,
+            payload_size: at("payload_size")?,
+            headers_size: at("headers_size")?,
+            written_by: at("written_by")?,
+            waiting: at("waiting")?,
+        })
+    }
+}
+
+/// What the claim says of a row besides its envelope (see `claim_sql_where`).
 pub(super) struct ClaimMeta {
     /// What the row counts against the claim's byte budget: its payload (as far as the cap,
     /// past which it is not fetched) and its headers.
@@ -31,27 +85,51 @@ pub(super) struct ClaimMeta {
 
 /// Reads the claim's own columns of a row. Unreadable values take the cautious side: a
 /// row counts its cap, is probed, and the waiting index is taken as non-empty.
-pub(super) fn claim_meta(row: &PgRow, payload_cap: i64) -> ClaimMeta {
-    let payload = nullable::<i64>(row, 15).map_or(payload_cap, |n| n.min(payload_cap));
-    let headers = nullable::<i64>(row, 16).unwrap_or(0);
+pub(super) fn claim_meta(row: &PgRow, at: &ClaimColumns, payload_cap: i64) -> ClaimMeta {
+    let payload = nullable::<i64>(row, at.payload_size).map_or(payload_cap, |n| n.min(payload_cap));
+    let headers = nullable::<i64>(row, at.headers_size).unwrap_or(0);
     ClaimMeta {
         size: payload.saturating_add(headers),
-        fresh: matches!(timestamp(row, 14), Ok(Some(Ts::NegInfinity))),
-        written_by: nullable::<i64>(row, 17),
-        waiting: nullable::<bool>(row, 18) != Some(false),
+        fresh: matches!(timestamp(row, at.next_attempt_at), Ok(Some(Ts::NegInfinity))),
+        written_by: nullable::<i64>(row, at.written_by),
+        waiting: nullable::<bool>(row, at.waiting) != Some(false),
+    }
+}
+
+/// Where the predecessor probe's columns sit in its result, found by name once per probe.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ProbeColumns {
+    claimed_id: usize,
+    prev_id: usize,
+    prev_status: usize,
+    prev_next_attempt_at: usize,
+}
+
+impl ProbeColumns {
+    pub(super) fn of(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let at = |name: &str| row.try_column(name).map(|c| c.ordinal());
+        Ok(ProbeColumns {
+            claimed_id: at("claimed_id")?,
+            prev_id: at("prev_id")?,
+            prev_status: at("prev_status")?,
+            prev_next_attempt_at: at("prev_next_attempt_at")?,
+        })
     }
 }
 
 /// Decodes one row of the predecessor probe: the claimed row's id, and its predecessor (or
 /// why that could not be read, as a reason naming the field).
-pub(super) fn decode_prev(row: &PgRow) -> Result<(i64, Result<Prev, String>), sqlx::Error> {
-    let id: i64 = row.try_get(0)?;
+pub(super) fn decode_prev(
+    row: &PgRow,
+    at: &ProbeColumns,
+) -> Result<(i64, Result<Prev, String>), sqlx::Error> {
+    let id: i64 = row.try_get(at.claimed_id)?;
     let prev = (|| {
         let prev_id: i64 = row
-            .try_get(1)
+            .try_get(at.prev_id)
             .map_err(|e| format!("field prev_id: {}", undecodable(e)))?;
         let text: String = row
-            .try_get(2)
+            .try_get(at.prev_status)
             .map_err(|e| format!("field prev_status: {}", undecodable(e)))?;
         let status = RowStatus::parse(&text).ok_or_else(|| {
             format!("field prev_status: {text:?} is not pending, failed or published")
@@ -59,24 +137,25 @@ pub(super) fn decode_prev(row: &PgRow) -> Result<(i64, Result<Prev, String>), sq
         Ok(Prev {
             id: prev_id,
             status,
-            next_attempt_at: cursor_time(timestamp(row, 3)),
+            next_attempt_at: cursor_time(timestamp(row, at.prev_next_attempt_at)),
         })
     })();
     Ok((id, prev))
 }
 
-/// Decodes one claim row by column position (the claim's select list, in order).
+/// Decodes one claim row, each column where `at` found it.
 pub(super) fn decode_claimed(
     row: &PgRow,
+    at: &ClaimColumns,
     payload_cap: i64,
 ) -> Result<(Claimed, Cursor), sqlx::Error> {
-    let id: i64 = match from_wire::<i64>(row, 0) {
+    let id: i64 = match from_wire::<i64>(row, at.id) {
         Some(Some(id)) => id,
-        _ => row.try_get(0)?,
+        _ => row.try_get(at.id)?,
     };
     let mut bad = Problems::default();
     // A payload over the cap is not fetched: the claim sends its size instead.
-    let payload = match nullable::<i64>(row, 15) {
+    let payload = match nullable::<i64>(row, at.payload_size) {
         Some(size) if size > payload_cap => {
             bad.add(
                 "payload",
@@ -87,9 +166,9 @@ pub(super) fn decode_claimed(
             );
             Vec::new()
         }
-        _ => bad.required(row, 7, "payload"),
+        _ => bad.required(row, at.payload, "payload"),
     };
-    let headers = match jsonb(row, 8) {
+    let headers = match jsonb(row, at.headers) {
         Ok(json) => match parse_headers(json.as_ref()) {
             Ok(h) => h,
             Err(e) => {
@@ -102,7 +181,7 @@ pub(super) fn decode_claimed(
             Vec::new()
         }
     };
-    let occurred_at = match timestamp(row, 12) {
+    let occurred_at = match timestamp(row, at.occurred_at) {
         Ok(Some(Ts::At(at))) => at,
         Ok(Some(other)) => {
             bad.add("occurred_at", other.problem());
@@ -119,23 +198,23 @@ pub(super) fn decode_claimed(
     };
     let event = Event {
         id,
-        event_id: bad.required(row, 1, "event_id"),
-        topic: bad.required(row, 2, "topic"),
-        aggregate_id: bad.required(row, 3, "aggregate_id"),
-        aggregate_type: bad.optional(row, 4, "aggregate_type"),
-        event_type: bad.required(row, 5, "event_type"),
-        event_version: bad.required(row, 6, "event_version"),
+        event_id: bad.required(row, at.event_id, "event_id"),
+        topic: bad.required(row, at.topic, "topic"),
+        aggregate_id: bad.required(row, at.aggregate_id, "aggregate_id"),
+        aggregate_type: bad.optional(row, at.aggregate_type, "aggregate_type"),
+        event_type: bad.required(row, at.event_type, "event_type"),
+        event_version: bad.required(row, at.event_version, "event_version"),
         payload,
         headers,
-        content_type: bad.optional(row, 9, "content_type"),
-        traceparent: bad.optional(row, 10, "traceparent"),
-        correlation_id: bad.optional(row, 11, "correlation_id"),
+        content_type: bad.optional(row, at.content_type, "content_type"),
+        traceparent: bad.optional(row, at.traceparent, "traceparent"),
+        correlation_id: bad.optional(row, at.correlation_id, "correlation_id"),
         occurred_at,
-        attempts: bad.required(row, 13, "attempts"),
+        attempts: bad.required(row, at.attempts, "attempts"),
     };
     // The claim's own key: only where the next claim starts. A row due at -infinity is
     // claimed like any other; its key becomes the earliest instant Postgres can take back.
-    let key: Cursor = (cursor_time(timestamp(row, 14)), id);
+    let key: Cursor = (cursor_time(timestamp(row, at.next_attempt_at)), id);
     Ok((
         Claimed {
             event: std::sync::Arc::new(event),

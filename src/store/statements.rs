@@ -116,14 +116,44 @@ fn claim_share_sql(t: &str, cursor: bool) -> String {
     claim_sql_where(t, &share)
 }
 
-/// The claim's select list, by position: the envelope's columns (0-14, see
-/// `decode::decode_claimed`), then 15 the payload's size, 16 the headers' size, 17 the
-/// writing transaction (a 32-bit xid) and 18 whether any row waits (see `claim_sql`).
+/// The envelope's columns, in the one list every statement that reads a whole event selects
+/// (the claim, `inspect`); what reads them back finds each by name.
+pub(super) const ENVELOPE_COLUMNS: [&str; 14] = [
+    "id",
+    "event_id",
+    "topic",
+    "aggregate_id",
+    "aggregate_type",
+    "event_type",
+    "event_version",
+    "payload",
+    "headers",
+    "content_type",
+    "traceparent",
+    "correlation_id",
+    "occurred_at",
+    "attempts",
+];
+
+/// The envelope's select list, with `<expression> AS <column>` for each column `instead` names.
+pub(super) fn envelope_select(instead: &[(&str, &str)]) -> String {
+    let columns: Vec<String> = ENVELOPE_COLUMNS
+        .iter()
+        .map(|&c| match instead.iter().find(|(name, _)| *name == c) {
+            Some((_, expression)) => format!("{expression} AS {c}"),
+            None => c.to_string(),
+        })
+        .collect();
+    columns.join(", ")
+}
+
+/// The claim's select list: the envelope's columns (a payload past the cap `$2` is not
+/// fetched), then the row's retry time, the payload's and the headers' sizes, the writing
+/// transaction (a 32-bit xid) and whether any row waits (see `claim_sql`); all read back by
+/// name (`decode::ClaimColumns`).
 fn claim_sql_where(t: &str, and: &str) -> String {
     format!(
-        "SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, event_version, \
-                CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
-                headers, content_type, traceparent, correlation_id, occurred_at, attempts, \
+        "SELECT {envelope}, \
                 next_attempt_at, octet_length(payload)::bigint AS payload_size, \
                 coalesce(pg_column_size(headers), 0)::bigint AS headers_size, \
                 xmin::text::bigint AS written_by, \
@@ -134,7 +164,11 @@ fn claim_sql_where(t: &str, and: &str) -> String {
          WHERE status = 'pending' AND next_attempt_at <= now() {and}\
          ORDER BY next_attempt_at, id \
          LIMIT $1 \
-         FOR UPDATE SKIP LOCKED"
+         FOR UPDATE SKIP LOCKED",
+        envelope = envelope_select(&[(
+            "payload",
+            "CASE WHEN octet_length(payload) <= $2 THEN payload END"
+        )]),
     )
 }
 
@@ -146,7 +180,8 @@ fn claim_sql_where(t: &str, and: &str) -> String {
 /// come back. The aggregate is the row's own, read by id: not the relay's decoding of it.
 fn probe_sql(t: &str) -> String {
     format!(
-        "SELECT u.id, p.id, p.status, p.next_attempt_at \
+        "SELECT u.id AS claimed_id, p.id AS prev_id, p.status AS prev_status, \
+                p.next_attempt_at AS prev_next_attempt_at \
          FROM unnest($1::bigint[], $2::bool[]) AS u(id, must) \
          JOIN {t} k ON k.id = u.id \
          CROSS JOIN LATERAL ( \

@@ -6,6 +6,7 @@
 //! rows from the published index. Replay and purge work in chunks of [`CHUNK`] rows, each its own
 //! transaction, so a replay of millions never holds one giant transaction or its locks.
 
+use super::statements::envelope_select;
 use super::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -228,50 +229,59 @@ impl Store {
     /// One row in full, in any status.
     pub async fn inspect(&self, event_id: Uuid) -> Result<Option<FullRow>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT id, event_id, topic, aggregate_id, aggregate_type, event_type, event_version, \
-               payload, {headers}, content_type, traceparent, correlation_id, {occurred}, \
-               status, attempts, {next}, last_error, {published} \
+            "SELECT {envelope}, status, {next} AS next_attempt_at, last_error, \
+               {published} AS published_at \
              FROM {} WHERE event_id = $1",
             self.sql_t(),
-            // Shown as text when serde_json cannot read it (numbers past f64, deep nesting).
-            headers = "CASE WHEN headers IS NULL THEN NULL \
-                       ELSE jsonb_build_object('unreadable_headers_as_text', headers::text) END",
-            occurred = shown("occurred_at"),
             next = shown("next_attempt_at"),
             published = shown("published_at"),
+            envelope = envelope_select(&[
+                // Shown as text when serde_json cannot read it (numbers past f64, deep
+                // nesting).
+                (
+                    "headers",
+                    "CASE WHEN headers IS NULL THEN NULL \
+                     ELSE jsonb_build_object('unreadable_headers_as_text', headers::text) END",
+                ),
+                ("occurred_at", &shown("occurred_at")),
+            ]),
         ))
         .bind(event_id)
         .fetch_optional(&self.pool)
         .await
         .map_err(StoreError::sql("inspect"))?;
-        Ok(row.map(|r| FullRow {
-            id: r.get(0),
-            event_id: r.get(1),
-            topic: r.get(2),
-            aggregate_id: r.get(3),
-            aggregate_type: r.get(4),
-            event_type: r.get(5),
-            event_version: r.get(6),
-            payload: r.get(7),
-            headers: r
-                .try_get::<Option<serde_json::Value>, _>(8)
-                .ok()
-                .flatten()
-                .map(|v| match v.get("unreadable_headers_as_text") {
-                    Some(serde_json::Value::String(text)) => serde_json::from_str(text)
-                        .unwrap_or_else(|_| serde_json::Value::String(text.clone())),
-                    _ => v,
-                }),
-            content_type: r.get(9),
-            traceparent: r.get(10),
-            correlation_id: r.get(11),
-            occurred_at: r.get(12),
-            status: r.get(13),
-            attempts: r.get(14),
-            next_attempt_at: r.get(15),
-            last_error: r.get(16),
-            published_at: r.get(17),
-        }))
+        let Some(r) = row else { return Ok(None) };
+        let decoded = (|| -> Result<FullRow, sqlx::Error> {
+            Ok(FullRow {
+                id: r.try_get("id")?,
+                event_id: r.try_get("event_id")?,
+                topic: r.try_get("topic")?,
+                aggregate_id: r.try_get("aggregate_id")?,
+                aggregate_type: r.try_get("aggregate_type")?,
+                event_type: r.try_get("event_type")?,
+                event_version: r.try_get("event_version")?,
+                payload: r.try_get("payload")?,
+                headers: r
+                    .try_get::<Option<serde_json::Value>, _>("headers")
+                    .ok()
+                    .flatten()
+                    .map(|v| match v.get("unreadable_headers_as_text") {
+                        Some(serde_json::Value::String(text)) => serde_json::from_str(text)
+                            .unwrap_or_else(|_| serde_json::Value::String(text.clone())),
+                        _ => v,
+                    }),
+                content_type: r.try_get("content_type")?,
+                traceparent: r.try_get("traceparent")?,
+                correlation_id: r.try_get("correlation_id")?,
+                occurred_at: r.try_get("occurred_at")?,
+                status: r.try_get("status")?,
+                attempts: r.try_get("attempts")?,
+                next_attempt_at: r.try_get("next_attempt_at")?,
+                last_error: r.try_get("last_error")?,
+                published_at: r.try_get("published_at")?,
+            })
+        })();
+        decoded.map(Some).map_err(StoreError::sql("inspect"))
     }
 
     /// Every operator statement with sample values, for EXPLAIN in tests: (name, SQL with
