@@ -1,6 +1,6 @@
 //! The Kafka backend against a real Kafka-protocol broker (tansu on 127.0.0.1:9092, or
 //! TEST_KAFKA_BROKERS), read back by a separate consumer in a consumer group. Each test has its
-//! own topic; the restart test runs a broker of its own.
+//! own topic; the tests that take the broker away run one of their own.
 
 mod common;
 
@@ -17,7 +17,15 @@ use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
-crate::conformance_suite!(suite, KafkaUnderTest::new().await, pipelined);
+// The broker frozen then killed (restart) and the producer's size limit are the suite's cases,
+// with the hooks in tests/common/kafka.rs; Kafka has no ephemeral topics.
+crate::conformance_suite!(
+    suite,
+    KafkaUnderTest::new().await,
+    pipelined,
+    restart,
+    size_limit
+);
 
 fn routes() -> Vec<RouteConfig> {
     vec![common::route("*", "kafka")]
@@ -137,52 +145,6 @@ async fn invalid_topic_settings_stop_the_start_naming_topic_and_key() {
     );
 }
 
-/// tansu enforces no message size, so the limit here is the producer's own
-/// `message.max.bytes`: the row fails at once, before it is sent, the others flow.
-#[tokio::test]
-async fn an_oversized_message_fails_with_the_reason_while_the_others_flow() {
-    let topic = k::unique_topic();
-    k::create_topic(&k::brokers(), &topic, 1).await;
-    let reader = GroupReader::start(&k::brokers(), &topic);
-    let mut cfg = k::config(&k::brokers());
-    cfg.properties
-        .insert("message.max.bytes".into(), "10000".into());
-    let publisher = Arc::new(KafkaPublisher::new(&cfg, Dur::secs(30)).unwrap());
-    let db = TestDb::new().await;
-    let ok: Vec<NewEvent> = (0..20)
-        .map(|i| numbered_on(&topic, &format!("a{i}"), 0))
-        .collect();
-    let big = NewEvent::new(topic.clone(), "big", "Big", vec![b'x'; 20_000]);
-    let bad_name = numbered_on("orders/created", "slash", 0);
-    db.enqueue(&ok).await;
-    db.enqueue(&[big.clone(), bad_name.clone()]).await;
-    let relay = db
-        .relay_with(&db.config(), vec![("kafka", publisher)], &routes())
-        .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "only the two bad rows left, failed", || async {
-        db.count("status = 'failed'").await == 2 && db.total().await == 2
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    let (_, attempts, reason) = db.row(big.event_id).await.unwrap();
-    let reason = reason.unwrap();
-    assert_eq!(attempts, 1, "a permanent error is not retried");
-    // Refused before sending (the relay knows the producer's limit), naming the field.
-    assert!(
-        reason.contains("field payload") && reason.contains("message.max.bytes of 10000"),
-        "{reason}"
-    );
-    let (_, _, reason) = db.row(bad_name.event_id).await.unwrap();
-    assert!(reason.unwrap().contains("'/'"));
-    wait_for(DEADLINE, "the 20 good events at the consumer", || async {
-        reader.received().len() >= 20
-    })
-    .await;
-    db.drop_schema().await;
-}
-
 /// A relay running on a private broker (for the tests that take it away) with the given
 /// publish timeout and retry budget, and a consumer group reading its topic.
 struct Away {
@@ -230,104 +192,6 @@ impl Away {
             stop,
         }
     }
-}
-
-/// The broker stopped for a while mid-stream, then going on; and later killed and replaced by
-/// a fresh one on the same port. Rows wait, retries back off, the same relay catches up by
-/// itself (replacing its producer where the new broker does not know its producer id), and a
-/// consumer group has every event. Events the killed broker had acknowledged are gone with its
-/// memory (tansu's only engine that survives nothing); everything after is checked.
-#[tokio::test]
-async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
-    let _watchdog = watchdog(
-        "the_broker_stopped_and_restarted_mid_stream_loses_nothing",
-        Duration::from_secs(300),
-    );
-    let Away {
-        mut broker,
-        topic,
-        reader,
-        db,
-        stats,
-        h,
-        stop,
-    } = Away::start(Dur::secs(5), Dur::ms(100), Dur::secs(1), 1000).await;
-    let retried = || stats.retried.load(std::sync::atomic::Ordering::Relaxed);
-    let batch = |round: usize| -> Vec<NewEvent> {
-        (0..300)
-            .map(|i| numbered_on(&topic, &format!("a{}", i % 30), round * 10 + i / 30))
-            .collect()
-    };
-
-    // Stopped for a while mid-stream (SIGSTOP), then going on. Events keep coming while it is
-    // stopped, so there is always something to retry (the relay may have drained the first
-    // rounds by the time the broker stops).
-    let mut paused = Vec::new();
-    for round in 0..4 {
-        let b = batch(round);
-        db.enqueue(&b).await;
-        paused.extend(b);
-        if round == 1 {
-            wait_for(DEADLINE, "some events through", || async {
-                db.total().await < paused.len() as i64
-            })
-            .await;
-            broker.pause();
-        }
-        if round == 2 {
-            let before = retried();
-            wait_for(DEADLINE, "retries while the broker is stopped", || async {
-                retried() > before
-            })
-            .await;
-        }
-    }
-    broker.resume();
-    wait_for(DEADLINE, "every row published after the pause", || async {
-        db.total().await == 0
-    })
-    .await;
-    wait_for(
-        DEADLINE,
-        "the consumer group to have every event",
-        || async { reader.has_all(&paused) },
-    )
-    .await;
-    drop(reader);
-
-    // Killed; events keep coming; a fresh broker on the same port.
-    broker.stop_server();
-    let mut after = Vec::new();
-    for round in 4..7 {
-        let b = batch(round);
-        db.enqueue(&b).await;
-        after.extend(b);
-        if round == 4 {
-            let before = retried();
-            wait_for(DEADLINE, "retries while the broker is gone", || async {
-                retried() > before
-            })
-            .await;
-        }
-    }
-    broker.start_server();
-    k::create_topic(&broker.brokers(), &topic, 3).await;
-    let reader = GroupReader::start(&broker.brokers(), &topic);
-    wait_for(
-        DEADLINE,
-        "every row published after the restart",
-        || async { db.total().await == 0 },
-    )
-    .await;
-    wait_for(
-        DEADLINE,
-        "the new broker's consumer group to have every event",
-        || async { reader.has_all(&after) },
-    )
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    db.drop_schema().await;
 }
 
 /// The broker frozen (SIGSTOP: connections open, no answer) and then killed, each time for far

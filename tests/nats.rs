@@ -1,6 +1,6 @@
 //! The NATS backend against the real nats-server with JetStream (127.0.0.1:4222, or
-//! TEST_NATS_URL), read back by an independent pull consumer or core subscriber. Each test has
-//! its own stream and subject prefix; the restart test runs a server of its own.
+//! TEST_NATS_URL), read back by an independent pull consumer. Each test has its own stream and
+//! subject prefix; the tests that take the server away run one of their own.
 
 mod common;
 
@@ -10,7 +10,7 @@ use common::{numbered_on, spawn, wait_for, watchdog, TestDb};
 use outbox_relay::config::{BackendConfig, Dur, Provisioning, RouteConfig};
 use outbox_relay::envelope::BodyFormat;
 use outbox_relay::publisher::nats::config::{Persistence, StreamSettings, TopicSettings};
-use outbox_relay::publisher::nats::{provision, NatsPublisher};
+use outbox_relay::publisher::nats::NatsPublisher;
 use outbox_relay::publisher::{AckTicket, Outgoing, Publisher};
 use outbox_relay::store::NewEvent;
 use outbox_relay::wiring::open_backend;
@@ -19,7 +19,16 @@ use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
-crate::conformance_suite!(suite, JetStream::new().await, pipelined);
+// JetStream's restart (killed, back on its store), size limit (the stream's) and ephemeral
+// topics (core NATS) are the suite's cases, with the hooks in tests/common/nats.rs.
+crate::conformance_suite!(
+    suite,
+    JetStream::new().await,
+    pipelined,
+    restart,
+    size_limit,
+    ephemeral
+);
 
 fn routes() -> Vec<RouteConfig> {
     vec![common::route("*", "nats")]
@@ -92,109 +101,6 @@ async fn a_republish_is_deduplicated_and_the_rows_still_end_published() {
     assert_eq!(got.len(), 100, "one copy of each event in the stream");
     db.drop_schema().await;
     b.delete().await;
-}
-
-#[tokio::test]
-async fn an_ephemeral_topic_goes_through_core_nats_to_a_subscriber() {
-    let (prefix, _) = n::unique();
-    let db = TestDb::new().await;
-    let mut cfg = n::config(&n::nats_url());
-    cfg.topics.insert(
-        format!("{prefix}.live.*"),
-        TopicSettings {
-            persistence: Persistence::Ephemeral,
-        },
-    );
-    assert_eq!(
-        cfg.persistence_for(&format!("{prefix}.live.prices")),
-        Persistence::Ephemeral
-    );
-    let got = n::subscribe(&n::nats_url(), &format!("{prefix}.live.>")).await;
-    let publisher = Arc::new(NatsPublisher::connect(&cfg).await.unwrap());
-    let events: Vec<NewEvent> = (0..50)
-        .map(|i| {
-            numbered_on(
-                &format!("{prefix}.live.prices"),
-                &format!("a{}", i % 5),
-                i / 5,
-            )
-        })
-        .collect();
-    db.enqueue(&events).await;
-    let relay = db
-        .relay_with(&db.config(), vec![("nats", publisher)], &routes())
-        .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "every row published", || async {
-        db.total().await == 0
-    })
-    .await;
-    wait_for(DEADLINE, "the subscriber to get all 50", || async {
-        got.lock().unwrap().len() >= 50
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    let got = got.lock().unwrap().clone();
-    assert_eq!(got.len(), 50);
-    assert!(got.iter().all(|r| r.headers.contains_key("X-Event-ID")));
-    conformance::assert_in_order(&got);
-    db.drop_schema().await;
-}
-
-#[tokio::test]
-async fn bad_subjects_and_oversized_messages_fail_with_the_reason_while_others_flow() {
-    let (prefix, stream) = n::unique();
-    let mut cfg = n::config(&n::nats_url());
-    cfg.provisioning = Provisioning::CreateOnly;
-    cfg.streams.insert(
-        stream.clone(),
-        StreamSettings {
-            subjects: vec![format!("{prefix}.>")],
-            max_message_size: 1000,
-            ..StreamSettings::default()
-        },
-    );
-    let publisher = NatsPublisher::connect(&cfg).await.unwrap();
-    provision::provision(publisher.jetstream(), &cfg, cfg.provisioning)
-        .await
-        .unwrap();
-    let db = TestDb::new().await;
-    let ok: Vec<NewEvent> = (0..20)
-        .map(|i| numbered_on(&format!("{prefix}.ok"), &format!("a{i}"), 0))
-        .collect();
-    let big = NewEvent::new(format!("{prefix}.ok"), "big", "Big", vec![b'x'; 4000]);
-    let bad_subject = numbered_on(&format!("{prefix}..double"), "bad", 0);
-    let nowhere = numbered_on("nostream.anywhere", "lost", 0);
-    db.enqueue(&ok).await;
-    db.enqueue(&[big.clone(), bad_subject.clone(), nowhere.clone()])
-        .await;
-    let relay = db
-        .relay_with(&db.config(), vec![("nats", Arc::new(publisher))], &routes())
-        .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "only the three bad rows left, failed", || async {
-        db.count("status = 'failed'").await == 3 && db.total().await == 3
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    let (_, attempts, reason) = db.row(big.event_id).await.unwrap();
-    let reason = reason.unwrap();
-    assert_eq!(attempts, 1, "a permanent error is not retried");
-    assert!(reason.contains("maximum"), "{reason}");
-    let (_, _, reason) = db.row(bad_subject.event_id).await.unwrap();
-    assert!(reason.unwrap().contains("token 2 is empty"));
-    let (_, _, reason) = db.row(nowhere.event_id).await.unwrap();
-    assert!(reason
-        .unwrap()
-        .contains("no JetStream stream covers subject \"nostream.anywhere\""),);
-    let client = async_nats::connect(n::nats_url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let got = n::read_stream(&js, &stream).await;
-    assert_eq!(got.len(), 20);
-    let _ = js.delete_stream(&stream).await;
-    db.drop_schema().await;
 }
 
 #[tokio::test]
@@ -307,7 +213,6 @@ struct Away {
     stream: String,
     topic: String,
     db: TestDb,
-    publisher: Arc<NatsPublisher>,
     stats: Arc<outbox_relay::relay::Stats>,
     h: tokio::task::JoinHandle<outbox_relay::relay::Relay>,
     stop: tokio_util::sync::CancellationToken,
@@ -353,7 +258,7 @@ impl Away {
         cfg.relay.backoff_max = backoff_max;
         cfg.relay.max_attempts = max_attempts;
         let relay = db
-            .relay_with(&cfg, vec![("nats", publisher.clone())], &routes())
+            .relay_with(&cfg, vec![("nats", publisher)], &routes())
             .await;
         let stats = relay.stats();
         let (h, stop) = spawn(relay);
@@ -363,7 +268,6 @@ impl Away {
             stream,
             topic: format!("{prefix}.orders"),
             db,
-            publisher,
             stats,
             h,
             stop,
@@ -423,74 +327,6 @@ async fn published_in_order_once_back<'a>(
     db.drop_schema().await;
 }
 
-/// The server killed mid-stream and started again a while later on the same port and store:
-/// nothing is lost, and the same relay catches up by itself.
-#[tokio::test]
-async fn the_server_restarted_mid_stream_loses_nothing() {
-    let _watchdog = watchdog(
-        "the_server_restarted_mid_stream_loses_nothing",
-        Duration::from_secs(300),
-    );
-    let Away {
-        mut server,
-        js,
-        stream,
-        topic,
-        db,
-        publisher,
-        stats,
-        h,
-        stop,
-    } = Away::start(Dur::secs(3), Dur::ms(100), Dur::ms(500), 1000).await;
-    let mut all = Vec::new();
-    for round in 0..6 {
-        let batch: Vec<NewEvent> = (0..500)
-            .map(|i| numbered_on(&topic, &format!("a{}", i % 50), round * 10 + i / 50))
-            .collect();
-        db.enqueue(&batch).await;
-        all.extend(batch);
-        if round == 2 {
-            wait_for(DEADLINE, "some events through", || async {
-                db.total().await < all.len() as i64
-            })
-            .await;
-            server.stop_server();
-        }
-        if round == 3 {
-            // Events keep arriving while the server is away, and fail into retries (the relay
-            // may have drained the earlier rounds before the server went).
-            let retried = stats.retried.load(std::sync::atomic::Ordering::Relaxed);
-            wait_for(DEADLINE, "retries while the server is away", || async {
-                stats.retried.load(std::sync::atomic::Ordering::Relaxed) > retried
-            })
-            .await;
-        }
-        if round == 4 {
-            server.start_server();
-        }
-    }
-    wait_for(
-        DEADLINE,
-        "every row published after the restart",
-        || async { db.total().await == 0 },
-    )
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    assert!(publisher.reconnects() >= 1, "the client saw the disconnect");
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js2 = async_nats::jetstream::new(client);
-    let got = n::read_stream(&js2, &stream).await;
-    conformance::assert_every_event_arrived(&got, &all);
-    assert_eq!(
-        got.len(),
-        all.len(),
-        "the duplicate window dropped re-publishes"
-    );
-    drop(js);
-    db.drop_schema().await;
-}
-
 /// A server away for far longer than the whole retry budget (3 attempts, backoff capped at
 /// 100 ms): every event waits for it instead of using its attempts up, and all are published
 /// once it is back; none fails.
@@ -506,7 +342,6 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
         stream,
         topic,
         db,
-        publisher: _,
         stats,
         h,
         stop,
@@ -539,7 +374,8 @@ async fn an_outage_longer_than_the_retry_budget_fails_nothing() {
 /// "No responders" while JetStream is not answering (here: the server back without JetStream,
 /// as while a stream's leader is elected) says nothing about the event: it waits, far past
 /// the retry budget, and is published once JetStream is back. Only "no stream covers the
-/// subject", which JetStream itself answers, fails an event (see the bad-subjects test).
+/// subject", which JetStream itself answers, fails an event (see the suite's
+/// `size_limit` case, whose refused topics include one no stream covers).
 #[tokio::test]
 async fn no_responders_while_jetstream_is_away_fail_nothing() {
     let _watchdog = watchdog(
@@ -552,7 +388,6 @@ async fn no_responders_while_jetstream_is_away_fail_nothing() {
         stream,
         topic,
         db,
-        publisher: _,
         stats,
         h,
         stop,
@@ -609,7 +444,6 @@ async fn pub_acks_a_frozen_server_never_sends_time_out_and_the_events_are_stored
         stream,
         topic,
         db,
-        publisher: _,
         stats,
         h,
         stop,

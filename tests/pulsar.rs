@@ -8,7 +8,6 @@ use common::conformance;
 use common::pulsar::{self as p, PrivatePulsar, PulsarUnderTest, Reader};
 use common::{numbered_on, run_until_empty, spawn, wait_for, watchdog, TestDb};
 use outbox_relay::config::{Dur, OrderingMode, RouteConfig};
-use outbox_relay::publisher::pulsar::config::{Persistence, TopicSettings};
 use outbox_relay::publisher::pulsar::PulsarPublisher;
 use outbox_relay::publisher::{Health, Publisher};
 use outbox_relay::store::NewEvent;
@@ -19,103 +18,19 @@ use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
-crate::conformance_suite!(suite, PulsarUnderTest::new().await, pipelined);
+// The broker killed and restarted on its data, the backend's size limit and non-persistent
+// topics are the suite's cases, with the hooks in tests/common/pulsar.rs.
+crate::conformance_suite!(
+    suite,
+    PulsarUnderTest::new().await,
+    pipelined,
+    restart,
+    size_limit,
+    ephemeral
+);
 
 fn routes() -> Vec<RouteConfig> {
     vec![common::route("*", "pulsar")]
-}
-
-/// A message over the backend's limit (`max_message_bytes` less a batch's bytes and framing)
-/// and a topic Pulsar cannot name fail at once, each with its reason; the other events are
-/// published.
-#[tokio::test]
-async fn an_oversized_message_fails_with_the_reason_while_the_others_flow() {
-    let mut cfg = p::config(&p::pulsar_url());
-    cfg.batching_max_bytes = 1024;
-    cfg.max_message_bytes = 1024 + 16 * 1024 + 10_000;
-    let b = PulsarUnderTest::with(cfg).await;
-    let db = TestDb::new().await;
-    let ok: Vec<NewEvent> = (0..20)
-        .map(|i| numbered_on(&b.topic, &format!("a{i}"), 0))
-        .collect();
-    let big = NewEvent::new(b.topic.clone(), "big", "Big", vec![b'x'; 20_000]);
-    let bad_name = numbered_on("orders/created", "slash", 0);
-    db.enqueue(&ok).await;
-    db.enqueue(&[big.clone(), bad_name.clone()]).await;
-    let relay = db
-        .relay_with(
-            &db.config(),
-            vec![("pulsar", b.publisher.clone())],
-            &routes(),
-        )
-        .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "only the two bad rows left, failed", || async {
-        db.count("status = 'failed'").await == 2 && db.total().await == 2
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    let (_, attempts, reason) = db.row(big.event_id).await.unwrap();
-    let reason = reason.unwrap();
-    assert_eq!(attempts, 1, "a permanent error is not retried");
-    assert!(
-        reason.contains("field payload")
-            && reason.contains("max_message_bytes")
-            && reason.contains("of 10000 bytes"),
-        "{reason}"
-    );
-    let (_, _, reason) = db.row(bad_name.event_id).await.unwrap();
-    let reason = reason.unwrap();
-    assert!(
-        reason.contains("field topic") && reason.contains("'/'"),
-        "{reason}"
-    );
-    wait_for(DEADLINE, "the 20 good events at the reader", || async {
-        b.reader.received().len() >= 20
-    })
-    .await;
-    db.drop_schema().await;
-}
-
-/// A topic configured ephemeral goes to `non-persistent://`, where a connected subscriber
-/// gets it.
-#[tokio::test]
-async fn an_ephemeral_topic_is_published_non_persistent() {
-    let mut cfg = p::config(&p::pulsar_url());
-    cfg.topics.insert(
-        "eph*".into(),
-        TopicSettings {
-            persistence: Persistence::Ephemeral,
-            ..TopicSettings::default()
-        },
-    );
-    let topic = format!("eph{}", p::unique_topic());
-    let reader = Reader::start(
-        &cfg.service_url,
-        &format!("non-persistent://public/default/{topic}"),
-    )
-    .await;
-    let publisher = Arc::new(PulsarPublisher::connect(&cfg).await);
-    let db = TestDb::new().await;
-    let events: Vec<NewEvent> = (0..5).map(|s| numbered_on(&topic, "e1", s)).collect();
-    db.enqueue(&events).await;
-    let relay = db
-        .relay_with(&db.config(), vec![("pulsar", publisher)], &routes())
-        .await;
-    let (h, stop) = spawn(relay);
-    wait_for(DEADLINE, "every row published", || async {
-        db.total().await == 0
-    })
-    .await;
-    wait_for(DEADLINE, "the subscriber to get all 5", || async {
-        reader.received().len() >= 5
-    })
-    .await;
-    stop.cancel();
-    h.await.unwrap();
-    conformance::assert_in_order(&reader.received());
-    db.drop_schema().await;
 }
 
 /// A relay whose broker is not there at start-up starts anyway, reports the backend down,
@@ -178,85 +93,6 @@ async fn a_broker_down_at_start_fails_nothing_and_is_used_once_up() {
     h.await.unwrap();
     conformance::assert_every_event_arrived(&reader.received(), &events);
     conformance::assert_first_deliveries_in_order(&reader.received());
-    db.drop_schema().await;
-}
-
-/// The broker killed (SIGKILL) mid-stream while events keep coming, then started again on its
-/// data: nothing fails, every row ends published, and the topic holds every event with each
-/// aggregate's first deliveries in order.
-#[tokio::test]
-async fn the_broker_killed_and_restarted_mid_stream_loses_nothing() {
-    let _watchdog = watchdog(
-        "the_broker_killed_and_restarted_mid_stream_loses_nothing",
-        Duration::from_secs(300),
-    );
-    let mut broker = PrivatePulsar::start();
-    let topic = p::unique_topic();
-    let reader = Reader::start(&broker.url(), &p::full_name(&topic)).await;
-    let publisher = Arc::new(PulsarPublisher::connect(&p::config(&broker.url())).await);
-    let db = TestDb::new().await;
-    let mut cfg = db.config();
-    cfg.relay.backoff_initial = Dur::ms(100);
-    cfg.relay.backoff_max = Dur::secs(1);
-    let relay = db
-        .relay_with(&cfg, vec![("pulsar", publisher)], &routes())
-        .await;
-    let stats = relay.stats();
-    let (h, stop) = spawn(relay);
-    let batch = |round: usize| -> Vec<NewEvent> {
-        (0..300)
-            .map(|i| numbered_on(&topic, &format!("a{}", i % 30), round * 10 + i / 30))
-            .collect()
-    };
-    let mut all = Vec::new();
-    for round in 0..3 {
-        let b = batch(round);
-        db.enqueue(&b).await;
-        all.extend(b);
-    }
-    wait_for(DEADLINE, "some events through", || async {
-        db.total().await < all.len() as i64
-    })
-    .await;
-    broker.stop_server();
-    drop(reader);
-    for round in 3..6 {
-        let b = batch(round);
-        db.enqueue(&b).await;
-        all.extend(b);
-        if round == 3 {
-            let before = stats.retried.load(Ordering::Relaxed);
-            wait_for(DEADLINE, "retries while the broker is gone", || async {
-                stats.retried.load(Ordering::Relaxed) > before
-            })
-            .await;
-        }
-    }
-    assert_eq!(db.count("status = 'failed'").await, 0);
-    broker.start_server();
-    wait_for(
-        DEADLINE,
-        "every row published after the restart",
-        || async { db.total().await == 0 },
-    )
-    .await;
-    // A new subscription from the earliest message: what the broker stored before the kill
-    // and after the restart.
-    let reader = Reader::start(&broker.url(), &p::full_name(&topic)).await;
-    wait_for(DEADLINE, "the topic to hold every event", || async {
-        let got = reader.received();
-        let ids: HashSet<&str> = got
-            .iter()
-            .map(|r| r.headers["X-Event-ID"].as_str())
-            .collect();
-        all.iter()
-            .all(|e| ids.contains(e.event_id.to_string().as_str()))
-    })
-    .await;
-    conformance::assert_first_deliveries_in_order(&reader.received());
-    stop.cancel();
-    h.await.unwrap();
-    assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
     db.drop_schema().await;
 }
 

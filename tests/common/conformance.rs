@@ -5,14 +5,16 @@
 //! A backend's test file runs the whole suite with one line, [`conformance_suite!`], naming
 //! what the backend can do; the file keeps only what is specific to the backend.
 
-use super::{wait_for, TestDb};
+use super::{numbered_on, wait_for, wait_for_or_dump, watchdog, TestDb};
 use base64::Engine as _;
-use outbox_relay::config::{Config, OrderingMode, RouteConfig};
+use outbox_relay::config::{Config, Dur, OrderingMode, RelayConfig, RouteConfig};
 use outbox_relay::envelope::{BodyFormat, EnvelopeJson};
 use outbox_relay::publisher::{AckSender, AckTicket, Outgoing, Publisher};
 use outbox_relay::relay::Stats;
 use outbox_relay::store::NewEvent;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,10 +43,87 @@ pub trait BackendUnderTest {
     }
 }
 
+/// `restart`: the backend can run on a broker of the test's own, which the case takes away
+/// mid-stream and brings back.
+pub trait Restart {
+    type OnItsOwnBroker: BrokerAway;
+    /// A backend as the suite's (its own topic or stream, its own reader) on a broker of the
+    /// test's own.
+    fn on_a_broker_of_its_own() -> impl Future<Output = Self::OnItsOwnBroker>;
+}
+
+/// How a broker is taken away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// Frozen (SIGSTOP): connections stay open and nothing answers; thawed (SIGCONT).
+    Frozen,
+    /// Killed (SIGKILL), as a crash would; started again on the same port.
+    Killed,
+}
+
+/// What a broker brought back still has of what it had stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    Everything,
+    /// A fresh, empty broker (tansu stores in memory): only what comes after is checked.
+    Nothing,
+}
+
+/// A backend on a broker of the test's own, for [`the_broker_stopped_and_restarted_mid_stream_loses_nothing`].
+pub trait BrokerAway: BackendUnderTest {
+    /// The outages the case puts the broker through, one after the other.
+    const OUTAGES: &'static [Outage];
+    /// The relay's publish timeout in the case (how long a hand-off to a broker that does not
+    /// answer waits); the relay's default unless the backend says.
+    fn publish_timeout(&self) -> Dur {
+        RelayConfig::default().publish_timeout
+    }
+    /// Takes the broker away (the reader too, where it would wait on a dead broker).
+    fn take_away(&mut self, how: Outage) -> impl Future<Output = ()>;
+    /// Brings the broker back (and a reader, where the case's was taken away with it).
+    fn bring_back(&mut self, how: Outage) -> impl Future<Output = Kept>;
+    /// What the backend checks at the end beyond the case's own checks, on what the reader
+    /// has and the events the broker was to keep (JetStream: the client saw the disconnect;
+    /// the stream holds each event once).
+    fn check_after_the_outages(&self, _got: &[Received], _sent: &[NewEvent]) {}
+}
+
+/// `size_limit`: the backend refuses a message over a size limit, and topics it cannot take.
+pub trait SizeLimit: BackendUnderTest + Sized {
+    /// The backend with a limit on a message's size, however it is set (the producer's, the
+    /// stream's, the client's).
+    fn with_a_size_limit() -> impl Future<Output = Self>;
+    /// A payload's size past the limit.
+    fn oversized(&self) -> usize;
+    /// What an oversized message's reason says (each of these).
+    fn oversized_reason(&self) -> &'static [&'static str];
+    /// Topics the backend refuses (a name it cannot take; NATS: also a subject no stream
+    /// covers), each with what its row's reason says.
+    fn refused_topics(&self) -> Vec<(String, Vec<String>)>;
+}
+
+/// `ephemeral`: a topic can be configured ephemeral (not stored), which a subscriber connected
+/// before the first event receives.
+pub trait Ephemeral {
+    type Live: BackendUnderTest;
+    /// A backend whose topic is configured ephemeral, read by a live subscriber.
+    fn with_an_ephemeral_topic() -> impl Future<Output = Self::Live>;
+}
+
 /// The whole suite for one backend, one test per case, each on a backend made afresh by the
-/// expression: `conformance_suite!(kafka, KafkaUnderTest::new().await, pipelined)`. The
-/// trailing words say what the backend can do: `pipelined`, it keeps the order of what is sent
-/// on one connection, so the pipelined ordering mode is run too.
+/// expression: `conformance_suite!(kafka, KafkaUnderTest::new().await, pipelined, restart)`.
+/// The trailing words say what the backend can do, each adding its cases:
+/// - `pipelined`: it keeps the order of what is sent on one connection, so the pipelined
+///   ordering mode is run too;
+/// - `restart`: its broker can be taken away mid-stream and brought back ([`Restart`]);
+/// - `size_limit`: it refuses a message over a size limit, and topics it cannot take
+///   ([`SizeLimit`]);
+/// - `ephemeral`: a topic can be configured ephemeral, for live subscribers only
+///   ([`Ephemeral`]).
+///
+/// The cases that make a backend of their own (on a broker of its own, with a size limit) are
+/// handed the expression as a closure they never call: it names the backend's type, whose
+/// feature trait makes the one they need.
 #[macro_export]
 macro_rules! conformance_suite {
     ($name:ident, $make:expr $(, $feature:ident)*) => {
@@ -89,6 +168,26 @@ macro_rules! conformance_suite {
             let b = $make;
             the_suite::ten_thousand_events(&b, outbox_relay::config::OrderingMode::Pipelined).await;
             the_suite::BackendUnderTest::clean_up(&b).await;
+        }
+    };
+    (@feature restart, $make:expr) => {
+        #[tokio::test]
+        async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing() {
+            the_suite::the_broker_stopped_and_restarted_mid_stream_loses_nothing(|| async { $make })
+                .await;
+        }
+    };
+    (@feature size_limit, $make:expr) => {
+        #[tokio::test]
+        async fn oversized_messages_and_refused_topics_fail_with_the_reason_while_the_others_flow() {
+            the_suite::oversized_messages_and_refused_topics_fail_with_the_reason(|| async { $make })
+                .await;
+        }
+    };
+    (@feature ephemeral, $make:expr) => {
+        #[tokio::test]
+        async fn an_ephemeral_topic_reaches_a_live_subscriber_once_in_order() {
+            the_suite::an_ephemeral_topic_reaches_a_live_subscriber(|| async { $make }).await;
         }
     };
 }
@@ -378,4 +477,226 @@ pub async fn one_result_per_message<B: BackendUnderTest>(b: &B) {
     drop(tx);
     p.close(Duration::from_secs(5)).await;
     assert!(rx.try_recv().is_err(), "more results than messages");
+}
+
+/// Whether every event of `sent` is among `got`, by its `X-Event-ID` header.
+fn has_every_event<'a>(got: &[Received], sent: impl IntoIterator<Item = &'a NewEvent>) -> bool {
+    let ids: HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["X-Event-ID"].as_str())
+        .collect();
+    sent.into_iter()
+        .all(|e| ids.contains(e.event_id.to_string().as_str()))
+}
+
+/// `restart`: a relay on a broker of the test's own, which goes away mid-stream (frozen or
+/// killed, as the backend says) while events keep coming, and comes back. Rows wait, retries
+/// back off, nothing fails (on the default budget of attempts), the same relay catches up by
+/// itself, and the reader has every event the broker kept, each aggregate's first deliveries
+/// in order. A broker that comes back empty (tansu, in memory) is checked for what came after.
+///
+/// `_backend` names the type of the suite's backend (the macro's expression, never called).
+pub async fn the_broker_stopped_and_restarted_mid_stream_loses_nothing<R, F>(
+    _backend: impl FnOnce() -> F,
+) where
+    R: Restart,
+    F: Future<Output = R>,
+{
+    let _watchdog = watchdog(
+        "the_broker_stopped_and_restarted_mid_stream_loses_nothing",
+        Duration::from_secs(300),
+    );
+    let mut b = R::on_a_broker_of_its_own().await;
+    let db = TestDb::new().await;
+    let mut cfg = db.config();
+    cfg.relay.publish_timeout = b.publish_timeout();
+    cfg.relay.backoff_initial = Dur::ms(100);
+    cfg.relay.backoff_max = Dur::secs(1);
+    let relay = db
+        .relay_with(
+            &cfg,
+            vec![("main", b.publisher())],
+            &[super::route("*", "main")],
+        )
+        .await;
+    let stats = relay.stats();
+    let (h, stop) = super::spawn(relay);
+    let retried = || stats.retried.load(Ordering::Relaxed);
+    let topic = b.topic();
+    // Round `r`: 500 events over 50 aggregates, 10 each, numbered on from round `r - 1`.
+    let batch = |r: usize| -> Vec<NewEvent> {
+        (0..500)
+            .map(|i| numbered_on(&topic, &format!("a{}", i % 50), r * 10 + i / 50))
+            .collect()
+    };
+    // Every event written so far, in order; the next round, added to them.
+    let mut all: Vec<NewEvent> = Vec::new();
+    let next_round = |all: &mut Vec<NewEvent>| {
+        let b = batch(all.len() / 500);
+        all.extend(b.iter().cloned());
+        b
+    };
+    // From here on, the broker still has what it was sent.
+    let mut kept_from = 0;
+    for &how in <R::OnItsOwnBroker as BrokerAway>::OUTAGES {
+        for _ in 0..2 {
+            db.enqueue(&next_round(&mut all)).await;
+        }
+        wait_for(LONG, "some events through", || async {
+            db.total().await < all.len() as i64
+        })
+        .await;
+        let away_from = all.len();
+        b.take_away(how).await;
+        // Events keep coming while the broker is away, and fail into retries (the relay may
+        // have drained the earlier rounds before it went).
+        let before = retried();
+        db.enqueue(&next_round(&mut all)).await;
+        wait_for(
+            LONG,
+            &format!("retries while the broker is away ({how:?})"),
+            || async { retried() > before },
+        )
+        .await;
+        db.enqueue(&next_round(&mut all)).await;
+        assert_eq!(
+            db.count("status = 'failed'").await,
+            0,
+            "events failed while the broker was away ({how:?})"
+        );
+        if b.bring_back(how).await == Kept::Nothing {
+            kept_from = away_from;
+        }
+        // And while it is back.
+        db.enqueue(&next_round(&mut all)).await;
+        wait_for_or_dump(
+            LONG,
+            &format!("every row published once the broker is back ({how:?})"),
+            || async { db.total().await == 0 },
+            || async { format!("relay: {stats:?}\nrows:\n{}", db.summary().await) },
+        )
+        .await;
+        wait_for(
+            LONG,
+            &format!("the reader to have every event the broker kept ({how:?})"),
+            || async { has_every_event(&b.received().await, &all[kept_from..]) },
+        )
+        .await;
+        assert_first_deliveries_in_order(&b.received().await);
+    }
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    let got = b.received().await;
+    for r in &got {
+        b.check_message(r);
+    }
+    assert_every_event_arrived(&got, &all[kept_from..]);
+    assert_first_deliveries_in_order(&got);
+    b.check_after_the_outages(&got, &all[kept_from..]);
+    b.clean_up().await;
+    db.drop_schema().await;
+}
+
+/// `size_limit`: a message over the backend's size limit and messages to topics it refuses
+/// fail at once, each row with its reason (the oversized one after its one attempt: a
+/// permanent error is not retried); the other events are published, once each.
+pub async fn oversized_messages_and_refused_topics_fail_with_the_reason<B, F>(
+    _backend: impl FnOnce() -> F,
+) where
+    B: SizeLimit,
+    F: Future<Output = B>,
+{
+    let b = B::with_a_size_limit().await;
+    let db = TestDb::new().await;
+    let ok: Vec<NewEvent> = (0..20)
+        .map(|i| numbered_on(&b.topic(), &format!("a{i}"), 0))
+        .collect();
+    let big = NewEvent::new(b.topic(), "big", "Big", vec![b'x'; b.oversized()]);
+    let refused: Vec<(NewEvent, Vec<String>)> = b
+        .refused_topics()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (topic, reason))| (numbered_on(&topic, &format!("refused{i}"), 0), reason))
+        .collect();
+    db.enqueue(&ok).await;
+    let mut bad = vec![big.clone()];
+    bad.extend(refused.iter().map(|(e, _)| e.clone()));
+    db.enqueue(&bad).await;
+    let relay = db
+        .relay_with(
+            &db.config(),
+            vec![("main", b.publisher())],
+            &[super::route("*", "main")],
+        )
+        .await;
+    let (h, stop) = super::spawn(relay);
+    let n = bad.len() as i64;
+    wait_for(
+        LONG,
+        &format!("only the {n} bad rows left, failed"),
+        || async { db.count("status = 'failed'").await == n && db.total().await == n },
+    )
+    .await;
+    stop.cancel();
+    h.await.unwrap();
+    let (_, attempts, reason) = db.row(big.event_id).await.unwrap();
+    let reason = reason.unwrap();
+    assert_eq!(attempts, 1, "a permanent error is not retried");
+    for part in b.oversized_reason() {
+        assert!(
+            reason.contains(part),
+            "{part:?} in the oversized message's reason: {reason}"
+        );
+    }
+    for (e, parts) in &refused {
+        let (_, _, reason) = db.row(e.event_id).await.unwrap();
+        let reason = reason.unwrap();
+        for part in parts {
+            assert!(
+                reason.contains(part.as_str()),
+                "{part:?} in the reason for topic {}: {reason}",
+                e.topic
+            );
+        }
+    }
+    wait_for(LONG, "the 20 good events at the reader", || async {
+        b.received().await.len() >= 20
+    })
+    .await;
+    let got = b.received().await;
+    for r in &got {
+        b.check_message(r);
+    }
+    assert_every_event_arrived(&got, &ok);
+    assert_eq!(
+        got.len(),
+        20,
+        "the good events, once each, and nothing else"
+    );
+    b.clean_up().await;
+    db.drop_schema().await;
+}
+
+/// `ephemeral`: events on a topic configured ephemeral reach a subscriber connected before
+/// the first one: every event once, with its id, each aggregate's in order.
+pub async fn an_ephemeral_topic_reaches_a_live_subscriber<B, F>(_backend: impl FnOnce() -> F)
+where
+    B: Ephemeral,
+    F: Future<Output = B>,
+{
+    let b = B::with_an_ephemeral_topic().await;
+    let db = TestDb::new().await;
+    let events: Vec<NewEvent> = (0..50)
+        .map(|i| numbered_on(&b.topic(), &format!("a{}", i % 5), i / 5))
+        .collect();
+    db.enqueue(&events).await;
+    run_until_published_with(&b, &db, &db.config(), BodyFormat::Raw, events.len(), LONG).await;
+    let got = b.received().await;
+    assert_eq!(got.len(), events.len());
+    assert!(got.iter().all(|r| r.headers.contains_key("X-Event-ID")));
+    assert_every_event_arrived(&got, &events);
+    assert_in_order(&got);
+    b.clean_up().await;
+    db.drop_schema().await;
 }

@@ -2,7 +2,9 @@
 //! or TEST_KAFKA_BROKERS), a separate consumer in a consumer group reading them, and private
 //! broker instances for tests that stop the broker.
 
-use super::conformance::{BackendUnderTest, Received};
+use super::conformance::{
+    BackendUnderTest, BrokerAway, Kept, Outage, Received, Restart, SizeLimit,
+};
 use super::free_port;
 use outbox_relay::config::Dur;
 use outbox_relay::publisher::kafka::{KafkaConfig, KafkaPublisher};
@@ -157,10 +159,15 @@ pub struct KafkaUnderTest {
 
 impl KafkaUnderTest {
     pub async fn new() -> KafkaUnderTest {
+        KafkaUnderTest::with(config(&brokers())).await
+    }
+
+    /// With a producer configured so, on the shared broker.
+    pub async fn with(cfg: KafkaConfig) -> KafkaUnderTest {
         let topic = unique_topic();
         create_topic(&brokers(), &topic, 3).await;
         KafkaUnderTest {
-            publisher: publisher(&brokers()),
+            publisher: Arc::new(KafkaPublisher::new(&cfg, Dur::secs(30)).expect("a producer")),
             reader: GroupReader::start(&brokers(), &topic),
             topic,
         }
@@ -176,6 +183,110 @@ impl BackendUnderTest for KafkaUnderTest {
     }
     async fn received(&self) -> Vec<Received> {
         self.reader.received()
+    }
+}
+
+/// tansu enforces no message size, so the limit is the producer's own `message.max.bytes`:
+/// the relay knows it and refuses the row before it is sent, naming the field.
+impl SizeLimit for KafkaUnderTest {
+    async fn with_a_size_limit() -> KafkaUnderTest {
+        let mut cfg = config(&brokers());
+        cfg.properties
+            .insert("message.max.bytes".into(), "10000".into());
+        KafkaUnderTest::with(cfg).await
+    }
+    fn oversized(&self) -> usize {
+        20_000
+    }
+    fn oversized_reason(&self) -> &'static [&'static str] {
+        &["field payload", "message.max.bytes of 10000"]
+    }
+    fn refused_topics(&self) -> Vec<(String, Vec<String>)> {
+        vec![("orders/created".into(), vec!["'/'".into()])]
+    }
+}
+
+impl Restart for KafkaUnderTest {
+    type OnItsOwnBroker = KafkaOnItsOwnBroker;
+    async fn on_a_broker_of_its_own() -> KafkaOnItsOwnBroker {
+        let broker = PrivateKafka::start();
+        let topic = unique_topic();
+        create_topic(&broker.brokers(), &topic, 3).await;
+        KafkaOnItsOwnBroker {
+            publisher: Arc::new(
+                KafkaPublisher::new(
+                    &config(&broker.brokers()),
+                    KafkaOnItsOwnBroker::PUBLISH_TIMEOUT,
+                )
+                .expect("a producer"),
+            ),
+            reader: Some(GroupReader::start(&broker.brokers(), &topic)),
+            topic,
+            broker,
+        }
+    }
+}
+
+/// Kafka on a broker of the test's own, for the `restart` case: stopped for a while (SIGSTOP)
+/// and going on, then killed and replaced by a fresh one on the same port. The producer is
+/// replaced by the relay where the new broker does not know its producer id. Events the killed
+/// broker had acknowledged are gone with its memory (tansu's only engine that survives
+/// nothing), so its topic is made again and a new consumer group reads what comes after.
+pub struct KafkaOnItsOwnBroker {
+    pub publisher: Arc<KafkaPublisher>,
+    pub topic: String,
+    /// None while the broker is killed: dropped before, to leave its group cleanly.
+    pub reader: Option<GroupReader>,
+    pub broker: PrivateKafka,
+}
+
+impl KafkaOnItsOwnBroker {
+    /// The producer's delivery timeout and the relay's publish timeout.
+    const PUBLISH_TIMEOUT: Dur = Dur::secs(5);
+}
+
+impl BackendUnderTest for KafkaOnItsOwnBroker {
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+    fn topic(&self) -> String {
+        self.topic.clone()
+    }
+    async fn received(&self) -> Vec<Received> {
+        self.reader
+            .as_ref()
+            .map(GroupReader::received)
+            .unwrap_or_default()
+    }
+}
+
+impl BrokerAway for KafkaOnItsOwnBroker {
+    const OUTAGES: &'static [Outage] = &[Outage::Frozen, Outage::Killed];
+    fn publish_timeout(&self) -> Dur {
+        Self::PUBLISH_TIMEOUT
+    }
+    async fn take_away(&mut self, how: Outage) {
+        match how {
+            Outage::Frozen => self.broker.pause(),
+            Outage::Killed => {
+                self.reader = None;
+                self.broker.stop_server();
+            }
+        }
+    }
+    async fn bring_back(&mut self, how: Outage) -> Kept {
+        match how {
+            Outage::Frozen => {
+                self.broker.resume();
+                Kept::Everything
+            }
+            Outage::Killed => {
+                self.broker.start_server();
+                create_topic(&self.broker.brokers(), &self.topic, 3).await;
+                self.reader = Some(GroupReader::start(&self.broker.brokers(), &self.topic));
+                Kept::Nothing
+            }
+        }
     }
 }
 

@@ -2,12 +2,17 @@
 //! unique prefix), an independent pull-consumer reader, and private nats-server instances for
 //! tests that stop the server.
 
-use super::conformance::{BackendUnderTest, Received};
+use super::conformance::{
+    BackendUnderTest, BrokerAway, Ephemeral, Kept, Outage, Received, Restart, SizeLimit,
+};
 use super::free_port;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
-use outbox_relay::publisher::nats::{NatsConfig, NatsPublisher};
+use outbox_relay::config::{Dur, Provisioning};
+use outbox_relay::publisher::nats::config::{Persistence, StreamSettings, TopicSettings};
+use outbox_relay::publisher::nats::{provision, NatsConfig, NatsPublisher};
 use outbox_relay::publisher::Publisher;
+use outbox_relay::store::NewEvent;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -140,6 +145,173 @@ impl BackendUnderTest for JetStream {
     }
     async fn clean_up(&self) {
         let _ = self.js.delete_stream(&self.stream).await;
+    }
+}
+
+/// The stream's own limit (`max_message_size`, set by the relay's provisioning) refuses an
+/// oversized message; a subject with an empty token, and one no stream covers, are refused too.
+impl SizeLimit for JetStream {
+    async fn with_a_size_limit() -> JetStream {
+        let (prefix, stream) = unique();
+        let mut cfg = config(&nats_url());
+        cfg.provisioning = Provisioning::CreateOnly;
+        cfg.streams.insert(
+            stream.clone(),
+            StreamSettings {
+                subjects: vec![format!("{prefix}.>")],
+                max_message_size: 1000,
+                ..StreamSettings::default()
+            },
+        );
+        let publisher = NatsPublisher::connect(&cfg)
+            .await
+            .expect("connect the publisher");
+        provision::provision(publisher.jetstream(), &cfg, cfg.provisioning)
+            .await
+            .expect("provision the stream");
+        let client = async_nats::connect(nats_url())
+            .await
+            .expect("connect to NATS");
+        JetStream {
+            publisher: Arc::new(publisher),
+            js: jetstream::new(client),
+            prefix,
+            stream,
+        }
+    }
+    fn oversized(&self) -> usize {
+        4000
+    }
+    fn oversized_reason(&self) -> &'static [&'static str] {
+        &["maximum"]
+    }
+    fn refused_topics(&self) -> Vec<(String, Vec<String>)> {
+        vec![
+            (
+                format!("{}..double", self.prefix),
+                vec!["token 2 is empty".into()],
+            ),
+            (
+                "nostream.anywhere".into(),
+                vec!["no JetStream stream covers subject \"nostream.anywhere\"".into()],
+            ),
+        ]
+    }
+}
+
+impl Ephemeral for JetStream {
+    type Live = CoreNats;
+    async fn with_an_ephemeral_topic() -> CoreNats {
+        let (prefix, _) = unique();
+        let mut cfg = config(&nats_url());
+        cfg.topics.insert(
+            format!("{prefix}.live.*"),
+            TopicSettings {
+                persistence: Persistence::Ephemeral,
+            },
+        );
+        let topic = format!("{prefix}.live.prices");
+        assert_eq!(cfg.persistence_for(&topic), Persistence::Ephemeral);
+        let got = subscribe(&nats_url(), &format!("{prefix}.live.>")).await;
+        CoreNats {
+            publisher: Arc::new(NatsPublisher::connect(&cfg).await.unwrap()),
+            topic,
+            got,
+        }
+    }
+}
+
+/// An ephemeral topic: published through core NATS, read by a core subscriber.
+pub struct CoreNats {
+    pub publisher: Arc<NatsPublisher>,
+    pub topic: String,
+    pub got: Arc<Mutex<Vec<Received>>>,
+}
+
+impl BackendUnderTest for CoreNats {
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+    fn topic(&self) -> String {
+        self.topic.clone()
+    }
+    async fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Restart for JetStream {
+    type OnItsOwnBroker = JetStreamOnItsOwnServer;
+    async fn on_a_broker_of_its_own() -> JetStreamOnItsOwnServer {
+        let server = PrivateNats::start();
+        let (prefix, stream) = unique();
+        let js = create_stream(&server.url(), &stream, &prefix).await;
+        let publisher = NatsPublisher::connect(&config(&server.url()))
+            .await
+            .expect("connect the publisher");
+        JetStreamOnItsOwnServer {
+            on_it: JetStream {
+                publisher: Arc::new(publisher),
+                js,
+                prefix,
+                stream,
+            },
+            server,
+        }
+    }
+}
+
+/// JetStream on a nats-server of the test's own, for the `restart` case: killed and started
+/// again on the same port and store.
+pub struct JetStreamOnItsOwnServer {
+    pub on_it: JetStream,
+    pub server: PrivateNats,
+}
+
+impl BackendUnderTest for JetStreamOnItsOwnServer {
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.on_it.publisher()
+    }
+    fn topic(&self) -> String {
+        self.on_it.topic()
+    }
+    async fn received(&self) -> Vec<Received> {
+        self.on_it.received().await
+    }
+    fn check_message(&self, r: &Received) {
+        self.on_it.check_message(r)
+    }
+}
+
+impl BrokerAway for JetStreamOnItsOwnServer {
+    const OUTAGES: &'static [Outage] = &[Outage::Killed];
+    fn publish_timeout(&self) -> Dur {
+        Dur::secs(3)
+    }
+    async fn take_away(&mut self, how: Outage) {
+        assert_eq!(how, Outage::Killed);
+        self.server.stop_server();
+    }
+    async fn bring_back(&mut self, how: Outage) -> Kept {
+        assert_eq!(how, Outage::Killed);
+        self.server.start_server();
+        // The reader on a client of its own, connected afresh.
+        let client = async_nats::connect(self.server.url())
+            .await
+            .expect("connect to the restarted server");
+        self.on_it.js = jetstream::new(client);
+        Kept::Everything
+    }
+    fn check_after_the_outages(&self, got: &[Received], sent: &[NewEvent]) {
+        assert!(
+            self.on_it.publisher.reconnects() >= 1,
+            "the client saw the disconnect"
+        );
+        assert_eq!(
+            got.len(),
+            sent.len(),
+            "the duplicate window dropped re-publishes"
+        );
     }
 }
 

@@ -3,9 +3,12 @@
 //! an exclusive subscription from the earliest message), and private broker instances for
 //! tests that stop the broker.
 
-use super::conformance::{BackendUnderTest, Received};
+use super::conformance::{
+    BackendUnderTest, BrokerAway, Ephemeral, Kept, Outage, Received, Restart, SizeLimit,
+};
 use super::free_port;
 use base64::Engine as _;
+use outbox_relay::publisher::pulsar::config::{Persistence, TopicSettings};
 use outbox_relay::publisher::pulsar::{PulsarConfig, PulsarPublisher};
 use outbox_relay::publisher::Publisher;
 use std::collections::HashMap;
@@ -129,14 +132,117 @@ impl PulsarUnderTest {
 
     pub async fn with(cfg: PulsarConfig) -> PulsarUnderTest {
         let topic = unique_topic();
+        let full = full_name(&topic);
+        PulsarUnderTest::reading(cfg, topic, &full).await
+    }
+
+    /// On `topic`, read by a subscription on `full`, its full name as the config makes it.
+    async fn reading(cfg: PulsarConfig, topic: String, full: &str) -> PulsarUnderTest {
         // The subscription exists before the first event, so the reader sees them all
         // whatever the topic's retention.
-        let reader = Reader::start(&cfg.service_url, &full_name(&topic)).await;
+        let reader = Reader::start(&cfg.service_url, full).await;
         PulsarUnderTest {
             publisher: Arc::new(PulsarPublisher::connect(&cfg).await),
             reader,
             topic,
         }
+    }
+}
+
+/// The limit is the backend's own `max_message_bytes` (less a batch's bytes and framing):
+/// the relay refuses the row before it is sent, naming the field; and a topic Pulsar cannot
+/// name.
+impl SizeLimit for PulsarUnderTest {
+    async fn with_a_size_limit() -> PulsarUnderTest {
+        let mut cfg = config(&pulsar_url());
+        cfg.batching_max_bytes = 1024;
+        cfg.max_message_bytes = 1024 + 16 * 1024 + 10_000;
+        PulsarUnderTest::with(cfg).await
+    }
+    fn oversized(&self) -> usize {
+        20_000
+    }
+    fn oversized_reason(&self) -> &'static [&'static str] {
+        &["field payload", "max_message_bytes", "of 10000 bytes"]
+    }
+    fn refused_topics(&self) -> Vec<(String, Vec<String>)> {
+        vec![(
+            "orders/created".into(),
+            vec!["field topic".into(), "'/'".into()],
+        )]
+    }
+}
+
+/// A topic configured ephemeral goes to `non-persistent://`, where a connected subscriber
+/// gets it.
+impl Ephemeral for PulsarUnderTest {
+    type Live = PulsarUnderTest;
+    async fn with_an_ephemeral_topic() -> PulsarUnderTest {
+        let mut cfg = config(&pulsar_url());
+        cfg.topics.insert(
+            "eph*".into(),
+            TopicSettings {
+                persistence: Persistence::Ephemeral,
+                ..TopicSettings::default()
+            },
+        );
+        let topic = format!("eph{}", unique_topic());
+        let full = format!("non-persistent://public/default/{topic}");
+        PulsarUnderTest::reading(cfg, topic, &full).await
+    }
+}
+
+impl Restart for PulsarUnderTest {
+    type OnItsOwnBroker = PulsarOnItsOwnBroker;
+    async fn on_a_broker_of_its_own() -> PulsarOnItsOwnBroker {
+        let broker = PrivatePulsar::start();
+        let topic = unique_topic();
+        PulsarOnItsOwnBroker {
+            reader: Some(Reader::start(&broker.url(), &full_name(&topic)).await),
+            publisher: Arc::new(PulsarPublisher::connect(&config(&broker.url())).await),
+            topic,
+            broker,
+        }
+    }
+}
+
+/// Pulsar on a broker of the test's own, for the `restart` case: killed (SIGKILL) and started
+/// again on its data. The reader goes with the broker; once it is back, a new subscription
+/// from the earliest message reads what the broker stored before the kill and after.
+pub struct PulsarOnItsOwnBroker {
+    pub publisher: Arc<PulsarPublisher>,
+    pub topic: String,
+    pub reader: Option<Reader>,
+    pub broker: PrivatePulsar,
+}
+
+impl BackendUnderTest for PulsarOnItsOwnBroker {
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+    fn topic(&self) -> String {
+        self.topic.clone()
+    }
+    async fn received(&self) -> Vec<Received> {
+        self.reader
+            .as_ref()
+            .map(Reader::received)
+            .unwrap_or_default()
+    }
+}
+
+impl BrokerAway for PulsarOnItsOwnBroker {
+    const OUTAGES: &'static [Outage] = &[Outage::Killed];
+    async fn take_away(&mut self, how: Outage) {
+        assert_eq!(how, Outage::Killed);
+        self.broker.stop_server();
+        self.reader = None;
+    }
+    async fn bring_back(&mut self, how: Outage) -> Kept {
+        assert_eq!(how, Outage::Killed);
+        self.broker.start_server();
+        self.reader = Some(Reader::start(&self.broker.url(), &full_name(&self.topic)).await);
+        Kept::Everything
     }
 }
 
