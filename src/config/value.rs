@@ -103,7 +103,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A duration written as `250ms`, `30s`, `5m`, `2h` or `1d`.
+/// A duration written as `250ms`, `1.5s`, `30s`, `5m`, `2h`, `1d` or `1h30m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
@@ -116,33 +116,34 @@ impl Dur {
     }
 }
 
-/// Hand-written rather than humantime: humantime refuses fractions (`1.5s`), which every
-/// duration key accepts today, and its errors would not list the units allowed here.
+/// The units a duration key takes. humantime, which parses the value, knows more (`y`, `M`,
+/// `w`, `us`, ...); those are refused, so a typo like `5y` for `5s` is an error, not five years.
+const UNITS: [&str; 5] = ["ms", "s", "m", "h", "d"];
+
+/// A duration as `250ms`, `1.5s`, `5m`, `2h`, `1d` or a sum like `1h30m`, parsed by humantime;
+/// the error names the value and what is allowed.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| format!("{s:?} has no unit; write it like 250ms, 30s, 5m, 2h or 1d"))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m, 2h or 1d"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        other => {
-            return Err(format!(
-                "{s:?} has unit {other:?}; allowed units are ms, s, m, h, d"
-            ))
+    let mut units = s
+        .split(|c: char| c.is_ascii_digit() || c == '.' || c.is_whitespace())
+        .filter(|u| !u.is_empty())
+        .peekable();
+    if units.peek().is_none() {
+        return Err(format!(
+            "{s:?} has no unit; write it like 250ms, 30s, 5m, 2h or 1d"
+        ));
+    }
+    if let Some(other) = units.find(|u| !UNITS.contains(u)) {
+        return Err(format!(
+            "{s:?} has unit {other:?}; allowed units are ms, s, m, h, d"
+        ));
+    }
+    humantime::parse_duration(s).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => {
+            format!("{s:?} is too long; durations go up to {} s", u64::MAX)
         }
-    };
-    // `from_secs_f64` panics past u64::MAX seconds; a typo like `99999999999999999999d` is an
-    // error naming the value, not a crash.
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("{s:?} is too long; durations go up to {} s", u64::MAX))
+        e => format!("{s:?} is not a duration like 250ms, 30s, 5m, 2h or 1d ({e})"),
+    })
 }
 
 impl<'de> Deserialize<'de> for Dur {
