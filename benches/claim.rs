@@ -21,7 +21,7 @@ use std::time::Instant;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    outbox_relay::allocator::tune();
+    outbox_relay::tune_allocator();
     let sizes = common::sizes("BENCH_CLAIM_SIZES", "10000,1000000,10000000");
     let rounds = if common::is_bench() { 300 } else { 5 };
     let db = BenchDb::open("bench_claim", 2).await;

@@ -249,7 +249,7 @@ async fn drain_sql_only(cfg: &Config, n: u64) -> Figures {
 }
 
 fn main() {
-    outbox_relay::allocator::tune();
+    outbox_relay::tune_allocator();
     // BENCH_WORKERS: the runtime's worker threads (default 2, one per core here).
     let workers = std::env::var("BENCH_WORKERS")
         .ok()

@@ -118,7 +118,7 @@ impl Publisher for Timed {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    outbox_relay::allocator::tune();
+    outbox_relay::tune_allocator();
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()

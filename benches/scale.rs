@@ -130,7 +130,7 @@ async fn drain_settled(
     // Settled: the shares are the targets' sizes (in some order) and stay so for two
     // rebalance intervals, so no hand-over falls inside the timed drain.
     let mut want: Vec<u64> = (0..relays)
-        .map(|i| outbox_relay::relay::ownership::target(i, relays).len() as u64)
+        .map(|i| outbox_relay::internals::partitions_of_relay(i, relays).len() as u64)
         .collect();
     want.sort_unstable();
     let t = Instant::now();
@@ -191,7 +191,7 @@ const SPLIT: [&str; 5] = ["scale-", "postgres", "tansu", "pulsar-lite", "nats-se
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    outbox_relay::allocator::tune();
+    outbox_relay::tune_allocator();
     let bench = common::is_bench();
     let backend = if bench {
         std::env::var("BENCH_BACKEND").unwrap_or_else(|_| "memory".into())

@@ -24,6 +24,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings denied)"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo doc (broken links and private links denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
 echo "== deploy artifacts (scripts/deploy-check.sh)"
 cargo build --locked --bin outbox-relay
 bash scripts/deploy-check.sh

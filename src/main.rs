@@ -8,12 +8,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     // Before the runtime's threads allocate anything.
-    outbox_relay::allocator::tune();
+    outbox_relay::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build();
     match runtime {
-        Ok(rt) => rt.block_on(outbox_relay::cli::main()),
+        Ok(rt) => rt.block_on(outbox_relay::main()),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             std::process::ExitCode::FAILURE

@@ -169,19 +169,17 @@ pub fn setting_for<'a, T>(
     settings.get(topic).or_else(|| {
         settings
             .iter()
-            .find(|(pat, _)| {
-                pat.contains(['*', '?']) && glob_match(pat, topic)
-            })
+            .find(|(pat, _)| pat.contains(['*', '?']) && glob_match(pat, topic))
             .map(|(_, s)| s)
     })
 }
 
-/// A route or topic-setting pattern, compiled: `*` matches any run of characters (dots
-/// included), `?` exactly one, and every other character only itself. The pattern language is
-/// kept to these two so a topic or subject with `[`, `{` or `\` in it (NATS allows them) means
-/// what it says; globset does the matching.
+/// A route or topic-setting pattern, compiled: `*` matches any run of characters (dots and
+/// slashes included), `?` exactly one byte, and every other character only itself. The
+/// language is kept to these two so a topic or subject with `[`, `{` or `\` in it (NATS
+/// allows them) means what it says; globset does the matching.
 #[derive(Debug, Clone)]
-pub struct Pattern(Option<globset::GlobMatcher>);
+pub struct Pattern(Option<globset::GlobSet>);
 
 impl Pattern {
     pub fn new(pattern: &str) -> Self {
@@ -189,6 +187,8 @@ impl Pattern {
         let mut buf = [0u8; 4];
         for c in pattern.chars() {
             match c {
+                // `**` is globset's "any number of folders" beside a `/`; here it is one `*`.
+                '*' if glob.ends_with('*') => {}
                 '*' | '?' => glob.push(c),
                 _ => glob.push_str(&globset::escape(c.encode_utf8(&mut buf))),
             }
@@ -198,10 +198,13 @@ impl Pattern {
         let built = globset::GlobBuilder::new(&glob)
             .literal_separator(false)
             .backslash_escape(false)
-            .build();
-        Pattern(built.ok().map(|g| g.compile_matcher()))
+            .build()
+            .and_then(|g| globset::GlobSetBuilder::new().add(g).build());
+        Pattern(built.ok())
     }
 
+    /// Per row on the hot path: a set of one glob, so globset picks its cheapest strategy
+    /// (a literal, a prefix or a suffix compare) before any regex.
     pub fn matches(&self, topic: &str) -> bool {
         self.0.as_ref().is_some_and(|m| m.is_match(topic))
     }
@@ -250,6 +253,11 @@ mod tests {
         assert!(!m("{x,y}.*", "x.z"));
         assert!(m("a\\*", "a\\b"));
         assert!(m("a/*", "a/b/c"));
+        // Two stars are one star, slashes or not (not globset's "any number of folders").
+        assert!(!m("a/**/b", "a/b"));
+        assert!(m("a/**/b", "a/x/y/b"));
+        assert!(!m("**/x", "x"));
+        assert!(m("orders.**", "orders.created"));
     }
 
     #[test]

@@ -6,11 +6,11 @@
 
 use chrono::{DateTime, Utc};
 use outbox_relay::envelope::{parse_headers, BodyFormat, Event, Wire};
+use outbox_relay::internals::glob_match;
 use outbox_relay::publisher::kafka::kafka_message;
 use outbox_relay::publisher::nats::nats_message;
 use outbox_relay::publisher::stdout::render_line;
 use outbox_relay::publisher::{AckTicket, Outgoing};
-use outbox_relay::routing::glob_match;
 use proptest::prelude::*;
 use serde_json::Value;
 use std::sync::Arc;

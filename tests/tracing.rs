@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use outbox_relay::config::TracingConfig;
-use outbox_relay::otel::Tracer;
+use outbox_relay::internals::Tracer;
 use prost::Message;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

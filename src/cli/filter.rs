@@ -115,7 +115,11 @@ mod tests {
     fn tables_are_left_aligned_columns_two_spaces_apart() {
         let rows = vec![
             vec!["orders".to_string(), "12".to_string(), "ok".to_string()],
-            vec!["billing.invoices".to_string(), "3".to_string(), String::new()],
+            vec![
+                "billing.invoices".to_string(),
+                "3".to_string(),
+                String::new(),
+            ],
         ];
         assert_eq!(
             table(&["TOPIC", "PENDING", "NOTE"], &rows),

@@ -7,8 +7,8 @@ mod backends;
 mod database;
 mod observe;
 mod relay;
-pub mod secrets;
-pub mod value;
+pub(crate) mod secrets;
+pub(crate) mod value;
 
 pub use crate::routing::RouteConfig;
 pub use backends::BackendConfig;

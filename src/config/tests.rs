@@ -446,12 +446,18 @@ fn durations_parse_with_units() {
     assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
     assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
     let long = parse_duration("99999999999999999999d").unwrap_err();
-    assert!(long.contains("99999999999999999999d") && long.contains("too long"), "{long}");
+    assert!(
+        long.contains("99999999999999999999d") && long.contains("too long"),
+        "{long}"
+    );
     assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
     assert!(parse_duration("5").is_err());
     assert!(parse_duration("5y").unwrap_err().contains("\"y\""));
     assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-    assert_eq!(parse_duration(" 2d ").unwrap(), Duration::from_secs(172_800));
+    assert_eq!(
+        parse_duration(" 2d ").unwrap(),
+        Duration::from_secs(172_800)
+    );
     for bad in ["", "s", ".s", "1..5s", "-1s", "1e3s", "ms5"] {
         let e = parse_duration(bad).unwrap_err();
         assert!(e.contains(&format!("{:?}", bad.trim())), "{bad:?}: {e}");

@@ -138,13 +138,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "{s:?} has unit {other:?}; allowed units are ms, s, m, h, d"
         ));
     }
-    humantime::parse_duration(s).map_err(|e| match e {
-        humantime::DurationError::NumberOverflow => {
-            format!("{s:?} is too long; durations go up to {} s", u64::MAX)
-        }
-        e => format!("{s:?} is not a duration like 250ms, 30s, 5m, 2h or 1d ({e})"),
-    })
+    let too_long = || format!("{s:?} is too long; durations go up to {MAX_DAYS}d");
+    match humantime::parse_duration(s) {
+        Ok(d) if d > MAX_DURATION => Err(too_long()),
+        Ok(d) => Ok(d),
+        Err(humantime::DurationError::NumberOverflow) => Err(too_long()),
+        Err(e) => Err(format!(
+            "{s:?} is not a duration like 250ms, 30s, 5m, 2h or 1d ({e})"
+        )),
+    }
 }
+
+/// The longest duration a key takes: a hundred years. Longer ones are typos, and the relay adds
+/// durations to the clock (`Instant + d`), which panics past the clock's range.
+const MAX_DAYS: u64 = 36_500;
+const MAX_DURATION: Duration = Duration::from_secs(MAX_DAYS * 86_400);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -11,9 +11,9 @@ use std::borrow::Cow;
 use std::fmt;
 use uuid::Uuid;
 
-pub mod cloudevents;
+pub(crate) mod cloudevents;
 mod eventbus;
-pub mod headers;
+pub(crate) mod headers;
 mod validate;
 
 pub use cloudevents::{CloudEventAttribute, CloudEventAttributes};

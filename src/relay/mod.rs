@@ -11,12 +11,12 @@
 //! notification (LISTEN/NOTIFY, see [`wake`]) or the poll interval.
 
 mod accounting;
-pub mod dispatch;
+pub(crate) mod dispatch;
 mod housekeeping;
-pub mod ownership;
+pub(crate) mod ownership;
 mod pipeline;
-pub mod retry;
-pub mod wake;
+pub(crate) mod retry;
+pub(crate) mod wake;
 
 use crate::config::{MonitorConfig, OrderingMode, RelayConfig, RouteConfig};
 use crate::metrics::{BackendLabels, Metrics};
@@ -126,7 +126,7 @@ impl Relay {
         }
     }
 
-    /// Traces claims and publications through `tracer` (see [`crate::otel`]).
+    /// Traces claims and publications through `tracer` (see `otel.rs`).
     pub fn with_tracer(mut self, tracer: Tracer) -> Relay {
         self.tracer = tracer;
         self

@@ -86,7 +86,7 @@ pub struct Share {
 pub type Cursor = (DateTime<Utc>, i64);
 
 /// Where a claim stands in the claims' walk through the due index, which decides the rows
-/// whose predecessor probe it may skip (see [`Store::probe_predecessors`]).
+/// whose predecessor probe it may skip (see `Store::probe_predecessors`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Walk {
     /// From the front: a new walk begins, with the oldest transaction running now.

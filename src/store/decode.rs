@@ -1,6 +1,6 @@
 //! Decoding a claimed row into the envelope. Per row and leniently: only the row id must decode
 //! (a bigint identity, always fine). Any other column that cannot become part of an event gets
-//! a placeholder and marks that row invalid ("field <column>: <problem>"), so the dispatcher
+//! a placeholder and marks that row invalid (`field <column>: <problem>`), so the dispatcher
 //! fails it in its aggregate's order; the claim itself never fails on a value.
 //!
 //! Timestamps are read from their wire bytes rather than through sqlx's chrono decoding, which
@@ -90,7 +90,10 @@ pub(super) fn claim_meta(row: &PgRow, at: &ClaimColumns, payload_cap: i64) -> Cl
     let headers = nullable::<i64>(row, at.headers_size).unwrap_or(0);
     ClaimMeta {
         size: payload.saturating_add(headers),
-        fresh: matches!(timestamp(row, at.next_attempt_at), Ok(Some(Ts::NegInfinity))),
+        fresh: matches!(
+            timestamp(row, at.next_attempt_at),
+            Ok(Some(Ts::NegInfinity))
+        ),
         written_by: nullable::<i64>(row, at.written_by),
         waiting: nullable::<bool>(row, at.waiting) != Some(false),
     }

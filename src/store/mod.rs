@@ -15,12 +15,12 @@
 
 mod claim;
 mod decode;
-pub mod enqueue;
+pub(crate) mod enqueue;
 mod housekeeping;
 pub mod migrate;
 mod names;
 pub mod ops;
-pub mod partitions;
+pub(crate) mod partitions;
 mod session;
 mod statements;
 

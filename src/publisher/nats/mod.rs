@@ -2,7 +2,7 @@
 //! ephemeral ones (the flush is the acknowledgement), chosen per topic as the EventBus did.
 //!
 //! * JetStream publishes are pipelined: each carries a reply subject of the publisher's own
-//!   subscription, and one task matches the PubAcks to their tickets as they come ([`acks`]).
+//!   subscription, and one task matches the PubAcks to their tickets as they come (`acks.rs`).
 //!   `max_in_flight` bounds how many wait at once; a full window makes `publish` wait
 //!   (backpressure).
 //! * Every message carries `Nats-Msg-Id` = event id, so a re-publish after a crash is dropped
@@ -11,7 +11,7 @@
 //!   is away time out into retryable results, and the rows stay pending.
 //! * "No responders" to a JetStream publish means no stream took the subject: either none
 //!   covers it, or the one that does has no leader right now (an election, servers
-//!   restarting). [`NoResponders`] asks JetStream which: the first fails the event, the second
+//!   restarting). `NoResponders` asks JetStream which: the first fails the event, the second
 //!   waits for the stream like any outage.
 
 mod acks;

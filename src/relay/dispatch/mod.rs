@@ -301,10 +301,6 @@ impl Dispatcher {
     pub fn in_flight(&self) -> usize {
         self.rows.len()
     }
-
-    pub fn open_batches(&self) -> usize {
-        self.batches.len()
-    }
 }
 
 /// A row this relay tracks, as a predecessor.
