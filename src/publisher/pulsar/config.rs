@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PulsarConfig {
-    /// The broker's (or proxy's) service URL: `pulsar://host:6650` or `pulsar+ssl://host:6651`.
-    /// pulsar-rs connects through one URL; the cluster's lookups find the topic owners.
+    /// The broker's (or proxy's) service URL: `pulsar://host:6650` or `pulsar+ssl://host:6651`,
+    /// or several hosts as the Go and Java clients write them (`pulsar://a:6650,b:6650`),
+    /// tried in order until one answers; the cluster's lookups then find the topic owners.
     pub service_url: String,
     /// Tenant and namespace of topics no `topics` entry places elsewhere.
     pub tenant: String,
@@ -250,28 +251,41 @@ impl PulsarConfig {
         self.validate_tls(key)
     }
 
-    /// One `pulsar://` or `pulsar+ssl://` host and port.
+    /// One `pulsar://` or `pulsar+ssl://` URL with one or more `host:port`, comma-separated.
     fn validate_url(&self, key: &str) -> Result<(), ConfigError> {
         let url = self.service_url.as_str();
-        let rest = url
+        let hosts = url
             .strip_prefix("pulsar://")
-            .or_else(|| url.strip_prefix("pulsar+ssl://"));
-        let host_port = rest.map(|r| r.trim_end_matches('/')).unwrap_or("");
-        let port_ok = host_port.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
-        if rest.is_none() || !port_ok || host_port.contains([',', '/', ' ', '?', '#', '@']) {
+            .or_else(|| url.strip_prefix("pulsar+ssl://"))
+            .map(|r| r.trim_end_matches('/'));
+        let host_ok = |host_port: &str| {
+            !host_port.contains(['/', ' ', '?', '#', '@'])
+                && host_port.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                })
+        };
+        if !hosts.is_some_and(|h| h.split(',').all(host_ok)) {
             return Err(invalid(
                 format!("{key}.service_url"),
                 format!(
-                    "{:?} is not allowed: one pulsar://host:port or pulsar+ssl://host:port \
-                     (pulsar-rs takes one URL; a cluster is reached through any of its \
-                     brokers or a proxy)",
+                    "{:?} is not allowed: pulsar://host:port or pulsar+ssl://host:port, or \
+                     several hosts as pulsar://host1:port,host2:port",
                     crate::config::secrets::redact_url(url)
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// The service URL once per host (`pulsar://a:1,b:1` is `pulsar://a:1` and
+    /// `pulsar://b:1`), in the order they are tried: pulsar-rs takes one host per client.
+    pub fn service_urls(&self) -> Vec<String> {
+        let url = self.service_url.trim_end_matches('/');
+        let (scheme, hosts) = url.split_once("://").unwrap_or(("pulsar", url));
+        hosts
+            .split(',')
+            .map(|host| format!("{scheme}://{host}"))
+            .collect()
     }
 
     /// Tenants, namespaces and topic names Pulsar accepts.
@@ -507,6 +521,21 @@ mod tests {
     }
 
     #[test]
+    fn a_service_url_may_list_several_hosts_tried_in_order() {
+        let c: PulsarConfig =
+            toml::from_str("service_url = \"pulsar+ssl://a.example:6651,10.0.0.2:6651/\"").unwrap();
+        c.validate("backends.p", Dur::secs(30)).unwrap();
+        assert_eq!(
+            c.service_urls(),
+            ["pulsar+ssl://a.example:6651", "pulsar+ssl://10.0.0.2:6651"]
+        );
+        assert_eq!(
+            PulsarConfig::default().service_urls(),
+            ["pulsar://127.0.0.1:6650"]
+        );
+    }
+
+    #[test]
     fn bad_topics_say_what_is_allowed() {
         let c = PulsarConfig::default();
         let e = c.pulsar_topic("orders créés").unwrap_err();
@@ -538,8 +567,13 @@ mod tests {
             assert!(e.contains(want), "{toml_text}: {e}");
         };
         bad("service_url = \"http://x:1\"", "backends.p.service_url");
+        bad("service_url = \"pulsar://a:1,b\"", "backends.p.service_url");
         bad(
-            "service_url = \"pulsar://a:1,b:1\"",
+            "service_url = \"pulsar://a:1,,b:1\"",
+            "backends.p.service_url",
+        );
+        bad(
+            "service_url = \"pulsar://a:1,b:1/x\"",
             "backends.p.service_url",
         );
         bad("tenant = \"a b\"", "backends.p.tenant");

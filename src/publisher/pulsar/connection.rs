@@ -23,11 +23,16 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 /// Connects in the background until it succeeds; pulsar-rs then reconnects by itself. Nothing
 /// here is ever cancelled half-way but at shutdown: a pulsar-rs connect dropped midway can
 /// leave its connection manager waiting forever on the half-made connection.
+///
+/// With several hosts in the service URL, each attempt takes the next one, so a host that
+/// cannot be reached costs one attempt. Once connected, pulsar-rs keeps to that host for its
+/// lookups (it reconnects to it, not to the others).
 pub(super) async fn connector(cfg: PulsarConfig, tx: watch::Sender<Conn>, stop: CancellationToken) {
-    loop {
+    let urls = cfg.service_urls();
+    for url in urls.iter().cycle() {
         let attempt = tokio::select! {
             _ = stop.cancelled() => return,
-            r = build_client(&cfg) => r,
+            r = build_client(&cfg, url) => r,
         };
         match attempt {
             Ok(c) => {
@@ -45,8 +50,8 @@ pub(super) async fn connector(cfg: PulsarConfig, tx: watch::Sender<Conn>, stop: 
     }
 }
 
-async fn build_client(cfg: &PulsarConfig) -> Result<Client, String> {
-    let mut b = Pulsar::builder(cfg.service_url.clone(), TokioExecutor)
+async fn build_client(cfg: &PulsarConfig, url: &str) -> Result<Client, String> {
+    let mut b = Pulsar::builder(url, TokioExecutor)
         .with_connection_retry_options(pulsar::ConnectionRetryOptions {
             connection_timeout: cfg.connection_timeout.0,
             // The connector tries again; the client need not try for minutes.
@@ -92,12 +97,12 @@ async fn build_client(cfg: &PulsarConfig) -> Result<Client, String> {
             .with_certificate_chain_file(ca)
             .map_err(|e| format!("tls_ca_file {ca:?}: {e}"))?;
     }
-    if cfg.service_url.starts_with("pulsar+ssl://") {
+    if url.starts_with("pulsar+ssl://") {
         b = b
             .with_tls_hostname_verification_enabled(cfg.tls_hostname_verification)
             .with_allow_insecure_connection(cfg.tls_allow_insecure);
     }
     b.build()
         .await
-        .map_err(|e| format!("pulsar: cannot connect: {e}"))
+        .map_err(|e| format!("pulsar: cannot connect to {url}: {e}"))
 }
