@@ -6,6 +6,7 @@ mod common;
 
 use common::conformance;
 use common::pulsar::{self as p, PrivatePulsar, PulsarUnderTest, Reader};
+use common::pulsar_tls::TlsFront;
 use common::{numbered_on, run_until_empty, spawn, wait_for, watchdog, TestDb};
 use outbox_relay::config::{Dur, OrderingMode, RouteConfig};
 use outbox_relay::publisher::pulsar::PulsarPublisher;
@@ -297,4 +298,99 @@ async fn token_auth_sends_the_token_in_the_connect_frame_and_the_events_flow() {
     let has = |needle: &[u8]| sent.windows(needle.len()).any(|w| w == needle);
     assert!(has(b"token"), "the CONNECT names the token method");
     assert!(has(token.as_bytes()), "the CONNECT carries the token");
+}
+
+/// A publisher for `cfg`, with a reader of its own on the plaintext broker.
+async fn under_test(cfg: &outbox_relay::publisher::pulsar::PulsarConfig) -> PulsarUnderTest {
+    let topic = p::unique_topic();
+    let reader = Reader::start(&p::pulsar_url(), &p::full_name(&topic)).await;
+    PulsarUnderTest {
+        publisher: Arc::new(PulsarPublisher::connect(cfg).await),
+        topic,
+        reader,
+    }
+}
+
+/// Waits until the publisher's health says down for a reason containing one of `why`, and
+/// returns what it said.
+async fn down_because(b: &PulsarUnderTest, why: &[&str], what: &str) -> String {
+    let last = Arc::new(std::sync::Mutex::new(String::new()));
+    wait_for(DEADLINE, what, || async {
+        let h = b.publisher.health().await;
+        *last.lock().unwrap() = format!("{h:?}");
+        matches!(&h, Health::Down(r) if why.iter().any(|w| r.to_lowercase().contains(w)))
+    })
+    .await;
+    let said = last.lock().unwrap().clone();
+    said
+}
+
+/// TLS, live: `pulsar+ssl://` to a TLS front of the test's own (pulsar-lite has no TLS),
+/// trusting the test CA through `tls_ca_file`, hostname verification on. The events flow, and
+/// they went over TLS: the front's lookup answers send every connection through itself.
+#[tokio::test]
+async fn over_tls_with_the_ca_file_and_hostname_verification_the_events_flow() {
+    let front = TlsFront::start(p::pulsar_url().trim_start_matches("pulsar://")).await;
+    let mut cfg = p::config(&front.url("localhost"));
+    cfg.tls_ca_file = Some(front.cert("ca.crt"));
+    cfg.validate("backends.p", Dur::secs(30)).unwrap();
+    assert!(cfg.tls_hostname_verification, "on by default");
+    let b = under_test(&cfg).await;
+    wait_for(DEADLINE, "connected over TLS", || async {
+        matches!(b.publisher.health().await, Health::Up)
+    })
+    .await;
+    conformance::one_result_per_message(&b).await;
+    assert!(
+        front.handshakes.load(Ordering::SeqCst) >= 2,
+        "the lookup connection and the producer's both over TLS"
+    );
+}
+
+/// A certificate the configured CA did not sign is refused, and so is a host name the
+/// certificate does not carry (it is for `localhost`, the URL says 127.0.0.1): the backend
+/// stays down saying why, and nothing gets through the handshake. With hostname
+/// verification off, the same name is accepted and the events flow; with
+/// `tls_allow_insecure`, so is the untrusted certificate.
+#[tokio::test]
+async fn over_tls_an_untrusted_certificate_or_a_wrong_host_name_is_refused() {
+    let front = TlsFront::start(p::pulsar_url().trim_start_matches("pulsar://")).await;
+
+    let mut untrusted = p::config(&front.url("localhost"));
+    untrusted.tls_ca_file = Some(front.cert("other.crt"));
+    let b = under_test(&untrusted).await;
+    let said = down_because(&b, &["tls_ca_file"], "refused: untrusted").await;
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0, "{said}");
+
+    let mut wrong_name = p::config(&front.url("127.0.0.1"));
+    wrong_name.tls_ca_file = Some(front.cert("ca.crt"));
+    let b = under_test(&wrong_name).await;
+    let said = down_because(&b, &["tls_hostname_verification"], "refused: name").await;
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0, "{said}");
+
+    let mut unchecked_name = wrong_name.clone();
+    unchecked_name.tls_hostname_verification = false;
+    unchecked_name
+        .validate("backends.p", Dur::secs(30))
+        .unwrap();
+    let b = under_test(&unchecked_name).await;
+    wait_for(DEADLINE, "connected, the name unchecked", || async {
+        matches!(b.publisher.health().await, Health::Up)
+    })
+    .await;
+    conformance::one_result_per_message(&b).await;
+    let before = front.handshakes.load(Ordering::SeqCst);
+    assert!(before >= 1);
+
+    // And `tls_allow_insecure` takes a certificate no configured CA signed.
+    let mut insecure = untrusted.clone();
+    insecure.tls_allow_insecure = true;
+    insecure.validate("backends.p", Dur::secs(30)).unwrap();
+    let b = under_test(&insecure).await;
+    wait_for(DEADLINE, "connected, the certificate unchecked", || async {
+        matches!(b.publisher.health().await, Health::Up)
+    })
+    .await;
+    conformance::one_result_per_message(&b).await;
+    assert!(front.handshakes.load(Ordering::SeqCst) > before);
 }

@@ -3,10 +3,12 @@
 //! tests that stop the server.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod conformance;
 pub mod kafka;
 pub mod nats;
 pub mod pulsar;
+pub mod pulsar_tls;
 
 use outbox_relay::config::{Config, Dur, RouteConfig};
 use outbox_relay::envelope::BodyFormat;

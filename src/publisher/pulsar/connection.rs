@@ -102,7 +102,17 @@ async fn build_client(cfg: &PulsarConfig, url: &str) -> Result<Client, String> {
             .with_tls_hostname_verification_enabled(cfg.tls_hostname_verification)
             .with_allow_insecure_connection(cfg.tls_allow_insecure);
     }
-    b.build()
-        .await
-        .map_err(|e| format!("pulsar: cannot connect to {url}: {e}"))
+    b.build().await.map_err(|e| {
+        let why = format!("pulsar: cannot connect to {url}: {e}");
+        // pulsar-rs reports a refused TLS handshake only as a "fatal error" (the TLS error
+        // itself goes to its log), so the reason names what to check.
+        if url.starts_with("pulsar+ssl://") && why.contains("fatal error") {
+            format!(
+                "{why} (over TLS, most often the broker's certificate: not signed by the CA in \
+                 tls_ca_file, or not for the URL's host name, see tls_hostname_verification)"
+            )
+        } else {
+            why
+        }
+    })
 }
