@@ -15,8 +15,8 @@
 //! The other public modules (`store`'s operator queries, the backends' own types, `relay`'s
 //! parts) are public so that the project's own tests and benchmarks can reach what they
 //! measure; they are the binary's internals and change without notice. Everything else is
-//! private to the crate (`pub(crate)`), and [`internals`] names the few pieces of it the
-//! tests use.
+//! private to the crate (`pub(crate)`), and `internals` (hidden from these docs) names the
+//! few pieces of it the tests use.
 //!
 //! # Layout
 //! * [`config`]: settings in layers (relay.toml, `RELAY__` environment, flags), validated.

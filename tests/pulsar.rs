@@ -231,18 +231,33 @@ fn a_dead_port() -> u16 {
 async fn a_service_url_with_several_hosts_connects_through_the_first_that_answers() {
     let live = p::pulsar_url();
     let host = live.trim_start_matches("pulsar://");
-    let cfg = p::config(&format!("pulsar://127.0.0.1:{},{host}", a_dead_port()));
+    let dead = format!("127.0.0.1:{}", a_dead_port());
+    let cfg = p::config(&format!("pulsar://{dead},{host}"));
     cfg.validate("backends.p", Dur::secs(30)).unwrap();
     assert_eq!(cfg.service_urls().len(), 2);
     let topic = p::unique_topic();
     let reader = Reader::start(&live, &p::full_name(&topic)).await;
     let publisher = Arc::new(PulsarPublisher::connect(&cfg).await);
-    // The first attempt goes to the dead host (the publisher says unavailable meanwhile, which
-    // the relay retries without counting); the next one connects.
+    // The first attempt goes to the dead host, and the backend says so for the pause before
+    // the next attempt (unavailable meanwhile, which the relay retries without counting);
+    // the next one connects.
+    let saw_dead = std::sync::atomic::AtomicBool::new(false);
     wait_for(DEADLINE, "connected through the second host", || async {
-        matches!(publisher.health().await, Health::Up)
+        match publisher.health().await {
+            Health::Up => true,
+            Health::Down(why) => {
+                if why.contains(&dead) {
+                    saw_dead.store(true, Ordering::SeqCst);
+                }
+                false
+            }
+        }
     })
     .await;
+    assert!(
+        saw_dead.load(Ordering::SeqCst),
+        "the first host ({dead}) was tried first"
+    );
     let b = PulsarUnderTest {
         publisher,
         topic,
@@ -252,12 +267,14 @@ async fn a_service_url_with_several_hosts_connects_through_the_first_that_answer
 }
 
 /// Token authentication: the client's CONNECT carries the `token` method and the token itself.
-/// pulsar-lite takes any token, so what is checked is what goes on the wire, read by a proxy
-/// of the test's own between the relay and the broker.
+/// pulsar-lite takes any token, so what is checked is what goes on the wire: the CONNECT
+/// frame, decoded by a proxy of the test's own between the relay and the broker.
 #[tokio::test]
 async fn token_auth_sends_the_token_in_the_connect_frame_and_the_events_flow() {
     use outbox_relay::config::Secret;
     use outbox_relay::publisher::pulsar::config::AuthMethod;
+    use prost013::Message as _;
+    use pulsar::message::proto::BaseCommand;
     use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -265,23 +282,35 @@ async fn token_auth_sends_the_token_in_the_connect_frame_and_the_events_flow() {
     let broker = live.trim_start_matches("pulsar://").to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
-    let first_bytes: Arc<Mutex<Vec<u8>>> = Arc::default();
-    let seen = first_bytes.clone();
+    // The first frame of each connection, as the client sent it.
+    let connects: Arc<Mutex<Vec<BaseCommand>>> = Arc::default();
+    let seen = connects.clone();
     tokio::spawn(async move {
         while let Ok((mut client, _)) = listener.accept().await {
             let (seen, broker) = (seen.clone(), broker.clone());
             tokio::spawn(async move {
-                let mut server = tokio::net::TcpStream::connect(&broker).await.unwrap();
-                let mut buf = vec![0u8; 64 * 1024];
-                let n = client.read(&mut buf).await.unwrap_or(0);
-                seen.lock().unwrap().extend_from_slice(&buf[..n]);
-                if server.write_all(&buf[..n]).await.is_ok() {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&broker).await else {
+                    return;
+                };
+                // [u32 total size][u32 command size][command]: CONNECT has no payload.
+                let mut size = [0u8; 4];
+                if client.read_exact(&mut size).await.is_err() {
+                    return;
+                }
+                let mut frame = vec![0u8; u32::from_be_bytes(size) as usize];
+                if client.read_exact(&mut frame).await.is_err() {
+                    return;
+                }
+                if let Some(cmd) = frame.get(4..).and_then(|c| BaseCommand::decode(c).ok()) {
+                    seen.lock().unwrap().push(cmd);
+                }
+                if server.write_all(&size).await.is_ok() && server.write_all(&frame).await.is_ok() {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                 }
             });
         }
     });
-    let token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.relay-test-token";
+    let token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.relay-test-jwt";
     let mut cfg = p::config(&format!("pulsar://{proxy}"));
     cfg.auth = AuthMethod::Token;
     cfg.token = Some(Secret::new(token.to_string()));
@@ -294,10 +323,13 @@ async fn token_auth_sends_the_token_in_the_connect_frame_and_the_events_flow() {
         reader,
     };
     conformance::one_result_per_message(&b).await;
-    let sent = first_bytes.lock().unwrap().clone();
-    let has = |needle: &[u8]| sent.windows(needle.len()).any(|w| w == needle);
-    assert!(has(b"token"), "the CONNECT names the token method");
-    assert!(has(token.as_bytes()), "the CONNECT carries the token");
+    let connects = connects.lock().unwrap().clone();
+    let connect = connects
+        .first()
+        .and_then(|c| c.connect.clone())
+        .unwrap_or_else(|| panic!("the first frame is a CONNECT: {connects:?}"));
+    assert_eq!(connect.auth_method_name.as_deref(), Some("token"));
+    assert_eq!(connect.auth_data.as_deref(), Some(token.as_bytes()));
 }
 
 /// A publisher for `cfg`, with a reader of its own on the plaintext broker.
@@ -349,7 +381,7 @@ async fn over_tls_with_the_ca_file_and_hostname_verification_the_events_flow() {
 
 /// A certificate the configured CA did not sign is refused, and so is a host name the
 /// certificate does not carry (it is for `localhost`, the URL says 127.0.0.1): the backend
-/// stays down saying why, and nothing gets through the handshake. With hostname
+/// stays down naming what to check, and nothing gets through the handshake. With hostname
 /// verification off, the same name is accepted and the events flow; with
 /// `tls_allow_insecure`, so is the untrusted certificate.
 #[tokio::test]

@@ -24,8 +24,9 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 /// here is ever cancelled half-way but at shutdown: a pulsar-rs connect dropped midway can
 /// leave its connection manager waiting forever on the half-made connection.
 ///
-/// With several hosts in the service URL, each attempt takes the next one, so a host that
-/// cannot be reached costs one attempt. Once connected, pulsar-rs keeps to that host for its
+/// With several hosts in the service URL, each attempt takes the next one: a host that refuses
+/// costs one attempt, one that does not answer up to three `connection_timeout`s (pulsar-rs'
+/// own retries). Once connected, pulsar-rs keeps to that host for its
 /// lookups (it reconnects to it, not to the others).
 pub(super) async fn connector(cfg: PulsarConfig, tx: watch::Sender<Conn>, stop: CancellationToken) {
     let urls = cfg.service_urls();
@@ -104,12 +105,14 @@ async fn build_client(cfg: &PulsarConfig, url: &str) -> Result<Client, String> {
     }
     b.build().await.map_err(|e| {
         let why = format!("pulsar: cannot connect to {url}: {e}");
-        // pulsar-rs reports a refused TLS handshake only as a "fatal error" (the TLS error
-        // itself goes to its log), so the reason names what to check.
+        // pulsar-rs reports a refused TLS handshake only as a "fatal error", as it does a
+        // refused token or a closed connection (the cause goes to its log), so the reason
+        // names what to check.
         if url.starts_with("pulsar+ssl://") && why.contains("fatal error") {
             format!(
-                "{why} (over TLS, most often the broker's certificate: not signed by the CA in \
-                 tls_ca_file, or not for the URL's host name, see tls_hostname_verification)"
+                "{why} (over TLS, check the broker's certificate: signed by the CA in \
+                 tls_ca_file, for the URL's host name unless tls_hostname_verification is \
+                 off; else the credentials or the connection)"
             )
         } else {
             why
