@@ -210,11 +210,11 @@ pub struct CloudEventAttributes<'a> {
     pub eventversion: i32,
 }
 
-/// One row of [`ATTRIBUTES`]: (name, Kafka header, NATS header).
+/// One row of `ATTRIBUTES`: (name, Kafka header, NATS header).
 pub type CloudEventAttribute = (&'static str, &'static str, &'static str);
 
 impl CloudEventAttributes<'_> {
-    /// Each attribute that is set, with its canonical string, in [`ATTRIBUTES`]'
+    /// Each attribute that is set, with its canonical string, in `ATTRIBUTES`'
     /// order.
     pub fn values(&self) -> Vec<(&'static CloudEventAttribute, String)> {
         let all = [

@@ -3,7 +3,7 @@
 //! Every backend puts the same metadata on the wire (see [`Event::wire_headers`]) and chooses
 //! the body by the route's [`BodyFormat`]: the raw payload, the whole envelope as JSON in the
 //! EventBus format so that existing EventBus subscribers consume it unchanged, or a CloudEvent
-//! 1.0 in binary or structured mode ([`cloudevents`], [`Event::message`]).
+//! 1.0 in binary or structured mode (`cloudevents.rs`, [`Event::message`]).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
@@ -57,7 +57,7 @@ pub enum BodyFormat {
     Raw,
     /// The EventBus envelope as JSON: snake_case keys, payload as base64.
     Envelope,
-    /// A CloudEvent 1.0 (see [`cloudevents`]).
+    /// A CloudEvent 1.0 (see `cloudevents.rs`).
     CloudEvents(CloudEventsFormat),
 }
 
@@ -117,7 +117,7 @@ impl CloudEventsMode {
 
 /// A route's CloudEvents `source`, interned: each distinct value is kept once for the life of
 /// the process (a handful of strings from the configuration), so [`BodyFormat`] stays `Copy`.
-/// Config validation checks it ([`cloudevents::source_problem`]); the encoder refuses an
+/// Config validation checks it (`cloudevents::source_problem`); the encoder refuses an
 /// empty one rather than send an event without a source.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CeSource(&'static str);
@@ -437,7 +437,7 @@ impl Event {
     /// * binary mode: every attribute as a header, `ce_<name>` with the value as UTF-8 on
     ///   Kafka (`datacontenttype` is the `content-type` header there, per the Kafka binding),
     ///   `ce-<name>` percent-encoded on NATS (`ce-datacontenttype` too, per the NATS binding);
-    /// * structured mode: `content-type` = [`cloudevents::STRUCTURED_CONTENT_TYPE`] and no
+    /// * structured mode: `content-type` = `application/cloudevents+json; charset=UTF-8` and no
     ///   `ce` header (SDKs read any `ce_` header on Kafka as binary mode).
     pub fn headers_for(
         &self,

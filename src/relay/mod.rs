@@ -2,13 +2,13 @@
 //!
 //! One task runs the loop. It keeps up to `relay.pipeline_depth` claims open at once, each a
 //! transaction holding its rows locked (see [`crate::store`]). Claimed rows go through the
-//! [`dispatch::Dispatcher`], which hands them to publishers (at most one per aggregate in flight)
+//! `dispatch::Dispatcher`, which hands them to publishers (at most one per aggregate in flight)
 //! and turns the results arriving on the ACK channel into verdicts. When every row of a claim
 //! has its verdict, the claim is finished (all verdicts written in one transaction) on a task of
 //! its own while the loop goes on.
 //!
 //! The loop claims again at once while claims come back full; otherwise it waits for a
-//! notification (LISTEN/NOTIFY, see [`wake`]) or the poll interval.
+//! notification (LISTEN/NOTIFY, see `wake.rs`) or the poll interval.
 
 mod accounting;
 pub(crate) mod dispatch;
