@@ -1,7 +1,8 @@
 //! Claiming and finishing: the relay's hot path. A claim locks due rows and returns them
 //! decoded; finishing writes every verdict of a claim in one transaction and commits.
 
-use super::decode::{self, decode_claimed, ClaimColumns, ProbeColumns};
+use super::columns::{ClaimColumns, ProbeColumns};
+use super::decode::{self, decode_claimed};
 use super::names::{held_until, RowStatus, LOCK_FENCE};
 use super::{Store, StoreError};
 use crate::envelope::Event;
@@ -273,12 +274,8 @@ impl Store {
                 if taken.cut {
                     continue;
                 }
-                let at = match columns {
-                    Some(at) => at,
-                    None => *columns.insert(
-                        ClaimColumns::of(&row).map_err(StoreError::sql("decode claimed row"))?,
-                    ),
-                };
+                let at = ClaimColumns::kept(&mut columns, &row)
+                    .map_err(StoreError::sql("decode claimed row"))?;
                 let meta = decode::claim_meta(&row, &at, self.payload_cap);
                 if !taken.rows.is_empty() && bytes >= self.batch_max_bytes {
                     // Locked past the budget: released unchanged at commit. The rest is read

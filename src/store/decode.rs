@@ -9,65 +9,12 @@
 //! the schema's own types ([`FromWire`]); a column an operator gave another type goes through
 //! sqlx, with the same result or error as ever.
 
+use super::columns::{ClaimColumns, ProbeColumns};
 use super::{Claimed, Cursor, Prev, RowStatus};
 use crate::envelope::{parse_headers, Event};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgRow, PgValueFormat, PgValueRef};
-use sqlx::{Column, Row, ValueRef};
-
-/// Where each column the claim's decoder reads sits in the result, found by name once per
-/// claim (on its first row), so each row is then read by position at no extra cost and the
-/// select list (`statements::claim_sql_where`) may put them in any order.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct ClaimColumns {
-    id: usize,
-    event_id: usize,
-    topic: usize,
-    aggregate_id: usize,
-    aggregate_type: usize,
-    event_type: usize,
-    event_version: usize,
-    payload: usize,
-    headers: usize,
-    content_type: usize,
-    traceparent: usize,
-    correlation_id: usize,
-    occurred_at: usize,
-    attempts: usize,
-    next_attempt_at: usize,
-    payload_size: usize,
-    headers_size: usize,
-    written_by: usize,
-    waiting: usize,
-}
-
-impl ClaimColumns {
-    /// The positions in `row`'s result; an error names a column the statement does not select.
-    pub(super) fn of(row: &PgRow) -> Result<Self, sqlx::Error> {
-        let at = |name: &str| row.try_column(name).map(|c| c.ordinal());
-        Ok(ClaimColumns {
-            id: at("id")?,
-            event_id: at("event_id")?,
-            topic: at("topic")?,
-            aggregate_id: at("aggregate_id")?,
-            aggregate_type: at("aggregate_type")?,
-            event_type: at("event_type")?,
-            event_version: at("event_version")?,
-            payload: at("payload")?,
-            headers: at("headers")?,
-            content_type: at("content_type")?,
-            traceparent: at("traceparent")?,
-            correlation_id: at("correlation_id")?,
-            occurred_at: at("occurred_at")?,
-            attempts: at("attempts")?,
-            next_attempt_at: at("next_attempt_at")?,
-            payload_size: at("payload_size")?,
-            headers_size: at("headers_size")?,
-            written_by: at("written_by")?,
-            waiting: at("waiting")?,
-        })
-    }
-}
+use sqlx::{Row, ValueRef};
 
 /// What the claim says of a row besides its envelope (see `claim_sql_where`).
 pub(super) struct ClaimMeta {
@@ -96,27 +43,6 @@ pub(super) fn claim_meta(row: &PgRow, at: &ClaimColumns, payload_cap: i64) -> Cl
         ),
         written_by: nullable::<i64>(row, at.written_by),
         waiting: nullable::<bool>(row, at.waiting) != Some(false),
-    }
-}
-
-/// Where the predecessor probe's columns sit in its result, found by name once per probe.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct ProbeColumns {
-    claimed_id: usize,
-    prev_id: usize,
-    prev_status: usize,
-    prev_next_attempt_at: usize,
-}
-
-impl ProbeColumns {
-    pub(super) fn of(row: &PgRow) -> Result<Self, sqlx::Error> {
-        let at = |name: &str| row.try_column(name).map(|c| c.ordinal());
-        Ok(ProbeColumns {
-            claimed_id: at("claimed_id")?,
-            prev_id: at("prev_id")?,
-            prev_status: at("prev_status")?,
-            prev_next_attempt_at: at("prev_next_attempt_at")?,
-        })
     }
 }
 

@@ -14,6 +14,7 @@
 //! instead of dying.
 
 mod claim;
+mod columns;
 mod decode;
 pub(crate) mod enqueue;
 mod housekeeping;
