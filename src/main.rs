@@ -1,4 +1,5 @@
-//! The `outbox-relay` binary: everything lives in the library (`outbox_relay::main`, the command line; its commands in `src/cli/`).
+//! The `outbox-relay` binary: everything lives in the library (`outbox_relay::main`, the
+//! command line; its commands in `src/cli/`).
 
 // The relay allocates small, short-lived buffers per event (headers, bodies, futures) on two
 // or more threads; mimalloc's thread-local free lists make that markedly cheaper than glibc's
