@@ -219,19 +219,14 @@ async fn oauth2_client_credentials_fetch_a_token_and_the_events_flow() {
     }
 }
 
-/// A port nothing listens on: bound, then let go.
-fn a_dead_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// `pulsar://dead:port,live:port`, as the Go and Java clients write several hosts: the
 /// connector gets past the host that does not answer and the events flow through the other.
 #[tokio::test]
 async fn a_service_url_with_several_hosts_connects_through_the_first_that_answers() {
     let live = p::pulsar_url();
     let host = live.trim_start_matches("pulsar://");
-    let dead = format!("127.0.0.1:{}", a_dead_port());
+    // A port nothing listens on.
+    let dead = format!("127.0.0.1:{}", common::free_port());
     let cfg = p::config(&format!("pulsar://{dead},{host}"));
     cfg.validate("backends.p", Dur::secs(30)).unwrap();
     assert_eq!(cfg.service_urls().len(), 2);
@@ -343,6 +338,15 @@ async fn under_test(cfg: &outbox_relay::publisher::pulsar::PulsarConfig) -> Puls
     }
 }
 
+/// Waits until the publisher's health says up, then checks that messages flow.
+async fn flows_once_up(b: &PulsarUnderTest, what: &str) {
+    wait_for(DEADLINE, what, || async {
+        matches!(b.publisher.health().await, Health::Up)
+    })
+    .await;
+    conformance::one_result_per_message(b).await;
+}
+
 /// Waits until the publisher's health says down for a reason containing one of `why`, and
 /// returns what it said.
 async fn down_because(b: &PulsarUnderTest, why: &[&str], what: &str) -> String {
@@ -368,11 +372,7 @@ async fn over_tls_with_the_ca_file_and_hostname_verification_the_events_flow() {
     cfg.validate("backends.p", Dur::secs(30)).unwrap();
     assert!(cfg.tls_hostname_verification, "on by default");
     let b = under_test(&cfg).await;
-    wait_for(DEADLINE, "connected over TLS", || async {
-        matches!(b.publisher.health().await, Health::Up)
-    })
-    .await;
-    conformance::one_result_per_message(&b).await;
+    flows_once_up(&b, "connected over TLS").await;
     assert!(
         front.handshakes.load(Ordering::SeqCst) >= 2,
         "the lookup connection and the producer's both over TLS"
@@ -406,11 +406,7 @@ async fn over_tls_an_untrusted_certificate_or_a_wrong_host_name_is_refused() {
         .validate("backends.p", Dur::secs(30))
         .unwrap();
     let b = under_test(&unchecked_name).await;
-    wait_for(DEADLINE, "connected, the name unchecked", || async {
-        matches!(b.publisher.health().await, Health::Up)
-    })
-    .await;
-    conformance::one_result_per_message(&b).await;
+    flows_once_up(&b, "connected, the name unchecked").await;
     let before = front.handshakes.load(Ordering::SeqCst);
     assert!(before >= 1);
 
@@ -419,10 +415,6 @@ async fn over_tls_an_untrusted_certificate_or_a_wrong_host_name_is_refused() {
     insecure.tls_allow_insecure = true;
     insecure.validate("backends.p", Dur::secs(30)).unwrap();
     let b = under_test(&insecure).await;
-    wait_for(DEADLINE, "connected, the certificate unchecked", || async {
-        matches!(b.publisher.health().await, Health::Up)
-    })
-    .await;
-    conformance::one_result_per_message(&b).await;
+    flows_once_up(&b, "connected, the certificate unchecked").await;
     assert!(front.handshakes.load(Ordering::SeqCst) > before);
 }

@@ -402,9 +402,21 @@ async fn a_failing_aggregate_does_not_delay_the_others() {
 
 #[tokio::test]
 async fn a_commit_wakes_the_relay_without_waiting_for_the_poll() {
+    commits_wake_the_relay(Dur::ms(0)).await;
+}
+
+/// With a debounce the claim waits after the notification (the loop does not sleep), and
+/// still comes.
+#[tokio::test]
+async fn a_commit_wakes_the_relay_after_the_debounce() {
+    commits_wake_the_relay(Dur::ms(250)).await;
+}
+
+async fn commits_wake_the_relay(debounce: Dur) {
     let db = TestDb::new().await;
     let mut cfg = db.config();
     cfg.relay.poll_interval = Dur::secs(600);
+    cfg.relay.debounce = debounce;
     let mem = MemoryPublisher::new();
     let (h, stop) = spawn(db.relay(&cfg, Arc::new(mem.clone())).await);
     // Let the relay take its start-up claim and start listening.

@@ -138,7 +138,7 @@ impl Summary {
         let secs = self.last.elapsed().as_secs_f64();
         let w = std::mem::take(&mut self.window);
         let avg = if self.lat_n > 0 {
-            self.lat_sum / self.lat_n as u32
+            self.lat_sum.div_f64(self.lat_n as f64)
         } else {
             Duration::ZERO
         };

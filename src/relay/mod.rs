@@ -83,8 +83,11 @@ struct SpanBook {
     events: HashMap<(i64, u64), Span>,
 }
 
+/// What a claim's finish comes back with: its number, the commit's result, and its tallies.
+type FinishedClaim = (u64, Result<(), StoreError>, Tally, Vec<TopicTally>);
+
 /// A claim opened and not yet finished.
-type Finishing = BoxFuture<'static, (u64, Result<(), StoreError>, Tally, Vec<TopicTally>)>;
+type Finishing = BoxFuture<'static, FinishedClaim>;
 
 impl Relay {
     pub fn new(
@@ -265,7 +268,6 @@ impl Relay {
         self.store
             .finish(tx, &c.marks, self.cfg.blocked_retry.0)
             .await?;
-        d.finished(1, true, 1);
         self.record(&tally, &c.by_topic);
         Ok(tally)
     }

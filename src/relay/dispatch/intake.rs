@@ -22,7 +22,9 @@ impl Dispatcher {
         self.batches.insert(
             batch,
             BatchState {
-                rows: claimed.iter().map(|c| c.event.id).collect(),
+                // Filled by `add_row` with the rows this claim tracks (not those it leaves to
+                // an older claim).
+                rows: Vec::with_capacity(claimed.len()),
                 open: claimed.len(),
                 released: 0,
             },
@@ -57,6 +59,9 @@ impl Dispatcher {
         let id = c.event.id;
         if self.left_to_older_claim(batch, id) {
             return;
+        }
+        if let Some(b) = self.batches.get_mut(&batch) {
+            b.rows.push(id);
         }
         let route = self.router.route(&c.event.topic);
         let invalid = c
@@ -177,7 +182,6 @@ impl Dispatcher {
             let old_open = self.batches.get(&old.batch).is_some_and(|b| b.open > 0);
             if old_open || !matches!(old.state, State::Done(_)) {
                 if let Some(b) = self.batches.get_mut(&batch) {
-                    b.rows.retain(|r| *r != id);
                     b.open -= 1;
                     b.released += 1;
                 }

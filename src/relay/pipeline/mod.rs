@@ -11,7 +11,7 @@ use super::accounting::Summary;
 use super::dispatch::{Completed, Dispatcher};
 use super::ownership::{Assignment, Ownership};
 use super::retry::Backoff;
-use super::{on_task, Finishing, Relay};
+use super::{on_task, FinishedClaim, Finishing, Relay};
 
 mod claiming;
 use crate::publisher::{AckResult, AckSender};
@@ -51,12 +51,6 @@ enum Step {
     StopDeadline,
 }
 
-type FinishedClaim = (
-    u64,
-    Result<(), StoreError>,
-    super::dispatch::Tally,
-    Vec<super::dispatch::TopicTally>,
-);
 
 pub(super) struct Pipeline<'r> {
     relay: &'r Relay,
@@ -197,12 +191,7 @@ impl<'r> Pipeline<'r> {
                 Step::Claimed(res) => self.on_claimed(res).await,
                 Step::Acked(ack) => self.on_acks(ack).await,
                 Step::Finished(done) => self.on_finished(done),
-                Step::Woken => {
-                    if !self.relay.cfg.debounce.0.is_zero() {
-                        tokio::time::sleep(self.relay.cfg.debounce.0).await;
-                    }
-                    self.want_claim = true;
-                }
+                Step::Woken => self.on_woken(),
                 Step::Polled => self.want_claim = true,
                 Step::Nothing => {}
                 Step::Tick => self.on_tick().await,
@@ -211,6 +200,18 @@ impl<'r> Pipeline<'r> {
             }
         }
         (self.ownership, self.stop_by, self.summary)
+    }
+
+    /// A notification: claim, `debounce` after the first of a burst so the burst is one claim.
+    /// The wait is the claim's own (`claim_not_before`), not a sleep of the loop, so results
+    /// and finishes go on being handled meanwhile.
+    fn on_woken(&mut self) {
+        let debounce = self.relay.cfg.debounce.0;
+        let now = tokio::time::Instant::now();
+        if !debounce.is_zero() && self.claim_not_before <= now {
+            self.claim_not_before = now.checked_add(debounce).unwrap_or(now);
+        }
+        self.want_claim = true;
     }
 
     /// Waits for whichever comes first of what the loop listens to.
