@@ -593,3 +593,25 @@ async fn a_predecessor_in_an_unknown_status_fails_the_row_behind_it_naming_the_v
     b.delete().await;
     db.drop_schema().await;
 }
+
+/// A pending event dated past chrono's last year (262 142; Postgres takes up to 294 276), alone
+/// in the backlog: the backlog gauge and `status` leave it out of "oldest pending" instead of
+/// panicking in sqlx's date decoding (which would kill the housekeeping task).
+#[tokio::test]
+async fn an_event_dated_past_chronos_range_leaves_the_backlog_and_status_readable() {
+    let db = TestDb::new().await;
+    let far = numbered_on("orders", "far", 0);
+    db.enqueue(std::slice::from_ref(&far)).await;
+    db.sql(&format!(
+        "UPDATE {{t}} SET occurred_at = '270000-01-01 00:00:00+00' WHERE event_id = '{}'",
+        far.event_id
+    ))
+    .await;
+    let store = outbox_relay::store::Store::with_pool(db.pool.clone(), db.names.clone());
+    let backlog = store.backlog().await.unwrap();
+    assert_eq!((backlog.pending, backlog.oldest_pending), (1, None));
+    let status = store.status().await.unwrap();
+    assert_eq!(status.oldest_pending_at, None);
+    assert_eq!(status.totals.pending, 1);
+    db.drop_schema().await;
+}

@@ -3,6 +3,7 @@
 //! relay's summary line.
 
 use super::names::held_until;
+use super::statements::OLDEST_OCCURRED_AT;
 use super::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -85,7 +86,7 @@ impl Store {
         let t = self.names.qualified();
         let (pending, due, oldest): (i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(&format!(
             "SELECT count(*), count(*) FILTER (WHERE next_attempt_at <= now()), \
-                    min(occurred_at) FILTER (WHERE isfinite(occurred_at)) \
+                    {OLDEST_OCCURRED_AT} \
              FROM {t} WHERE status = 'pending'"
         ))
         .fetch_one(&self.pool)

@@ -116,9 +116,15 @@ fn claim_share_sql(t: &str, cursor: bool) -> String {
     claim_sql_where(t, &share)
 }
 
+/// The oldest pending event's time, for the backlog gauge and `status`: over the times a
+/// client can read. Postgres takes years up to 294 276; sqlx's chrono decoding panics past
+/// chrono's last year (262 142), which one such row alone would bring to the aggregate.
+pub(super) const OLDEST_OCCURRED_AT: &str = "min(occurred_at) FILTER (WHERE isfinite(occurred_at) \
+     AND occurred_at < '262143-01-01 00:00:00+00')";
+
 /// The envelope's columns, in the one list every statement that reads a whole event selects
 /// (the claim, `inspect`); what reads them back finds each by name.
-pub(super) const ENVELOPE_COLUMNS: [&str; 14] = [
+const ENVELOPE_COLUMNS: [&str; 14] = [
     "id",
     "event_id",
     "topic",
@@ -150,7 +156,7 @@ pub(super) fn envelope_select(instead: &[(&str, &str)]) -> String {
 /// The claim's select list: the envelope's columns (a payload past the cap `$2` is not
 /// fetched), then the row's retry time, the payload's and the headers' sizes, the writing
 /// transaction (a 32-bit xid) and whether any row waits (see `claim_sql`); all read back by
-/// name (`decode::ClaimColumns`).
+/// name (`columns::ClaimColumns`).
 fn claim_sql_where(t: &str, and: &str) -> String {
     format!(
         "SELECT {envelope}, \

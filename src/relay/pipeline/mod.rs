@@ -51,7 +51,6 @@ enum Step {
     StopDeadline,
 }
 
-
 pub(super) struct Pipeline<'r> {
     relay: &'r Relay,
     /// `run --drain`: stop once a claim finds nothing due while nothing is in flight.

@@ -228,28 +228,11 @@ impl Store {
 
     /// One row in full, in any status.
     pub async fn inspect(&self, event_id: Uuid) -> Result<Option<FullRow>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {envelope}, status, {next} AS next_attempt_at, last_error, \
-               {published} AS published_at \
-             FROM {} WHERE event_id = $1",
-            self.sql_t(),
-            next = shown("next_attempt_at"),
-            published = shown("published_at"),
-            envelope = envelope_select(&[
-                // Shown as text when serde_json cannot read it (numbers past f64, deep
-                // nesting).
-                (
-                    "headers",
-                    "CASE WHEN headers IS NULL THEN NULL \
-                     ELSE jsonb_build_object('unreadable_headers_as_text', headers::text) END",
-                ),
-                ("occurred_at", &shown("occurred_at")),
-            ]),
-        ))
-        .bind(event_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(StoreError::sql("inspect"))?;
+        let row = sqlx::query(&inspect_sql(&self.sql_t()))
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::sql("inspect"))?;
         let Some(r) = row else { return Ok(None) };
         let decoded = (|| -> Result<FullRow, sqlx::Error> {
             Ok(FullRow {
@@ -338,11 +321,7 @@ impl Store {
             q.push(" ORDER BY id LIMIT 100");
             out.push((name, q.sql().to_string(), binds_as_text(target, &f)));
         }
-        out.push((
-            "inspect",
-            format!("SELECT * FROM {t} WHERE event_id = $1"),
-            vec![Uuid::nil().to_string()],
-        ));
+        out.push(("inspect", inspect_sql(&t), vec![Uuid::nil().to_string()]));
         out
     }
 }
@@ -382,6 +361,27 @@ fn binds_as_text(target: Target, f: &Filter) -> Vec<String> {
         v.push(contains_pattern(e));
     }
     v
+}
+
+/// `inspect`'s statement: one row by event id, every column.
+fn inspect_sql(t: &str) -> String {
+    format!(
+        "SELECT {envelope}, status, {next} AS next_attempt_at, last_error, \
+           CASE WHEN published_at IS NULL THEN NULL ELSE {published} END AS published_at \
+         FROM {t} WHERE event_id = $1",
+        next = shown("next_attempt_at"),
+        // `greatest` passes over a NULL, so an unpublished row keeps its NULL only this way.
+        published = shown("published_at"),
+        envelope = envelope_select(&[
+            // Shown as text when serde_json cannot read it (numbers past f64, deep nesting).
+            (
+                "headers",
+                "CASE WHEN headers IS NULL THEN NULL \
+                 ELSE jsonb_build_object('unreadable_headers_as_text', headers::text) END",
+            ),
+            ("occurred_at", &shown("occurred_at")),
+        ]),
+    )
 }
 
 /// A timestamp column as the operator commands read it: Postgres accepts `infinity` and years

@@ -3,6 +3,7 @@
 
 use super::Target;
 use super::RELAY_SEEN_WITHIN;
+use crate::store::statements::OLDEST_OCCURRED_AT;
 use crate::store::{held_until, Store, StoreError};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -188,7 +189,7 @@ pub(super) fn status_pending_sql(t: &str) -> String {
            count(*) FILTER (WHERE next_attempt_at <= now()), \
            count(*) FILTER (WHERE next_attempt_at > now() AND next_attempt_at < $1), \
            count(*) FILTER (WHERE next_attempt_at >= $1), \
-           min(occurred_at) FILTER (WHERE isfinite(occurred_at)) \
+           {OLDEST_OCCURRED_AT} \
          FROM {t} WHERE status = 'pending' GROUP BY topic"
     )
 }
