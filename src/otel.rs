@@ -28,6 +28,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, Span};
 use opentelemetry_sdk::Resource;
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// The relay's tracer: on (an SDK tracer exporting over OTLP) or off (nothing).
@@ -164,11 +165,12 @@ impl Drop for Tracer {
     }
 }
 
-/// One `traceparent` value as the carrier the W3C propagator reads from and writes to.
+/// One `traceparent` value as the carrier the W3C propagator reads from (borrowed from the row)
+/// and writes to.
 #[derive(Default)]
-struct OneHeader(Option<String>);
+struct OneHeader<'a>(Option<Cow<'a, str>>);
 
-impl Extractor for OneHeader {
+impl Extractor for OneHeader<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         (key == TRACEPARENT).then_some(self.0.as_deref()).flatten()
     }
@@ -177,10 +179,10 @@ impl Extractor for OneHeader {
     }
 }
 
-impl Injector for OneHeader {
+impl Injector for OneHeader<'_> {
     fn set(&mut self, key: &str, value: String) {
         if key == TRACEPARENT {
-            self.0 = Some(value);
+            self.0 = Some(Cow::Owned(value));
         }
     }
 }
@@ -190,7 +192,13 @@ impl Injector for OneHeader {
 /// publishing, so this is belt and braces). Upper-case hex is read as lower case, as row
 /// validation accepts it.
 pub fn parse_traceparent(s: &str) -> Option<SpanContext> {
-    let carrier = OneHeader(Some(s.trim().to_ascii_lowercase()));
+    let s = s.trim();
+    let lower = if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    };
+    let carrier = OneHeader(Some(lower));
     let cx = TraceContextPropagator::new().extract(&carrier);
     let sc = cx.span().span_context().clone();
     sc.is_valid().then_some(sc)
@@ -201,7 +209,7 @@ pub fn format_traceparent(sc: &SpanContext) -> String {
     let mut carrier = OneHeader::default();
     let cx = Context::new().with_remote_span_context(sc.clone());
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    carrier.0.unwrap_or_default()
+    carrier.0.map(Cow::into_owned).unwrap_or_default()
 }
 
 #[cfg(test)]
