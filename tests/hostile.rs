@@ -12,7 +12,7 @@ use common::kafka::{
     brokers, create_topic, publisher as kafka_publisher, unique_topic, GroupReader,
 };
 use common::nats::{self as n, JetStream};
-use common::{numbered_on, spawn, wait_for, watchdog, TestDb};
+use common::{numbered_on, spawn, wait_for, wait_for_or_dump, watchdog, TestDb};
 use outbox_relay::config::Config;
 use outbox_relay::publisher::Publisher;
 use outbox_relay::store::NewEvent;
@@ -339,17 +339,13 @@ async fn relay_all(
         )
         .await;
     let (h, stop) = spawn(relay);
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while db.count("status = 'pending'").await > 0 {
-        if tokio::time::Instant::now() >= deadline {
-            panic!(
-                "{backend}: rows still pending after {DEADLINE:?} (relay finished: {}):\n{}",
-                h.is_finished(),
-                pending(db).await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_or_dump(
+        DEADLINE,
+        &format!("{backend}: no row pending"),
+        || async { db.count("status = 'pending'").await == 0 },
+        || async { format!("relay finished: {}\n{}", h.is_finished(), pending(db).await) },
+    )
+    .await;
     assert!(!h.is_finished(), "the relay stopped on its own");
     let mut problems = Vec::new();
     let mut published: HashSet<Uuid> = good.iter().map(|e| e.event_id).collect();

@@ -288,7 +288,11 @@ async fn inspect_shows_json_payloads_as_json_and_binary_ones_as_hex_and_base64()
     let v = json(&db, &["inspect", &j.event_id.to_string(), "--json"]);
     assert_eq!(v["payload_json"], serde_json::json!({"agg": "a", "seq": 0}));
     assert_eq!(v["status"], "pending");
-    assert_eq!(v["published_at"], serde_json::Value::Null, "not published: no time");
+    assert_eq!(
+        v["published_at"],
+        serde_json::Value::Null,
+        "not published: no time"
+    );
     assert_eq!(v["traceparent"], j.traceparent.clone().unwrap());
     assert!(v.get("payload_base64").is_none());
     let v = json(&db, &["inspect", &bin.event_id.to_string(), "--json"]);

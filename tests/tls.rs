@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::certs::{make_ca, make_server_cert};
-use common::{output_text as text, relay_bin, PrivatePostgres};
+use common::certs::test_ca;
+use common::{is_root, output_text as text, relay_bin, PrivatePostgres};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -31,10 +31,7 @@ impl TlsPostgres {
 
     fn start_with_hba(hba: &str) -> TlsPostgres {
         let pg = PrivatePostgres::start();
-        let certs = tempfile::tempdir().unwrap();
-        make_ca(certs.path(), "ca");
-        make_ca(certs.path(), "other");
-        make_server_cert(certs.path(), "ca");
+        let certs = test_ca();
         let data = pg.dir.path().join("data");
         for f in ["server.crt", "server.key"] {
             std::fs::copy(certs.path().join(f), data.join(f)).unwrap();
@@ -73,14 +70,6 @@ impl TlsPostgres {
 fn chmod_600(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 fn relay(url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {

@@ -91,3 +91,13 @@ pub fn make_server_cert(dir: &Path, ca: &str) {
         ],
     );
 }
+
+/// A directory with two CAs, `ca` and `other` (`<name>.crt`, `<name>.key`), and `server.crt` /
+/// `server.key` for `localhost`, signed by `ca`.
+pub fn test_ca() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    make_ca(dir.path(), "ca");
+    make_ca(dir.path(), "other");
+    make_server_cert(dir.path(), "ca");
+    dir
+}

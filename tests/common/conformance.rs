@@ -312,7 +312,7 @@ pub async fn ten_thousand_events<B: BackendUnderTest>(b: &B, ordering: OrderingM
     let topic = b.topic();
     let events: Vec<NewEvent> = (0..50)
         .flat_map(|seq| (0..200).map(move |a| (a, seq)))
-        .map(|(a, seq)| super::numbered_on(&topic, &format!("a{a}"), seq))
+        .map(|(a, seq)| numbered_on(&topic, &format!("a{a}"), seq))
         .collect();
     for chunk in events.chunks(1000) {
         db.enqueue(chunk).await;
@@ -480,7 +480,8 @@ pub async fn one_result_per_message<B: BackendUnderTest>(b: &B) {
 }
 
 /// Whether every event of `sent` is among `got`, by its `X-Event-ID` header.
-fn has_every_event<'a>(got: &[Received], sent: impl IntoIterator<Item = &'a NewEvent>) -> bool {
+/// Whether `got` holds every event of `sent` (by `X-Event-ID`).
+pub fn has_every_event<'a>(got: &[Received], sent: impl IntoIterator<Item = &'a NewEvent>) -> bool {
     let ids: HashSet<&str> = got
         .iter()
         .map(|r| r.headers["X-Event-ID"].as_str())

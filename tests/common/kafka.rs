@@ -128,14 +128,7 @@ impl GroupReader {
 
     /// Whether every one of `events` has arrived (by its `X-Event-ID`).
     pub fn has_all<'a>(&self, events: impl IntoIterator<Item = &'a NewEvent>) -> bool {
-        let got = self.got.lock().unwrap();
-        let ids: std::collections::HashSet<&str> = got
-            .iter()
-            .map(|r| r.headers["X-Event-ID"].as_str())
-            .collect();
-        events
-            .into_iter()
-            .all(|e| ids.contains(e.event_id.to_string().as_str()))
+        super::conformance::has_every_event(&self.got.lock().unwrap(), events)
     }
 }
 

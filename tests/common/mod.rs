@@ -338,7 +338,7 @@ fn pg_bin() -> PathBuf {
         .expect("an initdb under /usr/lib/postgresql/*/bin")
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::env::var("USER").map(|u| u == "root").unwrap_or(false)
         || Command::new("id")
             .arg("-u")

@@ -4,7 +4,7 @@
 //! with the front's own `pulsar+ssl://` address), so every connection the client makes,
 //! lookups and producers alike, goes through the front and over TLS.
 
-use super::certs::{make_ca, make_server_cert};
+use super::certs::test_ca;
 use prost013::Message as _;
 use pulsar::message::proto::{base_command, BaseCommand};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,10 +26,7 @@ pub struct TlsFront {
 impl TlsFront {
     /// A front on a port of its own, forwarding to `broker` (`host:port`, plaintext).
     pub async fn start(broker: &str) -> TlsFront {
-        let certs = tempfile::tempdir().unwrap();
-        make_ca(certs.path(), "ca");
-        make_ca(certs.path(), "other");
-        make_server_cert(certs.path(), "ca");
+        let certs = test_ca();
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_file_iter(certs.path().join("server.crt"))
                 .unwrap()
