@@ -169,7 +169,7 @@ impl Metrics {
     fn register_connections(&self, registry: &mut Registry) {
         registry.register(
             "in_flight_events",
-            "Events handed to a backend and not yet acknowledged, by this relay",
+            "Events claimed by this relay and not yet recorded: handed to a backend and unanswered, or waiting behind an earlier event of their aggregate",
             self.in_flight.clone(),
         );
         registry.register(

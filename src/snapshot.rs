@@ -19,7 +19,8 @@ pub struct Stats {
     pub deferred: AtomicU64,
     pub released: AtomicU64,
     pub lost_claims: AtomicU64,
-    /// Handed to a backend and not yet answered, now.
+    /// Claimed and not yet recorded, now: handed to a backend and unanswered, or waiting
+    /// behind an earlier event of their aggregate.
     pub in_flight: AtomicU64,
     /// Partitions this relay may claim from, now.
     pub owned_partitions: AtomicU64,

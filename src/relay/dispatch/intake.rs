@@ -108,7 +108,7 @@ impl Dispatcher {
                 batch,
                 event,
                 route,
-                invalid: invalid.clone(),
+                invalid,
                 state: State::Waiting,
                 successor: None,
                 pred: None,
@@ -120,7 +120,7 @@ impl Dispatcher {
             },
         );
         let gate = self.link(id, placement);
-        self.start(id, gate, invalid, out, completed_rows);
+        self.start(id, gate, out, completed_rows);
     }
 
     /// Links a row behind its predecessor (when it has one here) and says whether it may go.
@@ -146,27 +146,14 @@ impl Dispatcher {
         &mut self,
         id: i64,
         gate: Gate,
-        invalid: Option<String>,
         out: &mut Vec<Handoff>,
         completed_rows: &mut Vec<i64>,
     ) {
         match gate {
             Gate::Wait => {}
-            // An invalid row fails only now, in its turn, never ahead of its predecessor.
-            Gate::Go => match invalid {
-                None => match self.hold(id) {
-                    None => out.push(self.hand(id)),
-                    Some(v) => self.decide(id, v, out, completed_rows),
-                },
-                Some(reason) => self.decide(
-                    id,
-                    Verdict::Failed {
-                        attempted: false,
-                        reason,
-                    },
-                    out,
-                    completed_rows,
-                ),
+            Gate::Go => match self.go(id) {
+                Ok(handoff) => out.push(handoff),
+                Err(v) => self.decide(id, v, out, completed_rows),
             },
             Gate::Defer(until) => self.decide(id, Verdict::Deferred(until), out, completed_rows),
         }

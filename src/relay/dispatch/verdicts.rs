@@ -4,6 +4,22 @@
 use super::*;
 
 impl Dispatcher {
+    /// A row whose turn has come: handed over, or the verdict deciding it instead. An invalid
+    /// row fails only now, in its turn, never ahead of its predecessor; a row for a backend
+    /// that is down is held as `hold` says.
+    pub(super) fn go(&mut self, id: i64) -> Result<Handoff, Verdict> {
+        if let Some(reason) = self.rows.get(&id).and_then(|r| r.invalid.clone()) {
+            return Err(Verdict::Failed {
+                attempted: false,
+                reason,
+            });
+        }
+        match self.hold(id) {
+            Some(v) => Err(v),
+            None => Ok(self.hand(id)),
+        }
+    }
+
     pub(super) fn hand(&mut self, id: i64) -> Handoff {
         let token = self.next_token;
         self.next_token += 1;
@@ -86,22 +102,10 @@ impl Dispatcher {
                     work.push((s, Verdict::Deferred(until)));
                     return;
                 }
-                Gate::Go => match self.rows[&s].invalid.clone() {
-                    None => {
-                        if let Some(v) = self.hold(s) {
-                            work.push((s, v));
-                            return;
-                        }
-                        out.push(self.hand(s));
-                    }
-                    Some(reason) => {
-                        work.push((
-                            s,
-                            Verdict::Failed {
-                                attempted: false,
-                                reason,
-                            },
-                        ));
+                Gate::Go => match self.go(s) {
+                    Ok(handoff) => out.push(handoff),
+                    Err(v) => {
+                        work.push((s, v));
                         return;
                     }
                 },

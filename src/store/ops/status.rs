@@ -47,7 +47,8 @@ pub struct Totals {
     pub due: i64,
     pub scheduled: i64,
     pub held: i64,
-    /// Handed to a backend and not yet acknowledged, as the running relays last reported.
+    /// Claimed and not yet recorded (handed to a backend and unanswered, or waiting behind an
+    /// earlier event of their aggregate), as the running relays last reported.
     pub in_flight: i64,
     pub failed: i64,
     pub published: i64,
